@@ -1,0 +1,44 @@
+"""The `sdedit` command: a click group whose subcommands are imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute"; each module owns its command so heavy imports stay lazy.
+SUBCOMMANDS = {
+    "edit": "pipeline.edit_cli:edit",
+    "run": "pipeline.run_cli:run",
+    "bench": "pipeline.bench_cli:bench",
+    "train": "pipeline.train_cli:train",
+    "guides": "tasks.cli:guides",
+    "manifest": "tasks.cli:manifest",
+    "inspect": "tasks.cli:inspect",
+    "evaluate": "tasks.cli:evaluate",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(SUBCOMMANDS) | set(super().list_commands(ctx)))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return super().get_command(ctx, name)
+        module_name, attribute = SUBCOMMANDS[name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            return None  # command not built yet in this checkout
+        return getattr(module, attribute)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="sdedit-pipeline")
+def main() -> None:
+    """Batch SDEdit: guided image synthesis and editing with diffusion priors."""

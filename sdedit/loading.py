@@ -1,0 +1,191 @@
+"""Load diffusion priors: diffusers-format pixel models from a folder, any fsspec URI or the hub.
+
+A prior folder holds a UNet2DModel (config.json + weights) and a scheduler config, either side
+by side at the root or in `unet/` and `scheduler/` subfolders (a pipeline folder). DDPM and DDIM
+schedulers give a VP schedule, ScoreSdeVe gives a VE schedule. Weights load from safetensors
+only, unless the caller opts in to pickle checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sdedit.models import Prior, UNetAdapter, resolve_dtype
+from sdedit.schedules import Schedule, VESchedule, VPSchedule
+
+PRIORS_DIR = Path(__file__).parent / "priors"
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
+VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler"}
+VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+
+
+class ModelLoadError(RuntimeError):
+    """A prior could not be loaded; the message says which URI and what was expected."""
+
+
+def load(
+    uri: str | os.PathLike | None = "default",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    storage_options: dict | None = None,
+) -> Prior:
+    """Load a prior from "default", "builtin:tiny[-ve]", a folder, an fsspec URI or a hub id."""
+    uri = "default" if uri is None else str(uri)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype)
+    if uri.startswith("builtin:"):
+        from sdedit.builtin import build_builtin
+
+        unet, schedule = build_builtin(uri.removeprefix("builtin:"))
+        name, digest = uri, _state_digest(unet)
+    else:
+        folder = _local_folder(uri, storage_options or {})
+        unet, schedule, digest = _load_folder(folder, uri, allow_pickle)
+        name = uri
+    adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile)
+    config = unet.config
+    return Prior(adapter, schedule, int(_resolution(config)), int(config.in_channels), name,
+                 digest, device)
+
+
+def _resolution(config) -> int:
+    size = config.sample_size
+    return size[0] if isinstance(size, list | tuple) else size
+
+
+def _local_folder(uri: str, storage_options: dict) -> Path:
+    if uri == "default":
+        folder = PRIORS_DIR / "default"
+        if not (folder / "config.json").exists() and not (folder / "unet").exists():
+            raise ModelLoadError(f"the bundled default prior is missing from {folder}; "
+                                 "reinstall the package or pass --model")
+        return folder
+    if "://" in uri and not uri.startswith("file://"):
+        return _fetch_remote(uri, storage_options)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model URI {uri} is a file; expected a diffusers-format folder")
+        return path
+    if uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
+        return _fetch_hub(uri)
+    raise ModelLoadError(f"model folder {uri} does not exist")
+
+
+def _fetch_remote(uri: str, storage_options: dict) -> Path:
+    """Copy a remote model folder into a local cache keyed by the URI (atomic rename)."""
+    import fsspec
+
+    cache = Path(os.environ.get("SDEDIT_CACHE", Path.home() / ".cache" / "sdedit")) / "models"
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:32]
+    if target.exists():
+        return target
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    if not fs.isdir(root):
+        raise ModelLoadError(f"model folder {uri} does not exist or is not a folder")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+    try:
+        for remote in fs.find(root):
+            local = staging / os.path.relpath(remote, root)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        staging.rename(target)
+    except FileExistsError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _fetch_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # the hub client raises many types; all mean "not reachable"
+        raise ModelLoadError(
+            f"could not fetch model {repo_id} from the Hugging Face hub ({type(error).__name__}: "
+            f"{error}); if this machine is offline, download the folder elsewhere and pass its "
+            "path or URI"
+        ) from error
+
+
+def _load_folder(folder: Path, uri: str, allow_pickle: bool):
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    scheduler_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
+    unet_config = _read_json(unet_dir / "config.json", uri)
+    if unet_config.get("_class_name") != "UNet2DModel":
+        raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
+                             f"{unet_config.get('_class_name')!r} in {unet_dir / 'config.json'}")
+    weights = _weights_file(unet_dir, uri, allow_pickle)
+    schedule = schedule_from_config(_read_json(scheduler_dir / "scheduler_config.json", uri), uri)
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(
+        unet_dir, use_safetensors=weights.suffix == ".safetensors", low_cpu_mem_usage=False
+    )
+    return unet, schedule, _file_digest(weights)
+
+
+def _read_json(path: Path, uri: str) -> dict:
+    if not path.exists():
+        raise ModelLoadError(f"model {uri}: missing {path.name} (looked in {path.parent})")
+    return json.loads(path.read_text())
+
+
+def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
+    if (unet_dir / SAFE_WEIGHTS).exists():
+        return unet_dir / SAFE_WEIGHTS
+    if (unet_dir / PICKLE_WEIGHTS).exists():
+        if allow_pickle:
+            return unet_dir / PICKLE_WEIGHTS
+        raise ModelLoadError(f"model {uri} has only pickle weights ({PICKLE_WEIGHTS}); pickle "
+                             "can run arbitrary code, so pass allow_pickle=True (--allow-pickle) "
+                             "only if you trust the source")
+    raise ModelLoadError(f"model {uri}: no {SAFE_WEIGHTS} in {unet_dir}")
+
+
+def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:
+    """Build the VP or VE schedule a diffusers scheduler config describes."""
+    kind = config.get("_class_name")
+    if kind in VP_SCHEDULERS:
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            raise ModelLoadError(f"model {uri}: only epsilon prediction is supported, got "
+                                 f"prediction_type={config['prediction_type']!r}")
+        from diffusers import DDPMScheduler
+
+        return VPSchedule(DDPMScheduler.from_config(config).betas)
+    if kind in VE_SCHEDULERS:
+        return VESchedule(float(config.get("sigma_min", 0.01)), float(config.get("sigma_max", 1348.0)))
+    raise ModelLoadError(f"model {uri}: unsupported scheduler {kind!r}; expected one of "
+                         f"{sorted(VP_SCHEDULERS | VE_SCHEDULERS)}")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

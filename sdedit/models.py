@@ -1,0 +1,84 @@
+"""Adapters from other people's networks to the sampler interface `model(x, level) -> tensor`.
+
+The samplers work in float32 on whatever device x lives; an adapter decides the network's
+device, dtype (fp32 / bf16 / fp16), memory format and optional torch.compile, and casts in
+and out. Nothing else in the library knows about diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from sdedit.schedules import Schedule
+
+DType = Literal["float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Map "float32" / "bfloat16" / "float16" (or a torch.dtype, or None = float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
+        return dtype
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    name = aliases.get(str(dtype), str(dtype))
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class UNetAdapter(torch.nn.Module):
+    """Wraps a diffusers UNet2DModel as `model(x, level)`: epsilon for VP, score for VE.
+
+    diffusers' UNet2DModel returns an output object; for Fourier (NCSN++) time embeddings it
+    already divides by sigma, so the VE output is the score.
+    """
+
+    def __init__(
+        self, unet: torch.nn.Module, dtype: torch.dtype = torch.float32,
+        channels_last: bool = False, compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        if dtype != torch.float32:
+            self.unet = self.unet.to(dtype=dtype)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(self.unet) if compile else self.unet
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        inputs = x.to(self.dtype)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if level.is_floating_point():
+            level = level.to(self.dtype)
+        out = self._forward(inputs, level).sample
+        return out.to(x.dtype).contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class Prior:
+    """A loaded diffusion prior, ready for `sdedit.edit(prior.model, prior.schedule, ...)`."""
+
+    model: UNetAdapter
+    schedule: Schedule
+    resolution: int
+    channels: int
+    name: str
+    digest: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def edit(self, guide: torch.Tensor, **options) -> torch.Tensor:
+        """Shorthand for `sdedit.edit(self.model, self.schedule, guide, **options)`."""
+        from sdedit.edit import edit
+
+        return edit(self.model, self.schedule, guide, **options)

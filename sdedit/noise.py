@@ -1,0 +1,64 @@
+"""Gaussian noise drawn per sample, so a sample's output never depends on its batch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+
+
+def generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One seeded torch.Generator per sample, for batch-invariant `edit` calls."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, stable across processes (unlike `hash`)."""
+    text = "\x1f".join(repr(part) for part in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+class SampleNoise:
+    """Draws standard normal noise for selected samples of a batch.
+
+    With one generator per sample, each sample's draws come from its own stream in a fixed
+    order, which makes results independent of batch size and composition. With a single
+    generator (or None: torch's global RNG) draws are shared and depend on the batch.
+    """
+
+    def __init__(self, generator: GeneratorArg, batch_size: int) -> None:
+        if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
+            streams = list(generator)
+            if len(streams) != batch_size:
+                raise ValueError(
+                    f"got {len(streams)} generators for a batch of {batch_size}; "
+                    "pass one generator per sample, a single generator, or None"
+                )
+            if not all(isinstance(stream, torch.Generator) for stream in streams):
+                raise TypeError("generator list must hold torch.Generator objects")
+            self._per_sample: list[torch.Generator] | None = streams
+            self._shared = None
+        else:
+            self._per_sample = None
+            self._shared = generator
+
+    def draw(self, indices: Sequence[int], shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """Noise of shape [len(indices), *shape] in the dtype and device of `like`."""
+        if self._per_sample is None:
+            device = self._shared.device if self._shared is not None else like.device
+            noise = torch.randn(
+                (len(indices), *shape), generator=self._shared, device=device, dtype=torch.float32
+            )
+        else:
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        shape, generator=self._per_sample[i], device=self._per_sample[i].device
+                    )
+                    for i in indices
+                ]
+            )
+        return noise.to(device=like.device, dtype=like.dtype)

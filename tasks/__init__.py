@@ -1,0 +1,1 @@
+"""What a manifest row means: synthesis, editing, compositing and augmentation presets."""
