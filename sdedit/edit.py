@@ -109,7 +109,9 @@ def _check_guide(guide: torch.Tensor) -> None:
     if not isinstance(guide, torch.Tensor) or not guide.is_floating_point():
         raise TypeError(f"guide must be a floating-point tensor, got {_describe(guide)}")
     if guide.ndim != 4 or guide.shape[0] == 0:
-        raise ValueError(f"guide must have shape [B, C, H, W] with B >= 1, got {tuple(guide.shape)}")
+        raise ValueError(
+            f"guide must have shape [B, C, H, W] with B >= 1, got {tuple(guide.shape)}"
+        )
     low, high = float(guide.min()), float(guide.max())
     if not (math.isfinite(low) and math.isfinite(high)) or low < -1.0001 or high > 1.0001:
         raise ValueError(f"guide values must lie in [-1, 1], got min {low:.4g} and max {high:.4g}")

@@ -170,7 +170,8 @@ def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:
 
         return VPSchedule(DDPMScheduler.from_config(config).betas)
     if kind in VE_SCHEDULERS:
-        return VESchedule(float(config.get("sigma_min", 0.01)), float(config.get("sigma_max", 1348.0)))
+        sigma_min, sigma_max = config.get("sigma_min", 0.01), config.get("sigma_max", 1348.0)
+        return VESchedule(float(sigma_min), float(sigma_max))
     raise ModelLoadError(f"model {uri}: unsupported scheduler {kind!r}; expected one of "
                          f"{sorted(VP_SCHEDULERS | VE_SCHEDULERS)}")
 

@@ -39,7 +39,9 @@ class VPSchedule:
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or betas.numel() == 0:
-            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+            raise ValueError(
+                f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}"
+            )
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must lie in (0, 1)")
         object.__setattr__(self, "betas", betas)
