@@ -35,6 +35,7 @@ _SAMPLERS = {
 }
 
 
+@torch.no_grad()
 def edit(
     model: Model,
     schedule: Schedule,
@@ -80,15 +81,26 @@ def _one_pass(
     longest = int(lengths.max())
     for k in range(longest - 1):
         active = (lengths >= longest - k).nonzero().flatten().tolist()
-        idx = torch.tensor(active, device=guide.device)
-        now, nxt = levels[idx, k], levels[idx, k + 1]
-        z = noise.draw(active, guide.shape[1:], guide)
-        stepped = sampler.step(model, schedule, x[idx], now, nxt, z)
-        if mask is not None:
-            kept = sampler.perturb(schedule, guide[idx], first[idx], nxt)
-            stepped = mask[idx] * stepped + (1 - mask[idx]) * kept
-        x = x.index_copy(0, idx, stepped)
+        x = _step_active(model, schedule, sampler, x, guide, mask, first, levels, k, active, noise)
     return x
+
+
+def _step_active(
+    model: Model, schedule: Schedule, sampler: _Sampler, x: torch.Tensor, guide: torch.Tensor,
+    mask: torch.Tensor | None, first: torch.Tensor, levels: torch.Tensor, k: int,
+    active: list[int], noise: SampleNoise,
+) -> torch.Tensor:
+    """Advance the active samples from level k to k + 1; the others wait untouched."""
+    everyone = len(active) == x.shape[0]
+    idx = None if everyone else torch.tensor(active, device=x.device)
+    pick = (lambda t: t) if everyone else (lambda t: t[idx])  # noqa: E731
+    now, nxt = pick(levels[:, k]), pick(levels[:, k + 1])
+    z = noise.draw(active, x.shape[1:], x)
+    stepped = sampler.step(model, schedule, pick(x), now, nxt, z)
+    if mask is not None:
+        kept = sampler.perturb(schedule, pick(guide), pick(first), nxt)
+        stepped = pick(mask) * stepped + (1 - pick(mask)) * kept
+    return stepped if everyone else x.index_copy(0, idx, stepped)
 
 
 def _levels_table(paths: list[list], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,7 @@ class VPSchedule:
 
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+    _on_device: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
@@ -79,7 +80,11 @@ class VPSchedule:
 
     def alpha_bar(self, timesteps: torch.Tensor) -> torch.Tensor:
         """ab_t for a LongTensor of timesteps (float64, on the timesteps' device); CLEAN -> 1."""
-        table = self.alphas_cumprod.to(timesteps.device)
+        table = self._on_device.get(timesteps.device)
+        if table is None:  # copy the table once per device, not once per step
+            table = self._on_device.setdefault(
+                timesteps.device, self.alphas_cumprod.to(timesteps.device)
+            )
         gathered = table[timesteps.clamp(min=0)]
         return torch.where(timesteps >= 0, gathered, torch.ones_like(gathered))
 
