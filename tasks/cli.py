@@ -1,0 +1,244 @@
+"""`sdedit guides | manifest | inspect | evaluate`: the task commands of the `sdedit` CLI."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import click
+
+from tasks.regions import Box
+
+
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    """{"key": "value"} from ("key=value", ...), as fsspec takes them."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"expected KEY=VALUE, got {pair!r}", param_hint="--storage-option"
+            )
+        options[key] = value
+    return options
+
+
+def parse_box(text: str | None) -> Box | None:
+    """A Box from --box "left,top,right,bottom", or None."""
+    if text is None:
+        return None
+    try:
+        return Box.parse(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--box") from error
+
+
+storage_option = click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec storage option for every read and write (e.g. endpoint_url=http://...).",
+)
+
+
+def ray_options(command: Callable) -> Callable:
+    """Options shared by the Ray Data guide builders."""
+    options = [  # in the order written as decorators, top to bottom
+        click.argument("source"),
+        click.argument("output"),
+        click.option("--seed", default=0, show_default=True, help="Run seed; per image derived."),
+        click.option("--address", default=None, help="Ray cluster address; default: local."),
+        click.option("--batch-size", default=8, show_default=True, help="Images per Ray task."),
+        click.option(
+            "--num-cpus", default=0.5, show_default=True, help="CPUs per Ray task (fractional)."
+        ),
+        storage_option,
+    ]
+    return functools.reduce(lambda wrapped, option: option(wrapped), reversed(options), command)
+
+
+def run_builder(task: str, source: str, output: str, options, settings: dict) -> None:
+    """Read the sources, run the Ray Data guide job, report what was written."""
+    import ray
+
+    from tasks.guides import GuideJob, build_guides
+    from tasks.sources import source_rows
+
+    storage = parse_storage_options(settings["storage_options"])
+    rows = source_rows(source, storage)
+    if not ray.is_initialized():
+        ray.init(address=settings["address"], include_dashboard=False)
+    job = GuideJob(
+        task, output.rstrip("/"), options, storage, settings["batch_size"], settings["num_cpus"]
+    )
+    report = build_guides(rows, job)
+    click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
+    for error in list(report.errors.values())[:10]:
+        click.echo(f"failed: {error}", err=True)
+    if report.errors:
+        click.echo(
+            f"{len(report.errors)} row(s) failed; all listed in {output}/guide_errors.parquet",
+            err=True,
+        )
+    if report.written:
+        click.echo(f"next: sdedit run {report.manifest} OUTPUT --model URI")
+    if not report.written:
+        raise click.ClickException(f"no guide could be built from {source}")
+
+
+@click.group()
+def guides() -> None:
+    """Build guides, masks and a ready-to-run manifest from real images (Ray Data jobs).
+
+    SOURCE is a folder, a glob or a manifest (.parquet) of images on any fsspec URI; OUTPUT
+    receives guides/, masks/ and manifest.parquet (paths relative to OUTPUT).
+    """
+
+
+@guides.command()
+@ray_options
+@click.option("--stroke-size", default=9, show_default=True, help="Median filter window (px).")
+@click.option("--palette-size", default=12, show_default=True, help="Colours in the painting.")
+def strokes(source, output, stroke_size, palette_size, seed, **settings) -> None:
+    """Stroke paintings simulated from photos (median filter + colour quantisation)."""
+    from tasks.guides import StrokeOptions
+
+    run_builder(
+        "synthesis", source, output, StrokeOptions(stroke_size, palette_size, seed), settings
+    )
+
+
+@guides.command()
+@ray_options
+@click.option("--stroke-size", default=9, show_default=True, help="Median filter window (px).")
+@click.option("--palette-size", default=6, show_default=True, help="Colours in the strokes.")
+@click.option("--box", default=None, help="Region 'left,top,right,bottom'; default: random.")
+@click.option("--min-fraction", default=0.25, show_default=True, help="Random box: min side.")
+@click.option("--max-fraction", default=0.5, show_default=True, help="Random box: max side.")
+def edits(
+    source, output, stroke_size, palette_size, box, min_fraction, max_fraction, seed, **settings
+) -> None:
+    """Strokes painted over a region of each photo, with its mask (white = synthesize).
+
+    The region is a row's `mask` (manifest SOURCE), --box, or a random box per image.
+    """
+    from tasks.guides import EditOptions
+
+    options = EditOptions(
+        stroke_size, palette_size, seed, min_fraction, max_fraction, parse_box(box)
+    )
+    run_builder("editing", source, output, options, settings)
+
+
+@guides.command()
+@ray_options
+@click.option("--box", default=None, help="Foreground region 'left,top,right,bottom'.")
+@click.option("--same-place", is_flag=True, help="Paste --box where it was, not at random.")
+@click.option("--min-fraction", default=0.25, show_default=True, help="Random box: min side.")
+@click.option("--max-fraction", default=0.5, show_default=True, help="Random box: max side.")
+def composites(
+    source, output, box, same_place, min_fraction, max_fraction, seed, **settings
+) -> None:
+    """A region of another image pasted onto each image, with its mask.
+
+    Pairs come from a manifest's `foreground` column, or are drawn per image from --seed.
+    """
+    from tasks.guides import CompositeOptions
+
+    options = CompositeOptions(seed, min_fraction, max_fraction, parse_box(box), same_place)
+    run_builder("compositing", source, output, options, settings)
+
+
+@click.command()
+@click.argument("source")
+@click.argument("output")
+@click.option(
+    "--task",
+    default="augmentation",
+    show_default=True,
+    type=click.Choice(["synthesis", "editing", "compositing", "augmentation"]),
+)
+@click.option("--masks", default=None, help="Folder of masks named like the images.")
+@click.option(
+    "--labels/--no-labels",
+    default=True,
+    show_default=True,
+    help="Label each image with its sub-folder.",
+)
+@storage_option
+def manifest(source, output, task, masks, labels, storage_options) -> None:
+    """Write a manifest (OUTPUT, a .parquet file) for the images in a folder or glob."""
+    from tasks.manifests import write_manifest
+
+    try:
+        count = write_manifest(
+            source, output, task, masks, labels, parse_storage_options(storage_options)
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {count} rows to {output} (task {task})")
+
+
+def output_folder(output: str, storage_options: tuple[str, ...], manifest_uri: str | None):
+    """The OutputFolder for a command's OUTPUT argument and options."""
+    from tasks.outputs import OutputFolder
+
+    base = None
+    if manifest_uri:
+        from tasks.outputs import manifest_base
+
+        base = manifest_base(OutputFolder(output), {"manifest": manifest_uri})
+    return OutputFolder(output.rstrip("/"), parse_storage_options(storage_options), base)
+
+
+manifest_option = click.option(
+    "--manifest",
+    "manifest_uri",
+    default=None,
+    help="The run's manifest, to resolve relative guide paths (default: from summary.json).",
+)
+
+
+@click.command()
+@click.argument("output")
+@click.option("-n", "--count", default=8, show_default=True, help="Ids on the contact sheet.")
+@click.option("--id", "ids", multiple=True, help="Show these ids (repeatable).")
+@click.option("--sample", default=0, show_default=True, help="Which sample per (id, t0).")
+@click.option("--cell", default=128, show_default=True, help="Cell size in pixels.")
+@click.option("--out", "destination", default=None, help="Where to write (default OUTPUT/inspect).")
+@manifest_option
+@storage_option
+def inspect(output, count, ids, sample, cell, destination, manifest_uri, storage_options) -> None:
+    """Summarize an OUTPUT folder and write a contact sheet (PNG + self-contained HTML)."""
+    from tasks.inspect import write_contact_sheet
+
+    folder = output_folder(output, storage_options, manifest_uri)
+    try:
+        png, page, summary = write_contact_sheet(
+            folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell
+        )
+    except FileNotFoundError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo("\n".join(summary))
+    click.echo(f"contact sheet: {png}\n               {page}")
+
+
+@click.command()
+@click.argument("output")
+@click.option(
+    "--json", "json_uri", default=None, help="Report path (default OUTPUT/evaluation.json)."
+)
+@manifest_option
+@storage_option
+def evaluate(output, json_uri, manifest_uri, storage_options) -> None:
+    """Faithfulness by t0: L2 to the guide and, for masked tasks, the change outside the mask."""
+    from tasks.evaluate import evaluate as evaluate_folder
+    from tasks.evaluate import format_report, write_report
+
+    folder = output_folder(output, storage_options, manifest_uri)
+    report = evaluate_folder(folder)
+    destination = json_uri or folder.path("evaluation.json")
+    write_report(report, destination, folder.storage_options)
+    click.echo(format_report(report))
+    click.echo(f"report: {destination}")

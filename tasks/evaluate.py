@@ -1,0 +1,162 @@
+"""Faithfulness of SDEdit outputs to their guides, by t0.
+
+SDEdit (Meng et al. 2021, section 4) judges faithfulness by the L2 distance between output and
+guide; small t0 keeps it small. For masked tasks the sampler keeps the guide exactly outside
+the mask (section 3.3), so the change there must be 0. Both are computed from the decoded
+outputs against the guide (and mask) resized to the output's resolution.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from tasks.outputs import (
+    OutputFolder,
+    decode,
+    iter_rows,
+    load_image,
+    manifest_base,
+    read_summary,
+    resolve_guide,
+    to_unit,
+)
+
+LOSSLESS_FORMATS = ("png", "webp-lossless")
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """One output against its guide: L2 in [-1,1] units; outside-mask change if masked."""
+
+    l2_to_guide: float
+    change_outside_mask: float | None  # mean squared change over kept pixels, [-1,1] units
+    max_change_outside_mask: int | None  # largest kept-pixel change, in 8-bit levels
+
+
+def at_size(image: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """`image` at `size` (unchanged when it already is)."""
+    return image if image.size == size else image.resize(size, resample)
+
+
+def faithfulness(
+    output: Image.Image, guide: Image.Image, mask: Image.Image | None = None
+) -> Faithfulness:
+    """L2 to the guide and, with a mask (white = synthesize), the change where it is black.
+
+    Means run over pixels and RGB channels, in [-1, 1] units like the pipeline's L2.
+    """
+    guide = at_size(guide.convert("RGB"), output.size, Image.Resampling.BICUBIC)
+    difference = to_unit(output) - to_unit(guide)
+    l2 = float(np.mean(difference**2))
+    if mask is None:
+        return Faithfulness(l2, None, None)
+    keep = np.asarray(at_size(mask.convert("L"), output.size, Image.Resampling.NEAREST)) <= 127
+    if not keep.any():
+        return Faithfulness(l2, 0.0, 0)
+    kept = difference[keep]
+    levels = np.abs(np.asarray(output, np.int16) - np.asarray(guide, np.int16))[keep]
+    return Faithfulness(l2, float(np.mean(kept**2)), int(levels.max()))
+
+
+def score_rows(folder: OutputFolder) -> tuple[list[dict], int]:
+    """Per-output scores (id, t0, sample, format, reported and recomputed faithfulness).
+
+    Returns the scores and how many outputs had no readable guide (they are not scored).
+    """
+    base = manifest_base(folder, read_summary(folder))
+    scores, missing = [], 0
+    for row in iter_rows(folder):
+        guide_uri = resolve_guide(row.get("guide"), base)
+        if guide_uri is None:
+            missing += 1
+            continue
+        mask_uri = resolve_guide(row.get("mask"), base)
+        try:
+            guide = load_image(guide_uri, folder.storage_options)
+            mask = load_image(mask_uri, folder.storage_options, "L") if mask_uri else None
+        except FileNotFoundError:
+            missing += 1
+            continue
+        score = faithfulness(decode(row["image"]), guide, mask)
+        scores.append(
+            {key: row.get(key) for key in ("id", "t0", "sample", "image_format", "l2_to_guide")}
+            | {"recomputed": score}
+        )
+    return scores, missing
+
+
+def summarize_t0(scores: list[dict]) -> dict:
+    """Aggregates for the outputs of one t0 value."""
+    recomputed = [score["recomputed"] for score in scores]
+    reported = [s["l2_to_guide"] for s in scores if s.get("l2_to_guide") is not None]
+    masked = [r for r in recomputed if r.change_outside_mask is not None]
+    lossless = all(str(s.get("image_format") or "png").lower() in LOSSLESS_FORMATS for s in scores)
+    return {
+        "t0": scores[0]["t0"],
+        "outputs": len(scores),
+        "l2_to_guide": float(np.mean([r.l2_to_guide for r in recomputed])),
+        "l2_to_guide_reported": float(np.mean(reported)) if reported else None,
+        "masked_outputs": len(masked),
+        "change_outside_mask": float(np.mean([r.change_outside_mask for r in masked]))
+        if masked
+        else None,
+        "max_change_outside_mask": max(r.max_change_outside_mask for r in masked)
+        if masked
+        else None,
+        "lossless": lossless,
+    }
+
+
+def evaluate(folder: OutputFolder) -> dict:
+    """The faithfulness report for an OUTPUT folder: overall and by t0, JSON-ready."""
+    scores, missing = score_rows(folder)
+    by_t0: dict[float, list[dict]] = defaultdict(list)
+    for score in scores:
+        by_t0[float(score["t0"])].append(score)
+    groups = [summarize_t0(by_t0[t0]) for t0 in sorted(by_t0)]
+    masked = [g for g in groups if g["masked_outputs"]]
+    exact = all(g["max_change_outside_mask"] == 0 for g in masked) if masked else None
+    return {
+        "output": folder.uri,
+        "outputs_scored": len(scores),
+        "outputs_without_guide": missing,
+        "exact_keep_outside_mask": exact,
+        "by_t0": groups,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table, one line per t0."""
+    header = f"{'t0':>6} {'outputs':>8} {'L2 to guide':>12} {'reported':>10} {'masked':>7} "
+    header += f"{'L2 outside':>11} {'max change':>11}"
+    lines = [f"faithfulness of {report['output']}", header, "-" * len(header)]
+    for group in report["by_t0"]:
+        lines.append(
+            f"{group['t0']:>6.3f} {group['outputs']:>8} {group['l2_to_guide']:>12.5f} "
+            f"{_number(group['l2_to_guide_reported'], '.5f'):>10} {group['masked_outputs']:>7} "
+            f"{_number(group['change_outside_mask'], '.2e'):>11} "
+            f"{_number(group['max_change_outside_mask'], 'd'):>11}"
+        )
+    if report["outputs_without_guide"]:
+        lines.append(f"{report['outputs_without_guide']} outputs had no readable guide URI")
+    if report["exact_keep_outside_mask"] is not None:
+        verdict = "yes" if report["exact_keep_outside_mask"] else "NO"
+        lines.append(f"guide kept exactly outside every mask: {verdict}")
+    return "\n".join(lines)
+
+
+def _number(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_report(report: dict, uri: str, storage_options: dict) -> None:
+    """Write the report as indented JSON to `uri`."""
+    import fsspec
+
+    with fsspec.open(uri, "w", **storage_options) as file:
+        json.dump(report, file, indent=2)

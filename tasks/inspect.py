@@ -1,0 +1,321 @@
+"""Looking at results: a terminal summary and a contact sheet (PNG and self-contained HTML).
+
+The contact sheet has one row per id and the columns guide | mask | one output per t0, so the
+realism/faithfulness trade-off of SDEdit (small t0 = faithful, large t0 = free) reads left to
+right. Rows show sample `sample` (0 by default) of each (id, t0).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageOps
+
+from tasks.outputs import (
+    OutputFolder,
+    decode,
+    find_value,
+    load_image,
+    manifest_base,
+    read_summary,
+    read_table,
+    resolve_guide,
+)
+
+PAD = 4  # pixels between cells and around the sheet
+HEADER = 20  # strip with the column titles
+LABEL = 16  # strip above each row with its id
+BACKGROUND = (24, 24, 27)
+PLACEHOLDER = (60, 60, 66)
+TEXT = (230, 230, 230)
+META_COLUMNS = ["id", "t0", "sample", "l2_to_guide", "guide", "mask"]
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class SheetRow:
+    """One id's cells: guide, mask (None when absent) and, per t0, the output (None if failed)."""
+
+    id: str
+    guide: Image.Image | None
+    mask: Image.Image | None
+    outputs: dict[float, tuple[bytes, str, float | None] | None]  # t0 -> (bytes, format, L2)
+
+
+# -- terminal summary -------------------------------------------------------------------------
+
+
+def summary_lines(folder: OutputFolder) -> list[str]:
+    """Counts, errors by stage, throughput and faithfulness by t0, as table lines."""
+    summary = read_summary(folder)
+    meta = read_table(folder, "data", ["id", "t0", "sample", "l2_to_guide"])
+    errors = read_table(folder, "errors", ["stage"])
+    rows = meta.to_pylist() if meta is not None else []
+    stages = Counter(row["stage"] for row in errors.to_pylist()) if errors is not None else {}
+    expected = find_value(summary, ("expected_outputs", "expected"))
+    rate = find_value(summary, ("images_per_second", "images_per_s", "throughput"))
+    lines = [
+        f"output            {folder.uri}",
+        f"written           {len(rows)}  ({_count(rows, 'id', 'ids')}, "
+        f"{_count(rows, 't0', 't0 values')}, {_count(rows, 'sample', 'samples')})",
+        f"expected          {_expected(expected, summary)}",
+        f"errors            {sum(stages.values())}"
+        + (
+            "  (" + ", ".join(f"{s}: {n}" for s, n in sorted(stages.items())) + ")"
+            if stages
+            else ""
+        ),
+        f"images/s          {_rate(rate)}",
+    ]
+    return lines + faithfulness_lines(rows)
+
+
+def _count(rows: list[dict], column: str, plural: str) -> str:
+    distinct = len({row[column] for row in rows})
+    return f"{distinct} {plural if distinct != 1 else plural.removesuffix('s').rstrip()}"
+
+
+def _expected(expected: object, summary: dict) -> str:
+    if expected is not None:
+        return str(expected)
+    return "n/a" if summary else "n/a (no summary.json yet)"
+
+
+def _rate(rate: object) -> str:
+    return f"{rate:.2f}" if isinstance(rate, int | float) else "n/a"
+
+
+def faithfulness_lines(rows: list[dict]) -> list[str]:
+    """Mean/min/max of the pipeline's `l2_to_guide` per t0."""
+    by_t0: dict[float, list[float]] = {}
+    for row in rows:
+        if row.get("l2_to_guide") is not None:
+            by_t0.setdefault(float(row["t0"]), []).append(float(row["l2_to_guide"]))
+    if not by_t0:
+        return ["faithfulness      n/a (no l2_to_guide values)"]
+    lines = [
+        "faithfulness (L2 to guide, [-1,1] units)",
+        f"{'t0':>8} {'outputs':>8} {'mean':>9} {'min':>9} {'max':>9}",
+    ]
+    for t0 in sorted(by_t0):
+        values = by_t0[t0]
+        lines.append(
+            f"{t0:>8.3f} {len(values):>8} {sum(values) / len(values):>9.5f} "
+            f"{min(values):>9.5f} {max(values):>9.5f}"
+        )
+    return lines
+
+
+# -- gathering the sheet ----------------------------------------------------------------------
+
+
+def sheet_rows(
+    folder: OutputFolder, count: int = 8, ids: list[str] | None = None, sample: int = 0
+) -> tuple[list[SheetRow], list[float]]:
+    """The first `count` ids (sorted) or the given `ids`, and the sorted t0 values of the run."""
+    meta = read_table(folder, "data", META_COLUMNS)
+    if meta is None:
+        raise FileNotFoundError(f"no output shards under {folder.path('data')}")
+    rows = meta.to_pylist()
+    t0s = sorted({float(row["t0"]) for row in rows})
+    chosen = ids or sorted({row["id"] for row in rows})[:count]
+    outputs = chosen_outputs(folder, chosen, sample)
+    first = {row["id"]: row for row in rows}
+    base = manifest_base(folder, read_summary(folder))
+    return [
+        SheetRow(
+            id=row_id,
+            guide=_optional_image(first.get(row_id, {}).get("guide"), base, folder, "RGB"),
+            mask=_optional_image(first.get(row_id, {}).get("mask"), base, folder, "L"),
+            outputs={t0: outputs.get((row_id, t0)) for t0 in t0s},
+        )
+        for row_id in chosen
+    ], t0s
+
+
+def chosen_outputs(
+    folder: OutputFolder, ids: list[str], sample: int
+) -> dict[tuple[str, float], tuple[bytes, str, float | None]]:
+    """(id, t0) -> (image bytes, format, L2) of sample `sample`, reading only those ids."""
+    columns = ["id", "t0", "sample", "image", "image_format", "l2_to_guide"]
+    table = read_table(folder, "data", columns, ids)
+    outputs = {}
+    for row in table.to_pylist() if table is not None else []:
+        if row["sample"] == sample:
+            key = (row["id"], float(row["t0"]))
+            outputs[key] = (row["image"], row.get("image_format") or "png", row.get("l2_to_guide"))
+    return outputs
+
+
+def _optional_image(uri: str | None, base: str | None, folder: OutputFolder, mode: str):
+    resolved = resolve_guide(uri, base)
+    if resolved is None:
+        return None
+    try:
+        return load_image(resolved, folder.storage_options, mode)
+    except FileNotFoundError:
+        return None
+
+
+# -- the PNG sheet ----------------------------------------------------------------------------
+
+
+def sheet_size(rows: int, columns: int, cell: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sheet with `rows` ids and `columns` image columns."""
+    return PAD + columns * (cell + PAD), HEADER + rows * (LABEL + cell + PAD)
+
+
+def cell_origin(row: int, column: int, cell: int) -> tuple[int, int]:
+    """Top-left pixel of the cell at (row, column)."""
+    return PAD + column * (cell + PAD), HEADER + row * (LABEL + cell + PAD) + LABEL
+
+
+def fit_cell(image: Image.Image, cell: int) -> Image.Image:
+    """`image` scaled to fit a cell x cell square, centred on the sheet's background."""
+    canvas = Image.new("RGB", (cell, cell), BACKGROUND)
+    thumb = ImageOps.contain(image.convert("RGB"), (cell, cell), Image.Resampling.LANCZOS)
+    canvas.paste(thumb, ((cell - thumb.width) // 2, (cell - thumb.height) // 2))
+    return canvas
+
+
+def placeholder(text: str, cell: int) -> Image.Image:
+    """A grey cell saying why there is no image."""
+    canvas = Image.new("RGB", (cell, cell), PLACEHOLDER)
+    ImageDraw.Draw(canvas).text((4, cell // 2 - 6), text, fill=TEXT)
+    return canvas
+
+
+def column_titles(t0s: list[float]) -> list[str]:
+    """Titles of the sheet's columns: guide, mask, then one per t0."""
+    return ["guide", "mask", *(f"t0 = {t0:g}" for t0 in t0s)]
+
+
+def render_sheet(rows: list[SheetRow], t0s: list[float], cell: int = 128) -> Image.Image:
+    """The contact sheet as one RGB image: guide | mask | outputs by t0, one row per id."""
+    sheet = Image.new("RGB", sheet_size(len(rows), 2 + len(t0s), cell), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for column, title in enumerate(column_titles(t0s)):
+        draw.text((cell_origin(0, column, cell)[0], 4), title, fill=TEXT)
+    for index, row in enumerate(rows):
+        x, y = cell_origin(index, 0, cell)
+        draw.text((x, y - LABEL + 2), row.id, fill=TEXT)
+        for column, image in enumerate(_cells(row, t0s, cell)):
+            sheet.paste(image, cell_origin(index, column, cell))
+    return sheet
+
+
+def _cells(row: SheetRow, t0s: list[float], cell: int) -> list[Image.Image]:
+    cells = [
+        fit_cell(row.guide, cell) if row.guide else placeholder("no guide", cell),
+        fit_cell(row.mask, cell) if row.mask else placeholder("no mask", cell),
+    ]
+    for t0 in t0s:
+        output = row.outputs.get(t0)
+        cells.append(fit_cell(decode(output[0]), cell) if output else placeholder("failed", cell))
+    return cells
+
+
+# -- the HTML sheet ---------------------------------------------------------------------------
+
+
+def data_uri(data: bytes, image_format: str) -> str:
+    """An inline `data:` URI for encoded image bytes."""
+    mime = MIME.get(image_format.lower(), "image/png")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def png_uri(image: Image.Image, longest: int = 256) -> str:
+    """An image as an inline PNG, scaled down so its longest side is at most `longest`."""
+    image = ImageOps.contain(image, (longest, longest)) if max(image.size) > longest else image
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return data_uri(buffer.getvalue(), "png")
+
+
+def render_html(rows: list[SheetRow], t0s: list[float], summary: list[str]) -> str:
+    """A self-contained HTML page: the summary and the sheet, every image inlined."""
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in ["id", *column_titles(t0s)])
+    body = "".join(_html_row(row, t0s) for row in rows)
+    return HTML_PAGE.format(
+        summary=html.escape("\n".join(summary)), head=head, body=body, count=len(rows)
+    )
+
+
+def _html_row(row: SheetRow, t0s: list[float]) -> str:
+    cells = [f"<td class='id'>{html.escape(row.id)}</td>"]
+    for image, name in ((row.guide, "no guide"), (row.mask, "no mask")):
+        cells.append(f"<td><img src='{png_uri(image)}'></td>" if image else _empty(name))
+    for t0 in t0s:
+        output = row.outputs.get(t0)
+        if output is None:
+            cells.append(_empty("failed"))
+            continue
+        data, image_format, l2 = output
+        caption = f"L2 {l2:.4f}" if l2 is not None else ""
+        cells.append(f"<td><img src='{data_uri(data, image_format)}'><div>{caption}</div></td>")
+    return "<tr>" + "".join(cells) + "</tr>\n"
+
+
+def _empty(text: str) -> str:
+    return f"<td class='empty'>{html.escape(text)}</td>"
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>SDEdit contact sheet</title>
+<style>
+body {{ background: #18181b; color: #e4e4e7; font-family: system-ui, sans-serif; margin: 2em; }}
+pre {{ background: #27272a; padding: 1em; border-radius: 6px; overflow-x: auto; }}
+table {{ border-collapse: separate; border-spacing: 6px; }}
+th {{ font-weight: 600; text-align: center; position: sticky; top: 0; background: #18181b; }}
+td {{ text-align: center; vertical-align: top; font-size: 12px; color: #a1a1aa; }}
+td img {{ width: 192px; height: 192px; object-fit: contain; image-rendering: pixelated;
+          background: #27272a; border-radius: 4px; display: block; }}
+td.id {{ text-align: right; vertical-align: middle; font-family: monospace; color: #e4e4e7; }}
+td.empty {{ width: 192px; height: 192px; background: #3f3f46; vertical-align: middle; }}
+</style></head><body>
+<h1>SDEdit contact sheet</h1>
+<p>{count} ids &middot; guide | mask (white = synthesized) | one output per t0
+(small t0 = faithful to the guide, large t0 = free)</p>
+<pre>{summary}</pre>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}</tbody></table>
+</body></html>
+"""
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def write_contact_sheet(
+    folder: OutputFolder,
+    destination: str,
+    count: int = 8,
+    ids: list[str] | None = None,
+    sample: int = 0,
+    cell: int = 128,
+) -> tuple[str, str, list[str]]:
+    """Write contact_sheet.png and contact_sheet.html under `destination`.
+
+    Returns the two URIs and the summary lines (also embedded in the HTML).
+    """
+    import fsspec
+
+    rows, t0s = sheet_rows(folder, count, ids, sample)
+    summary = summary_lines(folder)
+    png, page = (
+        f"{destination.rstrip('/')}/contact_sheet.png",
+        f"{destination.rstrip('/')}/contact_sheet.html",
+    )
+    fs, root = fsspec.core.url_to_fs(destination, **folder.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    buffer = io.BytesIO()
+    render_sheet(rows, t0s, cell).save(buffer, format="PNG")
+    with fsspec.open(png, "wb", **folder.storage_options) as file:
+        file.write(buffer.getvalue())
+    with fsspec.open(page, "w", encoding="utf-8", **folder.storage_options) as file:
+        file.write(render_html(rows, t0s, summary))
+    return png, page, summary

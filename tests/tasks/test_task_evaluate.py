@@ -1,0 +1,112 @@
+"""`sdedit evaluate`: faithfulness numbers on a fake OUTPUT folder with known images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from task_fixtures import flat, write_output
+
+from tasks.cli import evaluate as evaluate_command
+from tasks.evaluate import evaluate, faithfulness
+from tasks.outputs import OutputFolder
+
+UNIT = 1 / 127.5  # one 8-bit level in [-1, 1] units
+
+
+def half_mask(size=(16, 16)) -> Image.Image:
+    """White (synthesize) on the left half, black (keep) on the right."""
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, size[0] // 2, size[1]))
+    return mask
+
+
+def left_painted(value: int, base: int = 100, size=(16, 16)) -> Image.Image:
+    image = flat(base, size)
+    image.paste((value, value, value), (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+@pytest.fixture
+def known_output(tmp_path):
+    """Guides and masks next to a manifest; outputs whose distances are known exactly."""
+    (tmp_path / "run" / "guides").mkdir(parents=True)
+    flat(100).save(tmp_path / "run" / "guides" / "plain.png")
+    flat(100, (32, 32)).save(tmp_path / "run" / "guides" / "large.png")  # resized to 16x16
+    half_mask().save(tmp_path / "run" / "guides" / "mask.png")
+    broken = left_painted(200)
+    broken.putpixel((12, 3), (100, 103, 100))  # a kept pixel changed by 3 levels
+    outputs = [
+        {"id": "plain", "t0": 0.3, "image": flat(110), "guide": "guides/plain.png"},
+        {"id": "plain", "t0": 0.6, "image": flat(150), "guide": "guides/plain.png"},
+        {"id": "large", "t0": 0.3, "image": flat(90), "guide": "guides/large.png"},
+        {
+            "id": "masked",
+            "t0": 0.6,
+            "image": left_painted(200),
+            "guide": "guides/plain.png",
+            "mask": "guides/mask.png",
+            "l2_to_guide": 0.25,
+        },
+        {
+            "id": "leaky",
+            "t0": 0.6,
+            "image": broken,
+            "guide": "guides/plain.png",
+            "mask": "guides/mask.png",
+            "l2_to_guide": 0.75,
+        },
+        {"id": "orphan", "t0": 0.3, "image": flat(0), "guide": "guides/missing.png"},
+    ]
+    summary = {"config": {"manifest": str(tmp_path / "run" / "manifest.parquet")}}
+    return write_output(tmp_path / "out", outputs, summary=summary)
+
+
+def test_faithfulness_of_single_images():
+    assert faithfulness(flat(110), flat(100)).l2_to_guide == pytest.approx((10 * UNIT) ** 2)
+    masked = faithfulness(left_painted(200), flat(100), half_mask())
+    assert masked.l2_to_guide == pytest.approx(0.5 * (100 * UNIT) ** 2)
+    assert masked.change_outside_mask == 0.0 and masked.max_change_outside_mask == 0
+    inverted = faithfulness(left_painted(200), flat(100), half_mask().point(lambda v: 255 - v))
+    assert inverted.max_change_outside_mask == 100  # polarity: black = keep
+
+
+def test_report_by_t0_has_the_known_numbers(known_output):
+    report = evaluate(OutputFolder(str(known_output)))
+    assert report["outputs_scored"] == 5 and report["outputs_without_guide"] == 1
+    low, high = report["by_t0"]
+    assert low["t0"] == 0.3 and low["outputs"] == 2
+    assert low["l2_to_guide"] == pytest.approx(((10 * UNIT) ** 2 + (10 * UNIT) ** 2) / 2)
+    assert low["masked_outputs"] == 0 and low["change_outside_mask"] is None
+    assert high["t0"] == 0.6 and high["outputs"] == 3
+    leaky_l2 = 0.5 * (100 * UNIT) ** 2 + (3 * UNIT) ** 2 / (256 * 3)  # mean over RGB values
+    expected = ((50 * UNIT) ** 2 + 0.5 * (100 * UNIT) ** 2 + leaky_l2) / 3
+    assert high["l2_to_guide"] == pytest.approx(expected)
+    assert high["l2_to_guide_reported"] == pytest.approx((0.0 + 0.25 + 0.75) / 3)
+    assert high["masked_outputs"] == 2
+    assert high["change_outside_mask"] == pytest.approx((3 * UNIT) ** 2 / (128 * 3) / 2)
+    assert high["max_change_outside_mask"] == 3
+    assert report["exact_keep_outside_mask"] is False
+
+
+def test_cli_writes_json_and_prints_the_table(known_output):
+    result = CliRunner().invoke(evaluate_command, [str(known_output)])
+    assert result.exit_code == 0, result.output
+    assert "0.300" in result.output and "0.600" in result.output
+    assert "guide kept exactly outside every mask: NO" in result.output
+    saved = json.loads((known_output / "evaluation.json").read_text())
+    assert [group["t0"] for group in saved["by_t0"]] == [0.3, 0.6]
+
+
+def test_manifest_option_resolves_guides_without_a_summary(known_output, tmp_path):
+    (known_output / "summary.json").unlink()
+    assert evaluate(OutputFolder(str(known_output)))["outputs_scored"] == 0
+    manifest = str(tmp_path / "run" / "manifest.parquet")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        evaluate_command, [str(known_output), "--manifest", manifest, "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["outputs_scored"] == 5

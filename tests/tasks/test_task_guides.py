@@ -1,0 +1,145 @@
+"""Guide builders: per-row building without Ray, and the Ray Data job writing a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from task_fixtures import distinct_colours, photo
+
+from tasks.guides import (
+    CompositeOptions,
+    EditOptions,
+    GuideJob,
+    StrokeOptions,
+    build_guides,
+    build_one,
+    draw_foregrounds,
+)
+from tasks.sources import folder_rows
+
+
+def read_manifest(path: str) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_build_one_writes_a_stroke_guide_without_ray(tmp_path):
+    source = tmp_path / "cat.png"
+    photo("chelsea").save(source)
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions(palette_size=5))
+    (tmp_path / "out" / "guides").mkdir(parents=True)
+    result = build_one({"index": 0, "id": "cat", "source": str(source)}, job)
+    assert result == {"index": 0, "guide": "guides/cat.png", "mask": None, "error": None}
+    guide = Image.open(tmp_path / "out" / "guides" / "cat.png")
+    assert guide.size == (64, 48) and distinct_colours(guide) <= 5
+
+
+def test_build_one_reports_unreadable_images_with_row_and_uri(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions())
+    result = build_one({"index": 3, "id": "broken", "source": str(broken)}, job)
+    assert result["guide"] is None and result["index"] == 3
+    assert "row 'broken'" in result["error"] and str(broken) in result["error"]
+    missing = build_one({"index": 4, "id": "gone", "source": str(tmp_path / "gone.png")}, job)
+    assert "FileNotFoundError" in missing["error"]
+
+
+def test_drawn_foregrounds_are_other_images_and_repeat_per_seed():
+    rows = [{"id": f"img{i}", "source": f"/data/{i}.png"} for i in range(5)]
+    paired = draw_foregrounds(rows, seed=1)
+    assert all(row["foreground"] != row["source"] for row in paired)
+    assert paired == draw_foregrounds(rows, seed=1)
+    given = [{**rows[0], "foreground": "/data/given.png"}, rows[1]]
+    assert draw_foregrounds(given, seed=1)[0]["foreground"] == "/data/given.png"
+    with pytest.raises(ValueError, match="at least two images"):
+        draw_foregrounds(rows[:1], seed=0)
+
+
+def assert_manifest_resolves(manifest: str, task: str, masked: bool) -> list[dict]:
+    rows = read_manifest(manifest)
+    columns = list(rows[0])
+    expected = (
+        ["id", "guide", "mask", "task", "source"] if masked else ["id", "guide", "task", "source"]
+    )
+    assert columns[: len(expected)] == expected
+    folder = Path(manifest).parent
+    for row in rows:
+        assert row["task"] == task
+        assert (folder / row["guide"]).is_file() and not Path(row["guide"]).is_absolute()
+        assert Path(row["source"]).is_file()
+        if masked:
+            assert (folder / row["mask"]).is_file()
+    return rows
+
+
+def test_strokes_job_writes_guides_and_a_ready_manifest(ray_local, photo_folder, tmp_path):
+    output = tmp_path / "strokes"
+    job = GuideJob("synthesis", str(output), StrokeOptions(palette_size=6), batch_size=2)
+    report = build_guides(folder_rows(str(photo_folder)), job)
+    assert report.written == 4 and report.errors == {}
+    rows = assert_manifest_resolves(report.manifest, "synthesis", masked=False)
+    assert [row["id"] for row in rows] == [
+        "animals__chelsea",
+        "astronaut",
+        "objects__coffee",
+        "objects__rocket",
+    ]
+    assert [row["label"] for row in rows] == ["animals", None, "objects", "objects"]
+    for row in rows:
+        guide = Image.open(output / row["guide"])
+        assert guide.size == Image.open(row["source"]).size and distinct_colours(guide) <= 6
+
+
+def test_strokes_job_is_deterministic_per_seed(ray_local, photo_folder, tmp_path):
+    rows = folder_rows(str(photo_folder))
+    outputs = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        build_guides(rows, GuideJob("synthesis", str(tmp_path / name), StrokeOptions(seed=seed)))
+        outputs.append((tmp_path / name / "guides" / "astronaut.png").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+def test_edits_job_keeps_each_photo_outside_its_mask(ray_local, photo_folder, tmp_path):
+    output = tmp_path / "edits"
+    report = build_guides(
+        folder_rows(str(photo_folder)), GuideJob("editing", str(output), EditOptions())
+    )
+    for row in assert_manifest_resolves(report.manifest, "editing", masked=True):
+        guide = np.asarray(Image.open(output / row["guide"]).convert("RGB"))
+        mask = np.asarray(Image.open(output / row["mask"]))
+        source = np.asarray(Image.open(row["source"]).convert("RGB"))
+        assert set(np.unique(mask)) == {0, 255}
+        assert np.array_equal(guide[mask == 0], source[mask == 0])
+
+
+def test_composites_job_pastes_within_the_mask_only(ray_local, photo_folder, tmp_path):
+    output = tmp_path / "composites"
+    job = GuideJob("compositing", str(output), CompositeOptions(seed=2))
+    report = build_guides(folder_rows(str(photo_folder)), job)
+    for row in assert_manifest_resolves(report.manifest, "compositing", masked=True):
+        assert row["foreground"] != row["source"] and Path(row["foreground"]).is_file()
+        guide = np.asarray(Image.open(output / row["guide"]).convert("RGB"))
+        mask = np.asarray(Image.open(output / row["mask"]))
+        source = np.asarray(Image.open(row["source"]).convert("RGB"))
+        assert np.array_equal(guide[mask == 0], source[mask == 0])
+        assert not np.array_equal(guide[mask == 255], source[mask == 255])
+
+
+def test_failed_rows_are_listed_not_dropped(ray_local, photo_folder, tmp_path):
+    (photo_folder / "objects" / "truncated.png").write_bytes(
+        (photo_folder / "animals" / "chelsea.png").read_bytes()[:200]
+    )
+    output = tmp_path / "strokes"
+    report = build_guides(
+        folder_rows(str(photo_folder)), GuideJob("synthesis", str(output), StrokeOptions())
+    )
+    assert report.written == 4
+    assert list(report.errors) == ["objects__truncated"]
+    errors = pq.read_table(output / "guide_errors.parquet").to_pylist()
+    assert errors[0]["id"] == "objects__truncated" and "truncated.png" in errors[0]["error"]
+    assert "objects__truncated" not in {row["id"] for row in read_manifest(report.manifest)}

@@ -1,0 +1,144 @@
+"""`sdedit inspect`: the terminal summary and the contact sheet's grid, pixels and HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from task_fixtures import flat, write_output
+
+from tasks.cli import inspect as inspect_command
+from tasks.inspect import (
+    HEADER,
+    LABEL,
+    PAD,
+    PLACEHOLDER,
+    cell_origin,
+    render_sheet,
+    sheet_rows,
+    sheet_size,
+    summary_lines,
+    write_contact_sheet,
+)
+from tasks.outputs import OutputFolder
+
+T0S = (0.25, 0.5, 0.75)
+CELL = 16
+
+
+def output_colour(index: int, column: int) -> tuple[int, int, int]:
+    return (40 * index + 20, 60 * column + 30, 200)
+
+
+@pytest.fixture
+def run_output(tmp_path):
+    """3 ids x 3 t0 x 2 samples of 16x16 flat images; (id1, 0.75) failed; a mask for id0."""
+    (tmp_path / "run" / "guides").mkdir(parents=True)
+    outputs = []
+    for index in range(3):
+        flat((index * 50, 0, 0)).save(tmp_path / "run" / "guides" / f"id{index}.png")
+        for column, t0 in enumerate(T0S):
+            if (index, t0) == (1, 0.75):
+                continue
+            for sample in (0, 1):
+                colour = output_colour(index, column) if sample == 0 else (255, 255, 255)
+                outputs.append(
+                    {
+                        "id": f"id{index}",
+                        "t0": t0,
+                        "sample": sample,
+                        "image": flat(colour),
+                        "guide": f"guides/id{index}.png",
+                        "l2_to_guide": 0.1 * (column + 1),
+                        "mask": "guides/mask.png" if index == 0 else None,
+                    }
+                )
+    Image.new("L", (16, 16), 255).save(tmp_path / "run" / "guides" / "mask.png")
+    errors = [
+        {"id": "id1", "t0": 0.75, "sample": None, "stage": "edit", "error": "boom"},
+        {"id": "idX", "t0": None, "sample": None, "stage": "read", "error": "missing"},
+    ]
+    summary = {
+        "config": {"manifest": str(tmp_path / "run" / "manifest.parquet")},
+        "counts": {"expected_outputs": 20},
+        "timings": {"images_per_second": 2.5},
+    }
+    return write_output(tmp_path / "out", outputs, errors, summary, files=3)
+
+
+def test_sheet_geometry_is_guide_mask_and_one_column_per_t0():
+    assert sheet_size(2, 5, 16) == (PAD + 5 * (16 + PAD), HEADER + 2 * (LABEL + 16 + PAD))
+    assert sheet_size(2, 5, 16) == (104, 92)
+    assert cell_origin(1, 2, 16) == (PAD + 2 * 20, HEADER + 36 + LABEL)
+
+
+def test_sheet_shows_each_ids_outputs_in_t0_order(run_output):
+    rows, t0s = sheet_rows(OutputFolder(str(run_output)), count=2)
+    assert [row.id for row in rows] == ["id0", "id1"] and t0s == list(T0S)
+    sheet = np.asarray(render_sheet(rows, t0s, cell=CELL))
+    assert sheet.shape == (92, 104, 3)
+    for index in range(2):
+        x, y = cell_origin(index, 0, CELL)
+        assert tuple(sheet[y, x]) == (index * 50, 0, 0)  # the guide
+        for column in range(3):
+            x, y = cell_origin(index, 2 + column, CELL)
+            cell = sheet[y : y + CELL, x : x + CELL]
+            expected = PLACEHOLDER if (index, column) == (1, 2) else output_colour(index, column)
+            assert tuple(cell[0, 0]) == expected
+    x, y = cell_origin(0, 1, CELL)
+    assert (sheet[y : y + CELL, x : x + CELL] == 255).all()  # id0's all-white mask
+    x, y = cell_origin(1, 1, CELL)
+    assert tuple(sheet[y, x]) == PLACEHOLDER  # id1 has no mask
+
+
+def test_chosen_ids_and_samples(run_output):
+    rows, _ = sheet_rows(OutputFolder(str(run_output)), ids=["id2"], sample=1)
+    assert [row.id for row in rows] == ["id2"]
+    assert all(output is not None for output in rows[0].outputs.values())
+    sheet = np.asarray(render_sheet(rows, list(T0S), cell=CELL))
+    x, y = cell_origin(0, 3, CELL)
+    assert tuple(sheet[y, x]) == (255, 255, 255)
+
+
+def test_summary_counts_errors_throughput_and_faithfulness(run_output):
+    text = "\n".join(summary_lines(OutputFolder(str(run_output))))
+    assert "written           16  (3 ids, 3 t0 values, 2 samples)" in text
+    assert "expected          20" in text
+    assert "errors            2  (edit: 1, read: 1)" in text
+    assert "images/s          2.50" in text
+    assert "   0.500        6   0.20000   0.20000   0.20000" in text
+
+
+def test_html_is_self_contained(run_output, tmp_path):
+    png, page, _ = write_contact_sheet(OutputFolder(str(run_output)), str(tmp_path / "sheet"), 3)
+    html = Path(page).read_text(encoding="utf-8")
+    assert html.count("<td class='id'>") == 3 and "t0 = 0.75" in html
+    assert html.count("data:image/png;base64,") == 3 + 1 + 8  # guides, one mask, outputs
+    assert "src='http" not in html and 'src="http' not in html
+    assert Image.open(png).size == sheet_size(3, 5, 128)
+
+
+def test_without_guide_columns_the_sheet_shows_outputs_only(tmp_path):
+    outputs = [{"id": "a", "t0": 0.5, "image": flat(77)}, {"id": "b", "t0": 0.5, "image": flat(9)}]
+    folder = write_output(tmp_path / "out", outputs)
+    rows, t0s = sheet_rows(OutputFolder(str(folder)))
+    sheet = np.asarray(render_sheet(rows, t0s, cell=CELL))
+    assert sheet.shape[:2] == sheet_size(2, 3, CELL)[::-1]
+    assert tuple(sheet[cell_origin(0, 0, CELL)[::-1]]) == PLACEHOLDER
+    assert tuple(sheet[cell_origin(1, 2, CELL)[::-1]]) == (9, 9, 9)
+
+
+def test_cli_writes_sheet_under_output_and_prints_summary(run_output):
+    result = CliRunner().invoke(inspect_command, [str(run_output), "-n", "2", "--cell", "32"])
+    assert result.exit_code == 0, result.output
+    assert "errors            2" in result.output
+    assert Image.open(run_output / "inspect" / "contact_sheet.png").size == sheet_size(2, 5, 32)
+    assert (run_output / "inspect" / "contact_sheet.html").is_file()
+
+
+def test_cli_on_an_empty_output_says_what_is_missing(tmp_path):
+    result = CliRunner().invoke(inspect_command, [str(tmp_path)])
+    assert result.exit_code == 1 and "no output shards under" in result.output
