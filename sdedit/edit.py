@@ -10,6 +10,7 @@ noise draw, ending at the guide itself.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,8 +58,9 @@ def edit(
     _check_guide(guide)
     t0s = _check_t0(t0, guide.shape[0])
     mask = _check_mask(mask, guide)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    repeats = int(repeats)
     paths = [schedule.path(value, steps) for value in t0s]
     noise = SampleNoise(generator, guide.shape[0])
     x = guide
@@ -137,8 +139,8 @@ def _check_t0(t0: float | torch.Tensor, batch: int) -> list[float]:
             raise ValueError(f"t0 tensor must have shape [{batch}] (one per sample), got "
                              f"{tuple(t0.shape)}")
         else:
-            values = [float(v) for v in t0.tolist()]
-    elif isinstance(t0, int | float) and not isinstance(t0, bool):
+            values = [float(v) for v in t0.double().tolist()]
+    elif isinstance(t0, numbers.Real) and not isinstance(t0, bool):
         values = [float(t0)] * batch
     else:
         raise TypeError(f"t0 must be a float or a tensor [B], got {_describe(t0)}")

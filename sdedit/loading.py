@@ -50,7 +50,7 @@ def load(
         unet, schedule = build_builtin(uri.removeprefix("builtin:"))
         name, digest = uri, _state_digest(unet)
     else:
-        folder = _local_folder(uri, storage_options or {})
+        folder = _local_folder(uri, storage_options or {}, allow_pickle)
         unet, schedule, digest = _load_folder(folder, uri, allow_pickle)
         name = uri
     adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile)
@@ -64,7 +64,7 @@ def _resolution(config) -> int:
     return size[0] if isinstance(size, list | tuple) else size
 
 
-def _local_folder(uri: str, storage_options: dict) -> Path:
+def _local_folder(uri: str, storage_options: dict, allow_pickle: bool) -> Path:
     if uri == "default":
         folder = PRIORS_DIR / "default"
         if not (folder / "config.json").exists() and not (folder / "unet").exists():
@@ -79,7 +79,7 @@ def _local_folder(uri: str, storage_options: dict) -> Path:
             raise ModelLoadError(f"model URI {uri} is a file; expected a diffusers-format folder")
         return path
     if uri.count("/") == 1 and not uri.startswith((".", "/", "~")):
-        return _fetch_hub(uri)
+        return _fetch_hub(uri, allow_pickle)
     raise ModelLoadError(f"model folder {uri} does not exist")
 
 
@@ -110,17 +110,18 @@ def _fetch_remote(uri: str, storage_options: dict) -> Path:
     return target
 
 
-def _fetch_hub(repo_id: str) -> Path:
+def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:
+    suffixes = ["json", "safetensors", *(["bin"] if allow_pickle else [])]
+    patterns = [f"{prefix}*.{suffix}" for prefix in ("", "*/") for suffix in suffixes]
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"]
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types; all mean "not reachable"
         raise ModelLoadError(
             f"could not fetch model {repo_id} from the Hugging Face hub ({type(error).__name__}: "
-            f"{error}); if this machine is offline, download the folder elsewhere and pass its "
-            "path or URI"
+            f"{error}); no local folder {repo_id!r} exists either. If this machine is offline, "
+            "download the folder elsewhere and pass its path or URI"
         ) from error
 
 

@@ -8,6 +8,7 @@ pass visits. The last level of every path is the clean level.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,9 @@ def _check_t0(t0: float) -> None:
 
 
 def _check_steps(steps: int | None) -> None:
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is None:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
 
 
@@ -71,10 +74,10 @@ class VPSchedule:
         """
         _check_steps(steps)
         start = self.start_index(t0)
-        if steps is None or steps >= start + 1:
+        if steps is None or int(steps) >= start + 1:
             visited = list(range(start, -1, -1))
         else:
-            grid = torch.linspace(start, 0, steps, dtype=torch.float64).round().long()
+            grid = torch.linspace(start, 0, int(steps), dtype=torch.float64).round().long()
             visited = list(dict.fromkeys(grid.tolist()))
         return [*visited, CLEAN]
 
@@ -117,7 +120,7 @@ class VESchedule:
         """Times t0 * n / N for n = N..0, with N = steps or round(1000 * t0) (at least 1)."""
         _check_t0(t0)
         _check_steps(steps)
-        count = steps if steps is not None else max(round(1000 * t0), 1)
+        count = int(steps) if steps is not None else max(round(1000 * t0), 1)
         return [t0 * n / count for n in range(count, -1, -1)]
 
 

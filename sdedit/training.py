@@ -137,9 +137,10 @@ class TrainState:
 
     @classmethod
     def fresh(cls, config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
-        """A new run: weights seeded by `config.seed`."""
-        torch.manual_seed(config.seed)
-        unet = build_unet(config).to(device)
+        """A new run: weights seeded by `config.seed` (torch's global RNG is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet = build_unet(config).to(device)
         ema = copy.deepcopy(unet).requires_grad_(False)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
         generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,246 @@
+"""`sdedit edit`: SDEdit one guide image with a prior, for quick tries.
+
+The recipe: decode the guide (and mask) with Pillow, resize them to the model's resolution,
+run `sdedit.edit` with one seeded generator, resize the output back to the guide's size and
+encode it. Masks are read as grayscale with white = synthesize, black = keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import click
+
+MaskMode = Literal["binary", "soft"]
+_MODES_FOR_CHANNELS = {1: "L", 3: "RGB"}
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """The SDEdit settings of one `sdedit edit` call, validated by click."""
+
+    t0: float
+    steps: int | None
+    repeats: int
+    seed: int
+    mask_mode: MaskMode
+
+
+def _check_t0(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise click.BadParameter(f"t0 must lie in (0, 1] (the noise level to start from), "
+                                 f"got {value}")
+    return value
+
+
+def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    from PIL import Image
+
+    if value.suffix.lower() not in Image.registered_extensions():
+        raise click.BadParameter(f"cannot tell the image format of {value} from its extension; "
+                                 "use e.g. .png")
+    return value
+
+
+@click.command()
+@click.option("--model", "model_uri", default="default", show_default=True,
+              help="Prior: 'default', 'builtin:tiny', a diffusers folder, file:// or s3:// URI, "
+                   "or a hub id.")
+@click.option("--guide", "guide_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Guide image (any format Pillow reads).")
+@click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Mask image the guide's size: white = synthesize, black = keep.")
+@click.option("--mask-mode", type=click.Choice(["binary", "soft"]), default="binary",
+              show_default=True, help="binary: threshold the mask at 50%; soft: keep grey levels "
+                                      "as blend weights in [0, 1].")
+@click.option("--t0", type=float, default=0.5, show_default=True, callback=_check_t0,
+              help="Noise level in (0, 1]: small = faithful to the guide, large = free.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Strided sampling steps (default: every step of the schedule).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="SDEdit passes K; each re-noises the previous output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Network dtype; sampling stays float32.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
+@click.option("--out", "out_path", required=True, callback=_check_out,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Output image; the format follows the extension (e.g. .png).")
+def edit(
+    model_uri: str, guide_path: Path, mask_path: Path | None, mask_mode: MaskMode, t0: float,
+    steps: int | None, repeats: int, seed: int, device: str | None, dtype: str,
+    allow_pickle: bool, out_path: Path,
+) -> None:
+    """SDEdit one guide image and write the result to --out."""
+    options = EditOptions(t0, steps, repeats, seed, mask_mode)
+    guide = read_image(guide_path)
+    mask = read_mask(mask_path, guide.size) if mask_path is not None else None
+    prior = _load_prior(model_uri, device, dtype, allow_pickle)
+    result = edit_image(prior, guide, mask, options)
+    _save(result, out_path)
+    click.echo(f"wrote {out_path}")
+
+
+def edit_image(prior, guide, mask, options: EditOptions):
+    """SDEdit a PIL guide (and optional L mask) with `prior`; returns a PIL image of its size.
+
+    Images not at the model's resolution are resized to it, and the output back to the guide's
+    size; the kept region (mask = 0) is then pasted from the original guide so it stays exact.
+    """
+    import sdedit
+
+    resolution = prior.resolution
+    guide = _to_channels(guide, prior.channels)
+    resized = guide.size != (resolution, resolution)
+    if resized:
+        stretch = " (stretched: not square)" if guide.width != guide.height else ""
+        _note(f"resizing guide from {_size(guide.size)} to the model's resolution "
+              f"{_size((resolution, resolution))}{stretch}; the output is resized back to "
+              f"{_size(guide.size)}")
+    guide_batch = image_to_tensor(guide, resolution).to(prior.device)
+    mask_batch = None
+    if mask is not None:
+        mask_batch = mask_to_tensor(mask, resolution, options.mask_mode).to(prior.device)
+    out = sdedit.edit(prior.model, prior.schedule, guide_batch, t0=options.t0, mask=mask_batch,
+                      steps=options.steps, repeats=options.repeats,
+                      generator=sdedit.generators([options.seed]))
+    result = tensor_to_image(out[0], guide.size)
+    if resized and mask is not None:
+        result = _paste_kept(result, guide, mask, options.mask_mode)
+    return result
+
+
+def read_image(path: Path):
+    """Decode an image with Pillow; transparent images are composited onto white."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.copy()  # decodes now, so the file can close
+    except (UnidentifiedImageError, OSError) as error:
+        raise click.BadParameter(f"cannot decode {path} as an image: {error}",
+                                 param_hint="'--guide'") from error
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba).convert("RGB")
+    return image
+
+
+def read_mask(path: Path, size: tuple[int, int]):
+    """Decode a mask as 8-bit grayscale (white = synthesize); it must match the guide's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mask = _to_8bit(image) if image.mode in _WIDE_MODES else image.convert("L")
+    except (UnidentifiedImageError, OSError) as error:
+        raise click.BadParameter(f"cannot decode {path} as an image: {error}",
+                                 param_hint="'--mask'") from error
+    if mask.size != size:
+        raise click.BadParameter(f"mask {path} is {_size(mask.size)} but the guide is "
+                                 f"{_size(size)}; a mask must have the guide's size",
+                                 param_hint="'--mask'")
+    return mask
+
+
+def image_to_tensor(image, resolution: int):
+    """A PIL image as a float tensor [1, C, R, R] in [-1, 1] (x / 127.5 - 1)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def mask_to_tensor(mask, resolution: int, mode: MaskMode):
+    """An L mask as a float tensor [1, 1, R, R] in [0, 1]; binary mode thresholds at 50%."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if mask.size != (resolution, resolution):
+        mask = mask.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    weights = np.asarray(mask, dtype=np.float32) / 255.0
+    if mode == "binary":
+        weights = (weights >= 0.5).astype(np.float32)
+    return torch.from_numpy(weights)[None, None].contiguous()
+
+
+def tensor_to_image(sample, size: tuple[int, int]):
+    """A [C, H, W] tensor in [-1, 1] as an 8-bit PIL image resized to `size` (width, height)."""
+    import torch
+    from PIL import Image
+
+    pixels = ((sample.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _paste_kept(result, guide, mask, mode: MaskMode):
+    """Take the guide's own pixels where the full-size mask keeps them (0 = keep)."""
+    from PIL import Image
+
+    weights = mask if mode == "soft" else mask.point(lambda value: 255 if value >= 128 else 0)
+    return Image.composite(result, guide, weights)
+
+
+def _to_channels(image, channels: int):
+    if channels not in _MODES_FOR_CHANNELS:
+        raise click.ClickException(f"the model takes {channels}-channel images; sdedit edit "
+                                   "handles 1 (grayscale) or 3 (RGB)")
+    return image.convert(_MODES_FOR_CHANNELS[channels])
+
+
+def _to_8bit(image):
+    """Scale 16/32-bit integer or float grayscale images to 8 bits by their full range."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" else (65535.0 if values.max() > 255 else 255.0)
+    return Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8))
+
+
+def _load_prior(model_uri: str, device: str | None, dtype: str, allow_pickle: bool):
+    import sdedit
+    from sdedit.loading import ModelLoadError
+
+    try:
+        return sdedit.load(model_uri, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    except (ModelLoadError, ValueError) as error:
+        raise click.ClickException(f"cannot load model {model_uri}: {error}") from error
+
+
+def _save(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        image.save(path)
+    except OSError as error:
+        raise click.ClickException(f"cannot write {path}: {error}") from error
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"

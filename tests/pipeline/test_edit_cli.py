@@ -1,0 +1,270 @@
+"""`sdedit edit`: one guide image in, one PNG out, through the real click group and models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.edit_cli import image_to_tensor, mask_to_tensor, read_image, tensor_to_image
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_png(path, pixels: np.ndarray):
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def noise_pixels(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def box_mask(height: int, width: int) -> np.ndarray:
+    """White (synthesize) in a central box, black (keep) elsewhere."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return mask
+
+
+def sdedit_edit(*arguments: str):
+    """Invoke `sdedit edit ARGUMENTS` through the real click group."""
+    return CliRunner().invoke(main, ["edit", *arguments])
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+# --- the command end to end ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_guide(tmp_path):
+    """A 40x48 (width x height) RGB guide, not the model's 64x64, and a box mask."""
+    guide = write_png(tmp_path / "g.png", noise_pixels(48, 40))
+    mask = write_png(tmp_path / "m.png", box_mask(48, 40))
+    return guide, mask
+
+
+def test_writes_a_png_of_the_guides_size(tmp_path, small_guide):
+    guide, mask = small_guide
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--t0", "0.5", "--steps", "3", "--seed", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 48))
+    assert "resizing guide from 40x48 to the model's resolution 64x64" in result.stderr
+    kept = box_mask(48, 40) == 0
+    assert np.array_equal(pixels(out)[kept], pixels(guide)[kept])  # kept region is exact
+    changed = np.abs(pixels(out)[~kept].astype(int) - pixels(guide)[~kept]).mean()
+    assert changed > 10  # the box was resynthesized (by a random-weight model: noise)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small_guide):
+    guide, mask = small_guide
+    outputs = {}
+    for name, seed in [("a", "1"), ("b", "1"), ("c", "2")]:
+        outputs[name] = tmp_path / f"{name}.png"
+        result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask",
+                             str(mask), "--t0", "0.5", "--steps", "3", "--seed", seed,
+                             "--out", str(outputs[name]))
+        assert result.exit_code == 0, result.output
+    assert outputs["a"].read_bytes() == outputs["b"].read_bytes()
+    assert outputs["a"].read_bytes() != outputs["c"].read_bytes()
+
+
+def test_black_mask_keeps_the_guide_exactly(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(64, 64, seed=3))
+    black = write_png(tmp_path / "black.png", np.zeros((64, 64), dtype=np.uint8))
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(black),
+                         "--t0", "0.8", "--steps", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "resizing" not in result.stderr  # already at the model's resolution
+    assert np.array_equal(pixels(out), pixels(guide))
+
+
+def test_without_a_mask_everything_changes(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(64, 64, seed=4))
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--t0", "0.3",
+                         "--steps", "2", "--repeats", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert (pixels(out) != pixels(guide)).mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_transparent_and_palette_guides(tmp_path, mode):
+    rgb = Image.fromarray(noise_pixels(64, 64, seed=5))
+    image = {"L": rgb.convert("L"), "RGBA": rgb.convert("RGBA"), "P": rgb.convert("P")}[mode]
+    guide = tmp_path / "g.png"
+    image.save(guide)
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--steps", "2",
+                         "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as written:
+        assert (written.mode, written.size) == ("RGB", (64, 64))
+
+
+# --- a model saved with diffusers' save_pretrained -----------------------------------------
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=32, layers_per_block=1, block_out_channels=(8, 16),
+                           norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path / "model"
+    unet.save_pretrained(folder)
+    DDPMScheduler().save_pretrained(folder)
+    return folder
+
+
+def test_saved_model_runs_by_path_and_file_uri(tmp_path, saved_model):
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32, seed=6))
+    mask = write_png(tmp_path / "m.png", box_mask(32, 32))
+    outputs = []
+    for model in (str(saved_model), f"file://{saved_model}"):
+        outputs.append(tmp_path / f"o{len(outputs)}.png")
+        result = sdedit_edit("--model", model, "--guide", str(guide), "--mask", str(mask),
+                             "--t0", "0.4", "--steps", "3", "--seed", "9",
+                             "--out", str(outputs[-1]))
+        assert result.exit_code == 0, result.output
+        assert "resizing" not in result.stderr  # the model's resolution is 32
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+    kept = box_mask(32, 32) == 0
+    assert np.array_equal(pixels(outputs[0])[kept], pixels(guide)[kept])
+    assert not np.array_equal(pixels(outputs[0]), pixels(guide))
+
+
+def test_pickle_model_needs_allow_pickle(tmp_path, saved_model):
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(saved_model).save_pretrained(saved_model, safe_serialization=False)
+    (saved_model / "diffusion_pytorch_model.safetensors").unlink()
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32))
+    arguments = ["--model", str(saved_model), "--guide", str(guide), "--steps", "2",
+                 "--out", str(tmp_path / "o.png")]
+    refused = sdedit_edit(*arguments)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.output
+    assert sdedit_edit(*arguments, "--allow-pickle").exit_code == 0
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t0", ["0", "-0.1", "1.5", "nan"])
+def test_bad_t0(tmp_path, t0):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--t0", t0,
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2
+    assert "Invalid value for '--t0'" in result.output and "(0, 1]" in result.output
+
+
+@pytest.mark.parametrize(("option", "value"), [("--steps", "0"), ("--repeats", "0")])
+def test_bad_steps_and_repeats(tmp_path, option, value):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), option, value,
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+
+
+def test_mask_of_another_size(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(64, 64))
+    mask = write_png(tmp_path / "m.png", box_mask(48, 40))
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--out", str(out))
+    assert result.exit_code == 2
+    assert "mask" in result.output and "40x48" in result.output and "64x64" in result.output
+    assert not out.exists()
+
+
+def test_missing_guide_and_mask_files(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    missing = sdedit_edit("--model", "builtin:tiny", "--guide", str(tmp_path / "nope.png"),
+                          "--out", str(tmp_path / "o.png"))
+    assert missing.exit_code == 2 and "nope.png" in missing.output
+    assert "does not exist" in missing.output
+    no_mask = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask",
+                          str(tmp_path / "m.png"), "--out", str(tmp_path / "o.png"))
+    assert no_mask.exit_code == 2 and "'--mask'" in no_mask.output
+
+
+def test_guide_that_is_not_an_image(tmp_path):
+    guide = tmp_path / "g.png"
+    guide.write_text("not a png")
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide),
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "cannot decode" in result.output
+
+
+def test_missing_model_folder(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    result = sdedit_edit("--model", str(tmp_path / "no-model"), "--guide", str(guide),
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 1
+    assert "cannot load model" in result.output and "does not exist" in result.output
+
+
+def test_unknown_output_extension(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide),
+                         "--out", str(tmp_path / "o.unknown"))
+    assert result.exit_code == 2 and "Invalid value for '--out'" in result.output
+
+
+# --- decoding and encoding -----------------------------------------------------------------
+
+
+def test_uint8_round_trip_is_exact():
+    image = Image.fromarray(noise_pixels(16, 16, seed=7))
+    tensor = image_to_tensor(image, 16)
+    assert tensor.shape == (1, 3, 16, 16) and tensor.dtype == torch.float32
+    assert float(tensor.min()) >= -1 and float(tensor.max()) <= 1
+    assert np.array_equal(np.asarray(tensor_to_image(tensor[0], (16, 16))), np.asarray(image))
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red but fully transparent
+    rgba[0, 0] = (10, 20, 30, 255)  # one opaque pixel
+    image = read_image(write_png(tmp_path / "t.png", rgba))
+    expected = np.full((4, 4, 3), 255, dtype=np.uint8)
+    expected[0, 0] = (10, 20, 30)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
+
+
+def test_sixteen_bit_grayscale_is_scaled(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 65535], [32896, 257]], dtype=np.uint16)).save(path)
+    image = read_image(path)
+    assert np.array_equal(np.asarray(image), np.array([[0, 255], [128, 1]], dtype=np.uint8))
+
+
+def test_binary_and_soft_masks():
+    grey = Image.fromarray(np.array([[0, 64], [128, 255]], dtype=np.uint8))
+    binary = mask_to_tensor(grey, 2, "binary")
+    soft = mask_to_tensor(grey, 2, "soft")
+    assert binary.shape == soft.shape == (1, 1, 2, 2)
+    assert binary.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(soft.flatten(), torch.tensor([0, 64, 128, 255]) / 255.0)

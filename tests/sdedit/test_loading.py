@@ -1,0 +1,291 @@
+"""sdedit.load: diffusers-format folders (saved with real diffusers classes), URIs, builtins,
+the schedule read from the scheduler config, dtype adapters and the errors users will meet."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import sdedit
+from sdedit.loading import ModelLoadError
+from sdedit.models import UNetAdapter
+
+SMALL_UNET = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+    block_out_channels=(8, 16), norm_num_groups=4,
+    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+)
+
+# diffusers' default DDPM betas: linear 1e-4..0.02 over 1000 steps, computed in float32.
+DDPM = sdedit.VPSchedule(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_unet(seed: int = 0, **overrides):
+    """A ~20k-parameter UNet2DModel with seeded random weights."""
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DModel(**{**SMALL_UNET, **overrides}).eval()
+
+
+def save_flat(folder, unet, scheduler, safe: bool = True):
+    """UNet config + weights and scheduler_config.json side by side, as save_pretrained writes."""
+    unet.save_pretrained(folder, safe_serialization=safe)
+    scheduler.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def ddpm_folder(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = small_unet()
+    return save_flat(tmp_path / "ddpm", unet, DDPMScheduler(num_train_timesteps=1000)), unet
+
+
+def run_edit(model, schedule, seed: int = 3) -> torch.Tensor:
+    """A masked strided edit of a fixed 32x32 guide, with per-sample generators."""
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        guide = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:24, 8:24] = 1
+    return sdedit.edit(model, schedule, guide, t0=torch.tensor([0.3, 0.6]), mask=mask, steps=3,
+                       generator=sdedit.generators([seed, seed + 1]))
+
+
+# --- loading a folder saved with save_pretrained ------------------------------------------
+
+
+def test_plain_path_and_file_uri_load_the_same_model(ddpm_folder):
+    folder, unet = ddpm_folder
+    by_path = sdedit.load(str(folder), device="cpu")
+    by_uri = sdedit.load(f"file://{folder}", device="cpu")
+    for prior in (by_path, by_uri):
+        assert isinstance(prior.schedule, sdedit.VPSchedule)
+        assert (prior.resolution, prior.channels) == (32, 3)
+        assert prior.device == torch.device("cpu")
+    assert by_path.name == str(folder)
+    assert by_uri.name == f"file://{folder}"
+    weights = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert by_path.digest == by_uri.digest == "sha256:" + hashlib.sha256(weights).hexdigest()
+
+
+def test_schedule_comes_from_the_scheduler_config(ddpm_folder):
+    folder, _ = ddpm_folder
+    schedule = sdedit.load(folder, device="cpu").schedule
+    reference = sdedit.VPSchedule.linear()
+    assert schedule.num_timesteps == 1000
+    torch.testing.assert_close(schedule.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6,
+                               atol=0)
+
+
+def test_custom_ddim_betas_are_read(tmp_path):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=200, beta_start=0.001, beta_end=0.03)
+    folder = save_flat(tmp_path / "ddim", small_unet(), scheduler)
+    schedule = sdedit.load(folder, device="cpu").schedule
+    assert schedule.num_timesteps == 200
+    torch.testing.assert_close(schedule.betas, torch.linspace(0.001, 0.03, 200,
+                                                              dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+def test_loaded_model_matches_the_in_memory_model(ddpm_folder):
+    folder, unet = ddpm_folder
+    prior = sdedit.load(folder, device="cpu")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.inference_mode():
+        expected = unet(x, t).sample
+    assert torch.equal(prior.model(x, t), expected)
+    assert torch.equal(run_edit(prior.model, prior.schedule), run_edit(UNetAdapter(unet), DDPM))
+
+
+def test_pipeline_folder_layout(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    unet = small_unet(seed=5)
+    folder = tmp_path / "pipeline"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    assert (folder / "unet" / "config.json").exists()
+    assert (folder / "scheduler" / "scheduler_config.json").exists()
+    prior = sdedit.load(folder, device="cpu")
+    assert isinstance(prior.schedule, sdedit.VPSchedule)
+    assert torch.equal(run_edit(prior.model, prior.schedule),
+                       run_edit(UNetAdapter(unet), DDPM))
+
+
+def test_score_sde_ve_scheduler_gives_a_ve_schedule(tmp_path):
+    from diffusers import ScoreSdeVeScheduler
+
+    unet = small_unet(time_embedding_type="fourier")
+    scheduler = ScoreSdeVeScheduler(sigma_min=0.02, sigma_max=80.0)
+    prior = sdedit.load(save_flat(tmp_path / "ve", unet, scheduler), device="cpu")
+    assert prior.schedule == sdedit.VESchedule(sigma_min=0.02, sigma_max=80.0)
+    assert prior.schedule.sigma(0.5) == pytest.approx(0.02 * (80.0 / 0.02) ** 0.5)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([3.0])
+    with torch.inference_mode():
+        expected = unet(x, sigma).sample
+    assert torch.equal(prior.model(x, sigma), expected)
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = small_unet(seed=2)
+    folder = save_flat(tmp_path / "pickled", unet, DDPMScheduler(), safe=False)
+    assert (folder / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(ModelLoadError, match="pickle") as caught:
+        sdedit.load(folder, device="cpu")
+    assert "allow_pickle" in str(caught.value)
+    prior = sdedit.load(folder, device="cpu", allow_pickle=True)
+    assert torch.equal(run_edit(prior.model, prior.schedule),
+                       run_edit(UNetAdapter(unet), DDPM))
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="does not exist") as caught:
+        sdedit.load(missing)
+    assert str(missing) in str(caught.value)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        sdedit.load(f"file://{missing}")
+
+
+def test_a_file_is_not_a_model_folder(ddpm_folder):
+    folder, _ = ddpm_folder
+    with pytest.raises(ModelLoadError, match="is a file"):
+        sdedit.load(folder / "config.json")
+
+
+def test_wrong_model_class(tmp_path):
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2)
+    folder = tmp_path / "vae"
+    vae.save_pretrained(folder)
+    DDPMScheduler().save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="UNet2DModel") as caught:
+        sdedit.load(folder)
+    assert "AutoencoderKL" in str(caught.value)
+
+
+def test_unsupported_scheduler(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    folder = save_flat(tmp_path / "euler", small_unet(), EulerDiscreteScheduler())
+    with pytest.raises(ModelLoadError, match="unsupported scheduler") as caught:
+        sdedit.load(folder)
+    message = str(caught.value)
+    assert "EulerDiscreteScheduler" in message and "DDPMScheduler" in message
+
+
+def test_v_prediction_is_refused(tmp_path):
+    from diffusers import DDPMScheduler
+
+    folder = save_flat(tmp_path / "v", small_unet(), DDPMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ModelLoadError, match="epsilon"):
+        sdedit.load(folder)
+
+
+def test_missing_scheduler_config_and_weights(tmp_path):
+    folder = tmp_path / "unet-only"
+    small_unet().save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="scheduler_config.json"):
+        sdedit.load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    empty = tmp_path / "config-only"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        sdedit.load(empty)
+
+
+def test_hub_id_while_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)  # so the id cannot resolve to a local folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # huggingface_hub reads the variables when first imported; diffusers may have done that.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(ModelLoadError) as caught:
+        sdedit.load("google/ddpm-ema-church-256")
+    message = str(caught.value)
+    assert "google/ddpm-ema-church-256" in message
+    assert "offline" in message and "hub" in message
+
+
+def test_unknown_builtin():
+    with pytest.raises(ValueError, match="tiny"):
+        sdedit.load("builtin:huge")
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="bfloat16"):
+        sdedit.load("builtin:tiny", dtype="int8")
+
+
+# --- builtins, digests, dtypes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("uri", "kind"), [("builtin:tiny", sdedit.VPSchedule),
+                                           ("builtin:tiny-ve", sdedit.VESchedule)])
+def test_builtins_load_and_run(uri, kind):
+    prior = sdedit.load(uri, device="cpu")
+    assert isinstance(prior.schedule, kind)
+    assert (prior.resolution, prior.channels, prior.name) == (64, 3, uri)
+    params = sum(p.numel() for p in prior.model.parameters())
+    assert 50_000 < params < 500_000
+    guide = torch.zeros(1, 3, 64, 64)
+    out = prior.edit(guide, t0=0.2, steps=2, generator=sdedit.generators([0]))
+    assert out.shape == guide.shape and out.dtype == torch.float32
+    assert bool(torch.isfinite(out).all())
+
+
+def test_digest_is_stable_across_loads(ddpm_folder):
+    assert sdedit.load("builtin:tiny").digest == sdedit.load("builtin:tiny").digest
+    assert sdedit.load("builtin:tiny").digest != sdedit.load("builtin:tiny-ve").digest
+    folder, _ = ddpm_folder
+    first, second = sdedit.load(folder).digest, sdedit.load(folder).digest
+    assert first == second and first.startswith("sha256:") and len(first) == 7 + 64
+
+
+def test_builtin_weights_do_not_depend_on_global_rng():
+    torch.manual_seed(123)
+    first = sdedit.load("builtin:tiny")
+    torch.manual_seed(456)
+    assert sdedit.load("builtin:tiny").digest == first.digest
+
+
+def test_bfloat16_adapter_returns_float32_close_to_float32():
+    full = sdedit.load("builtin:tiny", device="cpu")
+    half = sdedit.load("builtin:tiny", device="cpu", dtype="bfloat16")
+    assert next(half.model.unet.parameters()).dtype == torch.bfloat16
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 400])
+    reference, approx = full.model(x, t), half.model(x, t)
+    assert approx.dtype == torch.float32 and approx.shape == x.shape
+    relative = float((approx - reference).norm() / reference.norm())
+    assert 0 < relative < 0.05
+    out = half.edit(x.clamp(-1, 1), t0=0.3, steps=2, generator=sdedit.generators([1, 2]))
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
