@@ -1,0 +1,113 @@
+"""`sdedit bench`: model-only throughput against end-to-end pipeline throughput, same settings.
+
+Model-only: decoded guides already in memory, `sdedit.edit` in chunks of `--model-batch` with
+per-sample generators, exactly as the actor calls it. End to end: `sdedit run` on the same
+images written as PNG files plus a manifest, from reading the manifest to committed shards
+(actor start-up included). Model-only runs before and after the pipeline and the two are
+averaged, because other work on the machine changes its speed. The ratio says how much the CPU
+stages and scheduling cost.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--model", default="builtin:tiny", show_default=True)
+@click.option("--images", "count", default=256, show_default=True, help="Images to edit.")
+@click.option("--size", default=64, show_default=True, help="Generated image side (pixels).")
+@click.option("--t0", default=0.5, show_default=True)
+@click.option("--steps", default=20, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="Rows per actor call.")
+@click.option("--model-batch", default=32, show_default=True, help="Samples per model call.")
+@click.option("--actors", default=1, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep inputs/outputs here.")
+def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
+          model_batch: int, actors: int, workdir: str | None) -> None:
+    """Print model-only and end-to-end images/s for COUNT generated images, and their ratio."""
+    with tempfile.TemporaryDirectory(prefix="sdedit-bench-") as scratch:
+        root = Path(workdir or scratch)
+        manifest = write_inputs(root / "inputs", count, size)
+        measure = (root / "inputs", model, count, t0, steps, model_batch, actors)
+        before = model_throughput(*measure)
+        pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps, batch_size,
+                                       model_batch, actors)
+        after = model_throughput(*measure)
+    model_only = (before + after) / 2  # measured on both sides: the machine's load drifts
+    result = {"images": count, "size": size, "t0": t0, "steps": steps, "model": model,
+              "model_only_images_per_s": round(model_only, 3),
+              "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
+              "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3)}
+    click.echo(json.dumps(result, indent=2))
+
+
+def write_inputs(folder: Path, count: int, size: int) -> Path:
+    """`count` smooth random PNG images and a manifest pointing at them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for index in range(count):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC).save(
+            folder / f"{index:05d}.png")
+        names.append(f"{index:05d}.png")
+    manifest = folder / "manifest.parquet"
+    pq.write_table(pa.table({"id": [n[:-4] for n in names], "guide": names}), manifest)
+    return manifest
+
+
+def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int,
+                     model_batch: int, actors: int) -> float:
+    """Images/s through `sdedit.edit` alone, guides decoded beforehand."""
+    import os
+
+    import torch
+
+    import sdedit
+    from pipeline.actor import to_tensor
+    from pipeline.fetch import prepare
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors))
+    prior = sdedit.load(model)
+    guides = [prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
+              for i in range(count)]
+    started = time.perf_counter()
+    for first in range(0, count, model_batch):
+        chunk = guides[first:first + model_batch]
+        guide = to_tensor(chunk, prior.resolution, 3).to(prior.device)
+        generators = sdedit.generators(range(first, first + len(chunk)), device=prior.device)
+        prior.edit(guide, t0=t0, steps=steps, generator=generators)
+    return count / (time.perf_counter() - started)
+
+
+def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, steps: int,
+                        batch_size: int, model_batch: int, actors: int) -> dict:
+    """Images/s of a full `sdedit run` (Ray start excluded, actor start-up included)."""
+    from pipeline.config import RunConfig
+    from pipeline.job import init_ray, run
+
+    config = RunConfig(manifest=str(manifest), output=str(output), model=model, t0=(t0,),
+                       steps=steps, batch_size=batch_size, model_batch=model_batch,
+                       actors=(actors, actors), rows_per_shard=max(batch_size, 64),
+                       overwrite=True)
+    init_ray(None)
+    summary = run(config)
+    run_stats = summary["this_run"]
+    return {
+        "pipeline_images_per_s": run_stats["images_per_second"],
+        "pipeline_seconds": run_stats["pipeline_seconds"],
+        "run_wall_seconds": summary["timings"]["wall_seconds"],
+        "actor_images_per_s": round(run_stats["written"] / run_stats["actor_edit_seconds"], 3),
+        "written": summary["written"],
+    }

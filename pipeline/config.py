@@ -1,0 +1,235 @@
+"""The resolved configuration of one `sdedit run`: a frozen dataclass, validated once at the edge.
+
+Values come from defaults, then a `--config` file (YAML or TOML), then command-line flags;
+later sources win. Storage options may hold credentials: `public_dict` masks them, and
+nothing else in the pipeline prints the configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+Format = Literal["parquet", "webdataset"]
+ImageFormat = Literal["png", "jpeg", "webp"]
+DType = Literal["float32", "bfloat16", "float16"]
+SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+
+# Fields that change what the images are: a different value into the same OUTPUT is refused.
+OUTPUT_FIELDS = ("model", "t0", "samples", "steps", "repeats", "seed", "task", "format",
+                 "image_format", "dtype")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and what was expected."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `sdedit run` needs; `t0`/`samples`/`repeats` None = the task preset's value
+    (or 0.5 / 1 / 1 without a task); `steps` None = every step of the prior's schedule."""
+
+    manifest: str
+    output: str
+    model: str = "default"
+    t0: tuple[float, ...] | None = None
+    samples: int | None = None
+    steps: int | None = None
+    repeats: int | None = None
+    seed: int = 0
+    task: str | None = None
+    batch_size: int = 32
+    model_batch: int = 8
+    rows_per_shard: int = 256
+    format: Format = "parquet"
+    image_format: ImageFormat = "png"
+    dtype: DType = "float32"
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    max_pixels: int = 40_000_000
+    max_error_rate: float = 1.0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates):
+            check(self)
+
+    def output_record(self, model_digest: str) -> dict:
+        """The fields that decide the outputs, as stored in OUTPUT/_run_config.json."""
+        record = {name: _plain(getattr(self, name)) for name in OUTPUT_FIELDS}
+        record["model_digest"] = model_digest
+        return record
+
+    def public_dict(self) -> dict:
+        """All fields as plain values, with secret-looking storage options masked."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values["storage_options"] = mask_secrets(self.storage_options)
+        return values
+
+
+def _check_sizes(config: RunConfig) -> None:
+    for name in ("batch_size", "model_batch", "rows_per_shard", "max_pixels"):
+        _positive_int(name, getattr(config, name))
+    for name in ("samples", "steps", "repeats"):
+        if getattr(config, name) is not None:
+            _positive_int(name, getattr(config, name))
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+        raise ConfigError(f"seed must be an integer, got {config.seed!r}")
+
+
+def _check_choices(config: RunConfig) -> None:
+    choices = {"format": Format, "image_format": ImageFormat, "dtype": DType}
+    for name, kind in choices.items():
+        allowed = get_args(kind)
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(config, name)!r}")
+
+
+def _check_t0(config: RunConfig) -> None:
+    if config.t0 is None:
+        return
+    if not config.t0:
+        raise ConfigError("t0 needs at least one value in (0, 1]")
+    bad = [value for value in config.t0 if not 0.0 < value <= 1.0]
+    if bad:
+        raise ConfigError(f"t0 values must lie in (0, 1], got {bad[0]}")
+
+
+def _check_actors(config: RunConfig) -> None:
+    low, high = config.actors
+    if low < 1 or high < low:
+        raise ConfigError(f"actors must be N or MIN-MAX with 1 <= MIN <= MAX, got {low}-{high}")
+    for name in ("gpus_per_actor", "cpus_per_actor"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+def _check_rates(config: RunConfig) -> None:
+    if not 0.0 <= config.max_error_rate <= 1.0:
+        raise ConfigError(f"max_error_rate must lie in [0, 1], got {config.max_error_rate}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def mask_secrets(options: Mapping[str, Any]) -> dict:
+    """A copy of storage options with credential-looking values replaced by "***"."""
+    masked = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            masked[key] = mask_secrets(value)
+        else:
+            masked[key] = "***" if SECRET_KEY.search(str(key)) else value
+    return masked
+
+
+def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
+    """`KEY=VALUE` strings to a dict; dotted keys nest (client_kwargs.region_name=x);
+    true/false/integers are converted."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            name = pair.split("=")[0]  # never echo a value: it may be a secret
+            raise ConfigError(f"storage option must look like KEY=VALUE, got {name!r}")
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = _scalar(raw)
+    return options
+
+
+def _scalar(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if re.fullmatch(r"-?\d+", raw):
+        return int(raw)
+    return raw
+
+
+def parse_actors(value: str | int | list | tuple) -> tuple[int, int]:
+    """`N` or `MIN-MAX` (or a two-item list) to (min, max)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(value))
+    if not match:
+        raise ConfigError(f"actors must be N or MIN-MAX, got {value!r}")
+    low = int(match.group(1))
+    return (low, int(match.group(2) or low))
+
+
+def load_config_file(path: str) -> dict:
+    """Options from a YAML (.yaml/.yml) or TOML (.toml) file; keys may use - or _."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = file.read_text()
+    if file.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif file.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ConfigError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def build_config(file_values: dict, flag_values: dict) -> RunConfig:
+    """Merge file values and explicitly given flags (flags win) into a validated RunConfig."""
+    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+    missing = [name for name in ("manifest", "output") if not merged.get(name)]
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    return RunConfig(**_normalise(merged))
+
+
+def _normalise(values: dict) -> dict:
+    values = dict(values)
+    if "t0" in values:
+        t0 = values["t0"]
+        values["t0"] = tuple(float(v) for v in (t0 if isinstance(t0, list | tuple) else [t0]))
+    if "actors" in values:
+        values["actors"] = parse_actors(values["actors"])
+    if isinstance(values.get("storage_options"), list | tuple):
+        values["storage_options"] = parse_storage_options(values["storage_options"])
+    for name in ("manifest", "output", "model"):
+        if name in values:
+            values[name] = str(values[name])
+    return values
+
+
+def dumps(record: dict) -> str:
+    """Stable JSON text for stored records."""
+    return json.dumps(record, indent=2, sort_keys=True)

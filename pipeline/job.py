@@ -1,0 +1,246 @@
+"""The `sdedit run` job as a recipe: plan on the driver, stream the work through Ray Data.
+
+    manifest files -> read + expand to (id, t0, sample) minus committed keys   (CPU tasks)
+                   -> fetch + decode guide and mask at the model resolution     (CPU tasks)
+                   -> SDEdit                                                   (actor pool)
+                   -> encode + commit digest-named shards                      (CPU tasks)
+    then: recount what OUTPUT holds and write OUTPUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.manifest import (
+    ManifestFiles,
+    Plan,
+    TaskDefaults,
+    duplicate_ids,
+    find_files,
+    read_plan_columns,
+    row_work,
+)
+from pipeline.resume import (
+    SUMMARY,
+    Committed,
+    claim_output,
+    clean_temporaries,
+    output_fs,
+    read_committed,
+)
+
+CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
+CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
+PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
+            "pillow", "numpy")
+
+
+class ErrorRateExceeded(RuntimeError):
+    """More outputs failed than --max-error-rate allows; everything possible was written."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    digest: str
+    resolution: int
+
+
+def run(config: RunConfig) -> dict:
+    """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json."""
+    started = time.time()
+    manifest = find_files(config.manifest, config.storage_options)
+    plan_columns = read_plan_columns(manifest, config.storage_options)
+    plan = make_plan(config, manifest, plan_columns)
+    model = probe_model(config)
+    claim_output(config.output, config.output_record(model.digest), config.overwrite,
+                 config.storage_options)
+    clean_temporaries(config.output, config.storage_options)
+    committed = read_committed(config.output, config.format, config.storage_options)
+    keys = [work.key for row in plan_columns.to_pylist() for work in row_work(row, plan)]
+    todo = sum(1 for key in keys if key not in committed.keys)
+    pipeline_started = time.time()
+    stats = execute(config, manifest, plan, committed, model) if todo else {}
+    finished = time.time()
+    final = read_committed(config.output, config.format, config.storage_options)
+    summary = build_summary(config, model, plan_columns.num_rows, len(keys), todo, final, stats,
+                            (started, pipeline_started, finished))
+    write_summary(config, summary)
+    if summary["errors"] > config.max_error_rate * max(len(keys), 1):
+        raise ErrorRateExceeded(
+            f"{summary['errors']} of {len(keys)} outputs failed (rate "
+            f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
+            f"{config.output.rstrip('/')}/errors/")
+    return summary
+
+
+def probe_model(config: RunConfig) -> ModelInfo:
+    """Load the prior once on the driver (CPU) to learn its resolution and digest, and to fail
+    before any work when the model URI is wrong."""
+    import sdedit
+
+    prior = sdedit.load(config.model, device="cpu", storage_options=dict(config.storage_options))
+    return ModelInfo(prior.name, prior.digest, prior.resolution)
+
+
+def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
+    """Settings every worker needs to expand rows identically."""
+    names = set(plan_columns["task"].to_pylist()) if "task" in plan_columns.column_names else set()
+    if config.task:
+        names.add(config.task)
+    presets = {name: preset for name in names if name and (preset := _preset(name))}
+    if config.task and config.task not in presets:
+        raise ConfigError(f"unknown task {config.task!r}; see `tasks.presets` for the known ones")
+    return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
+                repeats=config.repeats, task=config.task, presets=presets,
+                duplicates=duplicate_ids(plan_columns["id"]))
+
+
+def _preset(name: str) -> TaskDefaults | None:
+    try:
+        from tasks.presets import get_preset
+    except ImportError:
+        return None
+    try:
+        preset = get_preset(name)
+    except (KeyError, ValueError):
+        return None
+    return TaskDefaults(tuple(preset.t0), preset.samples, preset.repeats, preset.requires_mask)
+
+
+def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
+            model: ModelInfo) -> dict:
+    """Stream the uncommitted work through Ray Data; returns this run's counts."""
+    import ray
+
+    started_ray = init_ray(config.address)
+    try:
+        dataset = build_dataset(config, manifest, plan, committed, model)
+        totals = {"written": 0, "failed": 0, "edit_seconds": 0.0}
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name in totals:
+                totals[name] += sum(batch[name].to_pylist())
+        return totals
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to a cluster (address) or start a local runtime; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=False)
+    return True
+
+
+def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
+                  model: ModelInfo):
+    """The Ray Data plan: read/expand -> fetch -> SDEdit actors -> encode/write."""
+    import ray
+
+    from pipeline.actor import SDEditActor
+    from pipeline.fetch import fetch_batch
+    from pipeline.manifest import read_and_expand
+    from pipeline.writers import write_step
+
+    options = dict(config.storage_options)
+    gpus, cpus, threads = actor_resources(config)
+    files = ray.data.from_items([{"file": file} for file in manifest.files])
+    rows = files.map_batches(
+        read_and_expand, batch_size=1, batch_format="pyarrow", num_cpus=CPU_READ,
+        fn_kwargs=dict(plan=plan, schema=manifest.schema, committed=committed.keys,
+                       storage_options=options, block_rows=config.batch_size))
+    # Small blocks: otherwise one task fetches, and one actor edits, a whole manifest file.
+    rows = rows.repartition(target_num_rows_per_block=config.batch_size)
+    fetched = rows.map_batches(
+        fetch_batch, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=CPU_STEP,
+        fn_kwargs=dict(resolution=model.resolution, storage_options=options,
+                       max_pixels=config.max_pixels))
+    edited = fetched.map_batches(
+        SDEditActor, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
+        num_cpus=cpus, num_gpus=gpus,
+        fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
+                                   model_batch=config.model_batch, steps=config.steps,
+                                   threads=threads))
+    return edited.map_batches(
+        write_step, batch_size=config.rows_per_shard, batch_format="pyarrow", num_cpus=CPU_STEP,
+        fn_kwargs=dict(output=config.output, data_format=config.format,
+                       image_format=config.image_format, storage_options=options))
+
+
+def actor_resources(config: RunConfig) -> tuple[float, float, int | None]:
+    """(GPUs, CPUs, torch threads) per actor: one GPU each when the cluster has GPUs; on CPU
+    clusters a fractional CPU reservation and the cores shared among the actors."""
+    import ray
+
+    resources = ray.cluster_resources()
+    has_gpus = resources.get("GPU", 0) > 0
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(has_gpus)
+    if gpus > 0:
+        return gpus, config.cpus_per_actor or 1.0, None
+    cpus = config.cpus_per_actor or 0.5
+    threads = max(1, int(resources.get("CPU", 1)) // config.actors[1])
+    return 0.0, cpus, threads
+
+
+def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int, todo: int,
+                  final: Committed, stats: Mapping, times: tuple[float, float, float]) -> dict:
+    """Counts that reconcile (written + errors = expected), timings, config and versions."""
+    started, pipeline_started, finished = times
+    written, errors = len(final.written), final.error_rows
+    seconds = finished - pipeline_started
+    run_written = int(stats.get("written", 0))
+    return {
+        "manifest_rows": rows,
+        "expected_outputs": expected,
+        "written": written,
+        "errors": errors,
+        "errors_by_stage": dict(sorted(final.errors_by_stage.items())),
+        "error_rate": errors / expected if expected else 0.0,
+        "duplicate_rows": final.data_rows - written,
+        "reconciled": written + errors == expected and final.data_rows == written,
+        "this_run": {
+            "todo": todo,
+            "skipped_already_committed": expected - todo,
+            "written": run_written,
+            "errors": int(stats.get("failed", 0)),
+            "pipeline_seconds": round(seconds, 3),
+            "images_per_second": round(run_written / seconds, 3) if seconds > 0 else None,
+            "actor_edit_seconds": round(float(stats.get("edit_seconds", 0.0)), 3),
+        },
+        "timings": {"started_at": started, "finished_at": finished,
+                    "wall_seconds": round(finished - started, 3),
+                    "setup_seconds": round(pipeline_started - started, 3)},
+        "model": {"name": model.name, "digest": model.digest, "resolution": model.resolution},
+        "config": config.public_dict(),
+        "versions": package_versions(),
+    }
+
+
+def package_versions() -> dict:
+    """Installed versions of the packages that decide the outputs."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_summary(config: RunConfig, summary: dict) -> None:
+    """Write OUTPUT/summary.json (replaced on every run)."""
+    fs, root = output_fs(config.output, config.storage_options)
+    fs.pipe_file(f"{root}/{SUMMARY}", json.dumps(summary, indent=2, sort_keys=True).encode())

@@ -1,0 +1,327 @@
+"""Manifests: find and check the Parquet files, then expand rows into work keys (id, t0, sample).
+
+A manifest row holds `id`, `guide` (URI), optional `mask` (URI, white = synthesize), `t0` (a
+list overriding the run's t0 values), `seed` and `task`; every other column passes through to
+the outputs. Expansion is a pure function of a row and the plan, so the driver (counting and
+resuming) and the workers (doing the work) agree on the keys without talking to each other.
+Rows that cannot be processed become keys carrying an error (stage "validate"), never drops.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+REQUIRED_COLUMNS = ("id", "guide")
+PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
+# Output columns the pipeline adds; a manifest column with one of these names would be lost.
+RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model",
+                    "model_digest", "steps", "repeats", "l2_to_guide", "stage", "error")
+INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
+T0_DECIMALS = 6
+MAX_ID_LENGTH = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+Key = tuple[str | None, float, int]
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used at all; raised before any work starts."""
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What a task preset contributes to a row: defaults and whether a mask is required."""
+
+    t0: tuple[float, ...]
+    samples: int
+    repeats: int
+    requires_mask: bool
+
+
+@dataclass(frozen=True)
+class ManifestFiles:
+    """The Parquet files of a manifest and the folder URI that relative paths resolve against."""
+
+    files: tuple[str, ...]
+    base: str
+    schema: pa.Schema
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Run-level settings that decide each row's work keys; shipped to every worker."""
+
+    base: str
+    seed: int
+    t0: tuple[float, ...] | None = None
+    samples: int | None = None
+    repeats: int | None = None
+    task: str | None = None
+    presets: Mapping[str, TaskDefaults] = field(default_factory=dict)
+    duplicates: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of output: a key, its per-sample seed and repeats, or why it cannot be made."""
+
+    key: Key
+    seed: int
+    repeats: int
+    error: str | None = None
+
+
+def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
+    """List the manifest's Parquet files (a file, a folder or a glob) and check their columns."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(uri, **_options_for(uri, storage_options))
+    files, base = _list_parquet(fs, path, uri)
+    schemas = []
+    for file in files:
+        with fs.open(file, "rb") as stream:
+            schema = pq.ParquetFile(stream).schema_arrow
+        check_columns(schema, fs.unstrip_protocol(file))
+        schemas.append(schema)
+    return ManifestFiles(tuple(fs.unstrip_protocol(f) for f in files),
+                         fs.unstrip_protocol(base), pa.unify_schemas(schemas))
+
+
+def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
+    if fsspec_has_magic(path):
+        files = sorted(fs.glob(path))
+        base = path[: re.search(r"[*?\[]", path).start()].rsplit("/", 1)[0]
+    elif fs.isdir(path):
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f))
+        base = path
+    elif fs.exists(path):
+        files, base = [path], path.rsplit("/", 1)[0]
+    else:
+        raise ManifestError(f"manifest {uri} does not exist")
+    if not files:
+        raise ManifestError(f"manifest {uri} holds no .parquet files")
+    return files, base
+
+
+def fsspec_has_magic(path: str) -> bool:
+    """Whether a path is a glob pattern."""
+    return re.search(r"[*?\[]", path) is not None
+
+
+def _hidden(path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+
+
+def check_columns(schema: pa.Schema, where: str) -> None:
+    """Stop with one message listing every missing required or clashing column."""
+    problems = []
+    missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
+    if missing:
+        problems.append(f"missing required column(s): {', '.join(missing)}")
+    clashing = [n for n in schema.names if n in RESERVED_COLUMNS or n.startswith(INTERNAL)]
+    if clashing:
+        problems.append(f"column(s) named like output columns: {', '.join(clashing)} "
+                        "(rename them)")
+    if problems:
+        raise ManifestError(f"manifest {where}: " + "; ".join(problems) +
+                            f". Expected columns: {', '.join(REQUIRED_COLUMNS)} and optionally "
+                            "mask, t0, seed, task, plus any pass-through columns")
+
+
+def _options_for(uri: str, storage_options: Mapping) -> dict:
+    """Storage options apply to remote protocols; local files take none."""
+    return {} if is_local(uri) else dict(storage_options)
+
+
+def is_local(uri: str) -> bool:
+    """Whether a URI names the local file system."""
+    return "://" not in uri or uri.startswith(("file://", "local://"))
+
+
+def resolve_uri(uri: str, base: str) -> str:
+    """An absolute URI: relative paths resolve against the manifest's folder."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return base.rstrip("/") + "/" + uri
+
+
+def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:
+    """The columns that decide work keys, from every manifest file (small: no pass-through)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    tables = []
+    for file in manifest.files:
+        fs, path = fsspec.core.url_to_fs(file, **_options_for(file, storage_options))
+        with fs.open(path, "rb") as stream:
+            parquet = pq.ParquetFile(stream)
+            columns = [c for c in PLAN_COLUMNS if c in parquet.schema_arrow.names]
+            tables.append(conform(parquet.read(columns=columns)))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Manifest columns in the types expansion expects: ids as strings, t0 as lists."""
+    if table.schema.field("id").type != pa.string():
+        table = table.set_column(table.schema.get_field_index("id"), "id",
+                                 table["id"].cast(pa.string()))
+    if "t0" in table.column_names and not pa.types.is_list(table.schema.field("t0").type):
+        values = [None if v is None else [v] for v in table["t0"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("t0"), "t0",
+                                 pa.array(values, pa.list_(pa.float64())))
+    return table
+
+
+def duplicate_ids(ids: pa.ChunkedArray) -> frozenset[str]:
+    """Ids that appear on more than one row."""
+    counts = ids.value_counts()
+    return frozenset(v.as_py() for v, c in zip(counts.field(0), counts.field(1), strict=True)
+                     if c.as_py() > 1 and v.as_py() is not None)
+
+
+def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
+    """The work keys of one manifest row, each with its seed, or with the reason it fails."""
+    from sdedit import stable_seed
+
+    t0s, samples, repeats, problem = _row_settings(row, plan)
+    row_id = row.get("id")
+    problem = problem or _id_problem(row_id, plan.duplicates) or _guide_problem(row)
+    for t0 in t0s:
+        key_t0 = _round_t0(t0)
+        error = problem or _t0_problem(key_t0, row_id)
+        for sample in range(samples):
+            seed = stable_seed(plan.seed, row.get("seed"), row_id, key_t0, sample)
+            yield Work((row_id, key_t0, sample), seed, repeats, error)
+
+
+def _row_settings(row: Mapping, plan: Plan) -> tuple[tuple[float, ...], int, int, str | None]:
+    task = row.get("task") or plan.task
+    preset = plan.presets.get(task) if task else None
+    problem = None
+    if task and preset is None:
+        problem = f"unknown task {task!r} for id {row.get('id')!r}"
+    elif preset and preset.requires_mask and not row.get("mask"):
+        problem = f"task {task!r} requires a mask, but id {row.get('id')!r} has none"
+    row_t0 = row.get("t0")
+    t0s = tuple(row_t0) if row_t0 else (plan.t0 or (preset.t0 if preset else (0.5,)))
+    samples = plan.samples or (preset.samples if preset else 1)
+    repeats = plan.repeats or (preset.repeats if preset else 1)
+    return t0s, samples, repeats, problem
+
+
+def _round_t0(t0: float | None) -> float:
+    # float32 manifests store 0.3 as 0.30000001192...; keys use the rounded decimal value.
+    return float("nan") if t0 is None else round(float(t0), T0_DECIMALS)
+
+
+def _id_problem(row_id: str | None, duplicates: Set[str]) -> str | None:
+    if row_id is None:
+        return "id is missing (null)"
+    reason = unsafe_id_reason(row_id)
+    if reason:
+        return f"id {row_id!r} is unsafe as a file name: {reason}"
+    if row_id in duplicates:
+        return (f"id {row_id!r} appears on more than one manifest row; every such row is "
+                "an error (give each row its own id)")
+    return None
+
+
+def unsafe_id_reason(row_id: str) -> str | None:
+    """Why an id cannot be used in file and shard names, or None when it is safe."""
+    if not row_id.strip():
+        return "it is empty"
+    if len(row_id) > MAX_ID_LENGTH:
+        return f"it is longer than {MAX_ID_LENGTH} characters"
+    if "/" in row_id or "\\" in row_id:
+        return "it contains a path separator"
+    if _CONTROL.search(row_id):
+        return "it contains control characters"
+    if row_id.startswith("."):
+        return "it starts with '.'"
+    return None
+
+
+def _guide_problem(row: Mapping) -> str | None:
+    if not row.get("guide"):
+        return f"id {row.get('id')!r} has no guide URI"
+    return None
+
+
+def _t0_problem(t0: float, row_id: str | None) -> str | None:
+    if not 0.0 < t0 <= 1.0:  # also catches NaN
+        return f"t0 {t0} for id {row_id!r} is outside (0, 1]"
+    return None
+
+
+def read_and_expand(
+    items: dict, plan: Plan, schema: pa.Schema, committed: Set[Key], storage_options: Mapping,
+    block_rows: int = 64,
+) -> Iterator[pa.Table]:
+    """Ray Data step: read manifest files row group by row group and yield their work rows in
+    blocks of `block_rows`, so downstream stages (and several actors) get work early."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    for file in items["file"]:
+        file = str(file)
+        fs, path = fsspec.core.url_to_fs(file, **_options_for(file, storage_options))
+        with fs.open(path, "rb") as stream:
+            parquet = pq.ParquetFile(stream)
+            for group in range(parquet.num_row_groups):
+                rows = align(parquet.read_row_group(group), schema)
+                expanded = expand_table(rows, plan, committed)
+                for start in range(0, expanded.num_rows, block_rows):
+                    yield expanded.slice(start, block_rows)
+
+
+def align(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table with exactly the manifest's unified columns (missing ones as nulls)."""
+    for name in schema.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names)
+
+
+def expand_table(table: pa.Table, plan: Plan, committed: Set[Key]) -> pa.Table:
+    """One output row per work key not yet committed, ordered by t0 so model batches share it.
+
+    Manifest `t0` and `seed` columns are replaced by the key's t0 and the per-sample seed;
+    `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
+    """
+    table = conform(table)
+    rows = table.select([c for c in PLAN_COLUMNS if c in table.column_names]).to_pylist()
+    take, works = [], []
+    for index, row in enumerate(rows):
+        for work in row_work(row, plan):
+            if work.key not in committed:
+                take.append(index)
+                works.append(work)
+    out = table.take(pa.array(take, pa.int64()))
+    out = out.drop_columns([c for c in ("t0", "seed") if c in out.column_names])
+    return _add_work_columns(out, works, plan.base).sort_by([("t0", "ascending")])
+
+
+def _add_work_columns(table: pa.Table, works: list[Work], base: str) -> pa.Table:
+    guides = table["guide"].to_pylist()
+    masks = table["mask"].to_pylist() if "mask" in table.column_names else [None] * len(works)
+    columns = {
+        "t0": pa.array([w.key[1] for w in works], pa.float64()),
+        "sample": pa.array([w.key[2] for w in works], pa.int32()),
+        "seed": pa.array([w.seed for w in works], pa.int64()),
+        "repeats": pa.array([w.repeats for w in works], pa.int32()),
+        INTERNAL + "guide_uri": pa.array([resolve_uri(g, base) if g else None for g in guides],
+                                         pa.string()),
+        INTERNAL + "mask_uri": pa.array([resolve_uri(m, base) if m else None for m in masks],
+                                        pa.string()),
+        INTERNAL + "stage": pa.array(["validate" if w.error else None for w in works],
+                                     pa.string()),
+        INTERNAL + "error": pa.array([w.error for w in works], pa.string()),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table

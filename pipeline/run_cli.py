@@ -1,0 +1,71 @@
+"""`sdedit run MANIFEST OUTPUT`: the batch job on a local Ray runtime or a cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline.config import ConfigError, build_config, load_config_file, parse_storage_options
+
+EXIT_ERROR_RATE = 3
+
+
+@click.command()
+@click.argument("manifest", required=False)
+@click.argument("output", required=False)
+@click.option("--model", help="Prior URI: default, builtin:tiny, a folder, s3://..., hub id.")
+@click.option("--t0", "t0", type=float, multiple=True,
+              help="Noise level in (0, 1]; repeat for several. Default: the task's, else 0.5.")
+@click.option("--samples", type=int, help="Outputs per (id, t0). Default: the task's, else 1.")
+@click.option("--steps", type=int, help="Sampler steps from t0 to 0. Default: every step.")
+@click.option("--repeats", type=int, help="SDEdit passes K. Default: the task's, else 1.")
+@click.option("--seed", type=int, help="Run seed (per-sample seeds derive from it). Default 0.")
+@click.option("--task", help="Task preset for defaults (synthesis, editing, ...).")
+@click.option("--batch-size", type=int, help="Rows per actor call. Default 32.")
+@click.option("--model-batch", type=int, help="Samples per model call (fixed). Default 8.")
+@click.option("--rows-per-shard", type=int, help="Rows per output shard. Default 256.")
+@click.option("--format", "format", type=click.Choice(["parquet", "webdataset"]))
+@click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec storage option for every read and write, e.g. endpoint_url=...")
+@click.option("--address", help="Ray cluster address; default: a local runtime.")
+@click.option("--actors", help="Actor count N or MIN-MAX. Default 1.")
+@click.option("--gpus-per-actor", type=float, help="Default 1 when the cluster has GPUs, else 0.")
+@click.option("--cpus-per-actor", type=float, help="Default 1 with GPUs, else 0.5.")
+@click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
+@click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUTPUT.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML or TOML file with these options; flags override it.")
+def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[float, ...],
+        **flags) -> None:
+    """Edit every row of MANIFEST with SDEdit and write sharded outputs to OUTPUT."""
+    from pipeline.job import ErrorRateExceeded
+    from pipeline.job import run as run_job
+
+    try:
+        config = build_config(
+            load_config_file(config_file) if config_file else {},
+            {**flags, "t0": t0 or None,
+             "storage_options": parse_storage_options(storage_options) or None})
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from error
+    try:
+        summary = run_job(config)
+    except ErrorRateExceeded as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_ERROR_RATE)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(json.dumps(_headline(summary, config.output), indent=2))
+
+
+def _headline(summary: dict, output: str) -> dict:
+    keys = ("expected_outputs", "written", "errors", "errors_by_stage", "reconciled")
+    headline = {key: summary[key] for key in keys}
+    headline["images_per_second"] = summary["this_run"]["images_per_second"]
+    headline["output"] = output
+    return headline

@@ -1,0 +1,232 @@
+"""`sdedit train`: train a small pixel-space DDPM prior on a folder, glob, bucket or manifest.
+
+    sdedit train ./pngs ./my-prior --resolution 32 --steps 10000
+
+The output folder is a diffusers-format prior (EMA weights) that `sdedit.load` and
+`--model` accept; it also holds `checkpoint/`, from which the same command resumes.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import replace
+from pathlib import PurePosixPath
+
+import click
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MANIFEST_COLUMNS = ("image", "guide")
+# command-line option -> TrainConfig field, for refusing conflicting options on resume
+OPTION_FIELDS = {"resolution": "resolution", "batch_size": "batch_size", "lr": "lr",
+                 "channels": "channels", "bf16": "bf16", "seed": "seed"}
+
+
+def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
+    """The image URIs a source names: a Parquet manifest (`image` or `guide` column, relative
+    paths resolved against its folder), a glob, or a folder searched recursively."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    protocol = source.split("://")[0] + "://" if "://" in source else ""
+    if root.endswith(".parquet"):
+        return _manifest_uris(fs, root, source)
+    if any(char in root for char in "*?["):
+        found = fs.glob(root)
+    elif fs.isdir(root):
+        found = fs.find(root)
+    else:
+        raise click.BadParameter(f"{source} is neither a folder, a glob nor a .parquet manifest",
+                                 param_hint="IMAGES")
+    uris = sorted(protocol + path for path in found if path.lower().endswith(IMAGE_SUFFIXES))
+    if not uris:
+        raise click.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}",
+                                 param_hint="IMAGES")
+    return uris
+
+
+def _manifest_uris(fs, root: str, source: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with fs.open(root, "rb") as stream:
+        table = pq.read_table(stream)
+    column = next((name for name in MANIFEST_COLUMNS if name in table.column_names), None)
+    if column is None:
+        raise click.BadParameter(f"manifest {source} has no {' or '.join(MANIFEST_COLUMNS)} "
+                                 f"column (columns: {table.column_names})", param_hint="IMAGES")
+    base = source.rsplit("/", 1)[0] if "/" in source else "."
+    return [_resolve(uri, base) for uri in table.column(column).to_pylist() if uri]
+
+
+def _resolve(uri: str, base: str) -> str:
+    if "://" in uri or PurePosixPath(uri).is_absolute():
+        return uri
+    return f"{base}/{uri}"
+
+
+def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>"):
+    """Decode to RGB, compositing any transparency on white, centre-cropped to a square and
+    resized to `resolution` with antialiasing; returns a uint8 array [H, W, 3]."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(payload))
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise click.ClickException(f"cannot decode image {uri}: {error}") from error
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    side = min(rgb.size)
+    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((resolution, resolution), Image.Resampling.LANCZOS))
+
+
+def load_images(uris: list[str], resolution: int, storage_options: dict | None = None):
+    """All images as one uint8 tensor [N, 3, resolution, resolution]."""
+    import fsspec
+    import numpy as np
+    import torch
+
+    arrays = []
+    for uri in uris:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as stream:
+            arrays.append(decode_image(stream.read(), resolution, uri))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def parse_channels(text: str) -> tuple[int, ...]:
+    """"32,64,64" -> (32, 64, 64)."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}",
+                                 param_hint="--channels") from error
+    if not widths or min(widths) < 1:
+        raise click.BadParameter(f"expected positive widths, got {text!r}",
+                                 param_hint="--channels")
+    return widths
+
+
+def _start_state(output: str, config, device, ctx: click.Context):
+    """Resume from OUTPUT's checkpoint (refusing conflicting explicit options) or start fresh."""
+    from sdedit.training import TrainState, has_checkpoint, load_checkpoint
+
+    if not has_checkpoint(output):
+        return TrainState.fresh(config, device)
+    state = load_checkpoint(output, device)
+    saved = state.config
+    explicit = [name for name in OPTION_FIELDS
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    clashes = [f"--{name.replace('_', '-')}" for name in explicit
+               if getattr(saved, OPTION_FIELDS[name]) != getattr(config, OPTION_FIELDS[name])]
+    if clashes:
+        raise click.UsageError(f"{output} holds a checkpoint trained with other settings "
+                               f"({', '.join(clashes)}); use a new OUTPUT_MODEL or drop them")
+    state.config = replace(saved, steps=config.steps)
+    click.echo(f"resuming {output} from step {state.step}")
+    return state
+
+
+def _log_line(state, window: list[float], started: float, first_step: int) -> str:
+    done, total = state.step, state.config.steps
+    rate = (done - first_step) / max(time.time() - started, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    return (f"step {done}/{total} ({100 * done / total:.1f}%)  loss {sum(window) / len(window):.4f}"
+            f"  {rate:.2f} steps/s  eta {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _save(state, output: str) -> None:
+    from sdedit.training import save_checkpoint, save_model
+
+    save_model(state.ema, output)
+    save_checkpoint(state, output)
+
+
+def run_training(state, images, output: str, save_every: int, log_every: int) -> None:
+    """Train until `state.config.steps`, logging every `log_every` and saving every
+    `save_every` steps and at the end."""
+    from sdedit.schedules import VPSchedule
+    from sdedit.training import train_step
+
+    schedule, window = VPSchedule.linear(), []
+    started, first_step = time.time(), state.step
+    while state.step < state.config.steps:
+        loss = train_step(state, images, schedule)
+        window.append(loss)
+        state.losses.append(loss)
+        if state.step % log_every == 0 or state.step == state.config.steps:
+            click.echo(_log_line(state, window, started, first_step))
+            window = []
+        if state.step % save_every == 0 and state.step < state.config.steps:
+            _save(state, output)
+    _save(state, output)
+
+
+@click.command("train")
+@click.argument("images")
+@click.argument("output_model")
+@click.option("--resolution", type=click.Choice(["32", "64"]), default="32", show_default=True,
+              help="Training resolution in pixels.")
+@click.option("--steps", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Total optimizer steps (a resumed run continues up to this many).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4,
+              show_default=True, help="AdamW learning rate after a linear warmup.")
+@click.option("--channels", default="32,64,64", show_default=True,
+              help="UNet widths per level; attention runs at the 8x8 level.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Default: cuda when available, else cpu.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Write the model and a resumable checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's choice).")
+@click.pass_context
+def train(ctx: click.Context, images: str, output_model: str, resolution: str, steps: int,
+          batch_size: int, lr: float, channels: str, device: str | None, bf16: bool, seed: int,
+          save_every: int, log_every: int, threads: int | None) -> None:
+    """Train a pixel-space DDPM prior on IMAGES and write it to OUTPUT_MODEL.
+
+    IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image` or `guide`
+    column. Transparent images are composited on white. OUTPUT_MODEL receives a
+    diffusers-format folder (EMA weights, DDPM scheduler config) plus `checkpoint/`; running
+    the same command again resumes from it.
+    """
+    import torch
+
+    from sdedit.training import parameter_count
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = _make_config(resolution, steps, batch_size, lr, channels, bf16, seed)
+    state = _start_state(output_model, config, torch.device(device), ctx)
+    uris = image_uris(images)
+    tensor = load_images(uris, state.config.resolution)
+    click.echo(f"{len(uris)} images at {state.config.resolution}px; "
+               f"{parameter_count(state.unet):,} parameters; device {device}")
+    run_training(state, tensor, output_model, save_every, log_every)
+    click.echo(f"saved {output_model} at step {state.step}")
+
+
+def _make_config(resolution, steps, batch_size, lr, channels, bf16, seed):
+    from sdedit.training import TrainConfig
+
+    try:
+        return TrainConfig(resolution=int(resolution), steps=steps, batch_size=batch_size, lr=lr,
+                           channels=parse_channels(channels), bf16=bf16, seed=seed)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error

@@ -1,0 +1,182 @@
+"""Shard writers: one narrow interface (`write(rows)`, `close()`), one registry of formats.
+
+A shard is named by a digest of the (id, t0, sample) keys it holds, so a retried write
+produces the same name and replaces itself instead of adding a twin. Local shards are written
+to a hidden temporary name and renamed; object-store shards are uploaded in one request (an
+object appears whole or not at all). Names starting with "." are never read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Protocol
+from urllib.parse import quote
+
+import pyarrow as pa
+
+DATA_DIR, ERRORS_DIR = "data", "errors"
+KEY_COLUMNS = ("id", "t0", "sample")
+DATA_COLUMNS = ("id", "t0", "sample", "seed", "image", "image_format", "width", "height",
+                "model", "model_digest", "steps", "repeats", "l2_to_guide")
+ERROR_COLUMNS = ("id", "t0", "sample", "stage", "error")
+TEMP_PREFIX = ".tmp-"
+
+
+class ShardWriter(Protocol):
+    """Collects rows for one shard; `close()` commits it atomically and returns its URI."""
+
+    def write(self, rows: pa.Table) -> None: ...
+
+    def close(self) -> str | None: ...
+
+
+def keys_digest(rows: pa.Table) -> str:
+    """A stable name for a set of keys, independent of row order."""
+    keys = sorted(zip(*(rows[c].to_pylist() for c in KEY_COLUMNS), strict=True),
+                  key=lambda key: repr(key))
+    return hashlib.sha256(repr(keys).encode()).hexdigest()[:24]
+
+
+def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> str:
+    """Make `folder/name` appear whole: temp file + rename locally, one PUT on object stores."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.manifest import is_local
+
+    options = {} if is_local(folder) else dict(storage_options)
+    fs, root = fsspec.core.url_to_fs(folder, **options)
+    path = f"{root.rstrip('/')}/{name}"
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(root, exist_ok=True)
+        temporary = f"{root.rstrip('/')}/{TEMP_PREFIX}{name}.{uuid.uuid4().hex}"
+        with open(temporary, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    else:
+        _upload(fs, path, payload)
+    return fs.unstrip_protocol(path)
+
+
+def _upload(fs, path: str, payload: bytes, attempts: int = 4) -> None:
+    """One PUT per attempt (the object appears whole or not at all), with backoff."""
+    for attempt in range(attempts):
+        try:
+            fs.pipe_file(path, payload)
+            return
+        except (FileNotFoundError, PermissionError):  # no bucket, no rights: not transient
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+class _BufferedWriter:
+    def __init__(self, folder: str, storage_options: Mapping) -> None:
+        self.folder, self.storage_options = folder, storage_options
+        self.tables: list[pa.Table] = []
+
+    def write(self, rows: pa.Table) -> None:
+        if rows.num_rows:
+            self.tables.append(rows)
+
+    def close(self) -> str | None:
+        if not self.tables:
+            return None
+        rows = pa.concat_tables(self.tables)
+        name = f"part-{keys_digest(rows)}.{self.extension}"
+        return commit(self.folder, name, self.serialise(rows), self.storage_options)
+
+
+class ParquetShardWriter(_BufferedWriter):
+    """One Parquet file per shard."""
+
+    extension = "parquet"
+
+    def serialise(self, rows: pa.Table) -> bytes:
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(rows, buffer, compression="zstd")
+        return buffer.getvalue()
+
+
+class WebDatasetShardWriter(_BufferedWriter):
+    """One tar per shard: `KEY.<image_format>` and `KEY.json` (every other field) per sample."""
+
+    extension = "tar"
+
+    def serialise(self, rows: pa.Table) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in rows.to_pylist():
+                image = row.pop("image")
+                key = webdataset_key(row["id"], row["t0"], row["sample"])
+                _add(tar, f"{key}.{row['image_format']}", image)
+                _add(tar, f"{key}.json", json.dumps(row, sort_keys=True, default=str).encode())
+        return buffer.getvalue()
+
+
+def webdataset_key(row_id: str, t0: float, sample: int) -> str:
+    """A tar member stem without dots (WebDataset splits names at the first dot)."""
+    return f"{quote(row_id, safe='-_')}-t{round(t0 * 1e6):07d}-s{sample:04d}".replace(".", "%2E")
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+WRITERS: dict[str, type[_BufferedWriter]] = {
+    "parquet": ParquetShardWriter,
+    "webdataset": WebDatasetShardWriter,
+}
+
+
+def data_rows(table: pa.Table) -> pa.Table:
+    """Output columns first, then pass-through columns; working columns dropped."""
+    passthrough = [c for c in table.column_names
+                   if c not in DATA_COLUMNS and not c.startswith("_sd_")]
+    return table.select([*DATA_COLUMNS, *passthrough])
+
+
+def error_rows(table: pa.Table) -> pa.Table:
+    """The error dataset's columns from failed work rows."""
+    return pa.table({
+        "id": table["id"], "t0": table["t0"], "sample": table["sample"],
+        "stage": table["_sd_stage"], "error": table["_sd_error"],
+    })
+
+
+def write_step(table: pa.Table, output: str, data_format: str, image_format: str,
+               storage_options: Mapping) -> pa.Table:
+    """Ray Data step: encode, then commit one data shard and one error shard; returns counts."""
+    import pyarrow.compute as pc
+
+    from pipeline.encode import encode_batch
+
+    table = encode_batch(table, image_format)
+    failed = pc.is_valid(table["_sd_stage"])
+    good, bad = table.filter(pc.invert(failed)), table.filter(failed)
+    data = WRITERS[data_format](f"{output.rstrip('/')}/{DATA_DIR}", storage_options)
+    data.write(data_rows(good))
+    data.close()
+    errors = ParquetShardWriter(f"{output.rstrip('/')}/{ERRORS_DIR}", storage_options)
+    errors.write(error_rows(bad))
+    errors.close()
+    return pa.table({
+        "written": [good.num_rows],
+        "failed": [bad.num_rows],
+        "edit_seconds": [float(pc.sum(table["_sd_edit_seconds"]).as_py() or 0.0)],
+    })

@@ -1,0 +1,59 @@
+"""The SDEdit actor without Ray: fixed-size model batches make outputs batch-invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from run_helpers import write_images
+
+from pipeline.actor import SDEditActor
+from pipeline.fetch import fetch_batch
+from pipeline.manifest import Plan, expand_table
+
+
+@pytest.fixture(scope="module")
+def actor():
+    torch.set_num_threads(1)
+    return SDEditActor("builtin:tiny", "float32", {}, model_batch=3, steps=2, threads=1)
+
+
+@pytest.fixture
+def work(tmp_path) -> pa.Table:
+    names = write_images(tmp_path, 4)
+    manifest = pa.table({"id": ["a", "b", "c", "d"], "guide": names,
+                         "t0": [[0.3, 0.6], None, None, [0.6]]})
+    rows = expand_table(manifest, Plan(base=str(tmp_path), seed=1, t0=(0.3,)), committed=set())
+    return fetch_batch(rows, 64, {}, 10**7)
+
+
+def outputs(table: pa.Table) -> dict:
+    keys = zip(table["id"].to_pylist(), table["t0"].to_pylist(), strict=True)
+    return dict(zip(keys, table["_sd_pixels"].to_pylist(), strict=True))
+
+
+def test_outputs_do_not_depend_on_which_rows_share_a_call(actor, work):
+    together = outputs(actor(work))
+    alone = {}
+    for index in range(work.num_rows):
+        alone.update(outputs(actor(work.slice(index, 1))))
+    assert together == alone
+    assert len(together) == 5 and all(len(v) == 64 * 64 * 3 for v in together.values())
+
+
+def test_l2_to_guide_matches_the_stored_pixels(actor, work):
+    result = actor(work.slice(0, 1))
+    out = np.frombuffer(result["_sd_pixels"][0].as_py(), np.uint8).astype(float) / 127.5 - 1
+    guide = np.frombuffer(work["_sd_guide_pixels"][0].as_py(), np.uint8).astype(float) / 127.5 - 1
+    assert result["l2_to_guide"][0].as_py() == pytest.approx(((out - guide) ** 2).mean())
+    assert result["width"][0].as_py() == result["height"][0].as_py() == 64
+
+
+def test_rows_that_already_failed_pass_through_untouched(actor, work):
+    stage = pa.array(["read"] + [None] * (work.num_rows - 1), pa.string())
+    failed = work.set_column(work.schema.get_field_index("_sd_stage"), "_sd_stage", stage)
+    result = actor(failed)
+    assert result["_sd_stage"][0].as_py() == "read"
+    assert result["_sd_pixels"][0].as_py() is None
+    assert result["_sd_pixels"][1].as_py() is not None

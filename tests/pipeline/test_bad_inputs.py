@@ -1,0 +1,118 @@
+"""Bad input never stops the job and is never dropped: error rows or documented conversions."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from run_helpers import read_dataset, read_errors, write_images, write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import run
+from pipeline.manifest import ManifestError
+from pipeline.run_cli import EXIT_ERROR_RATE
+from pipeline.run_cli import run as run_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+def bad_inputs(folder) -> dict[str, tuple[str, str | None, str | None]]:
+    """id -> (guide file, mask file, expected error stage or None when converted and written)."""
+    names = write_images(folder, 2, size=(48, 48))
+    Image.new("L", (48, 48), 90).save(folder / "gray.png")
+    Image.new("RGBA", (48, 48), (255, 0, 0, 128)).save(folder / "rgba.png")
+    Image.new("RGB", (48, 48), (0, 90, 200)).convert(
+        "P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(np.full((48, 48), 40000, np.uint16)).save(folder / "deep.png")
+    Image.new("CMYK", (48, 48), (10, 20, 30, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGB", (400, 400)).save(folder / "bomb.png")
+    Image.new("L", (20, 20), 255).save(folder / "small_mask.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    whole = (folder / names[1]).read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return {
+        "good": (names[0], None, None), "gray": ("gray.png", None, None),
+        "rgba": ("rgba.png", None, None), "palette": ("palette.png", None, None),
+        "deep": ("deep.png", None, None), "cmyk": ("cmyk.jpg", None, None),
+        "missing": ("nowhere.png", None, "read"), "corrupt": ("corrupt.png", None, "decode"),
+        "truncated": ("truncated.png", None, "decode"), "bomb": ("bomb.png", None, "decode"),
+        "badmask": (names[0], "small_mask.png", "validate"),
+        "../escape": (names[0], None, "validate"), "noguide": (None, None, "validate"),
+    }
+
+
+def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
+    inputs = tmp_path / "inputs"
+    cases = bad_inputs(inputs)
+    ids = [*cases, "twin", "twin", "late"]
+    guides = [c[0] for c in cases.values()] + ["img0.png", "img1.png", "img0.png"]
+    masks = [c[1] for c in cases.values()] + [None, None, None]
+    t0 = [None] * len(cases) + [None, None, [0.5, 1.5]]
+    manifest = write_manifest(inputs / "m.parquet",
+                              {"id": ids, "guide": guides, "mask": masks, "t0": t0})
+    output = tmp_path / "out"
+    summary = run(RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
+                            steps=2, t0=(0.5,), batch_size=4, model_batch=4,
+                            max_pixels=100_000))
+    data, errors = read_dataset(output), read_errors(output)
+    written = set(data["id"].to_pylist())
+    failed = {(r["id"], r["t0"]): r for r in errors.to_pylist()}
+    assert written == {k for k, c in cases.items() if c[2] is None} | {"late"}
+    for row_id, (_, _, stage) in cases.items():
+        if stage:
+            assert failed[(row_id, 0.5)]["stage"] == stage, row_id
+    assert failed[("twin", 0.5)]["stage"] == "validate"
+    assert "more than one manifest row" in failed[("twin", 0.5)]["error"]
+    assert "t0 1.5 for id 'late' is outside (0, 1]" in failed[("late", 1.5)]["error"]
+    assert "nowhere.png" in failed[("missing", 0.5)]["error"]
+    assert "over the limit of 100000" in failed[("bomb", 0.5)]["error"]
+    assert "is 20x20 but guide" in failed[("badmask", 0.5)]["error"]
+    assert errors.num_rows == 10  # 7 bad rows, 2 twins, 1 bad t0
+    assert summary["expected_outputs"] == len(ids) + 1 == data.num_rows + errors.num_rows
+    assert summary["reconciled"]
+    assert summary["errors_by_stage"] == {"decode": 3, "read": 1, "validate": 6}
+    gray = data.filter(pc.equal(data["id"], "gray"))
+    assert gray["width"][0].as_py() == 64  # converted and resized to the model resolution
+    again = run(RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
+                          steps=2, t0=(0.5,), max_pixels=100_000))
+    assert again["this_run"]["todo"] == 0  # committed errors are not retried
+
+
+def test_missing_columns_stop_before_any_work(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", {"path": ["a.png"]})
+    with pytest.raises(ManifestError, match="missing required column\\(s\\): id, guide"):
+        run(RunConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                      model="builtin:tiny"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_non_zero_above_max_error_rate_after_writing(tmp_path):
+    inputs = tmp_path / "inputs"
+    names = write_images(inputs, 1)
+    manifest = write_manifest(inputs / "m.parquet",
+                              {"id": ["good", "bad"], "guide": [names[0], "nowhere.png"]})
+    output = tmp_path / "out"
+    result = CliRunner().invoke(run_command, [
+        str(manifest), str(output), "--model", "builtin:tiny", "--steps", "2", "--t0", "0.5",
+        "--batch-size", "2", "--model-batch", "2", "--max-error-rate", "0.25"])
+    assert result.exit_code == EXIT_ERROR_RATE, result.output
+    assert "1 of 2 outputs failed" in result.output
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["written"], summary["errors"]) == (1, 1)
+    image = Image.open(io.BytesIO(read_dataset(output)["image"][0].as_py()))
+    assert image.size == (64, 64)
+
+
+def test_cli_refuses_a_changed_configuration_with_a_clear_message(small_manifest, tmp_path):
+    common = [str(small_manifest), str(tmp_path / "out"), "--model", "builtin:tiny",
+              "--steps", "2", "--batch-size", "4", "--model-batch", "4"]
+    assert CliRunner().invoke(run_command, common).exit_code == 0
+    result = CliRunner().invoke(run_command, [*common, "--t0", "0.3"])
+    assert result.exit_code == 1
+    assert "different configuration (t0: None -> [0.3])" in result.output
+    assert "--overwrite" in result.output

@@ -1,0 +1,89 @@
+"""RunConfig: merging file and flags, validation, secrets never shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    load_config_file,
+    parse_actors,
+    parse_storage_options,
+)
+
+
+def test_storage_options_nest_and_convert():
+    options = parse_storage_options(["endpoint_url=http://x:1", "client_kwargs.region_name=eu",
+                                     "anon=false", "max_retries=5"])
+    assert options == {"endpoint_url": "http://x:1", "client_kwargs": {"region_name": "eu"},
+                       "anon": False, "max_retries": 5}
+
+
+def test_storage_option_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_storage_options(["endpoint_url"])
+
+
+@pytest.mark.parametrize(("text", "expected"), [("3", (3, 3)), ("1-4", (1, 4)), (2, (2, 2))])
+def test_actors_parse(text, expected):
+    assert parse_actors(text) == expected
+
+
+def test_flags_override_a_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nt0: [0.3, 0.6]\nbatch-size: 8\n"
+                    "steps: 20\nstorage_options:\n  endpoint_url: http://s3:1\n")
+    config = build_config(load_config_file(str(path)), {"steps": 5, "seed": None})
+    assert config.t0 == (0.3, 0.6)
+    assert config.batch_size == 8
+    assert config.steps == 5
+    assert config.storage_options == {"endpoint_url": "http://s3:1"}
+
+
+def test_toml_file_is_read(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('manifest = "m.parquet"\noutput = "out"\nactors = "1-3"\nt0 = 0.4\n')
+    config = build_config(load_config_file(str(path)), {})
+    assert config.actors == (1, 3)
+    assert config.t0 == (0.4,)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("t0", (0.0,), "t0 values must lie in"),
+    ("t0", (1.5,), "t0 values must lie in"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+    ("format", "csv", "format must be one of"),
+    ("actors", (3, 1), "actors must be"),
+    ("max_error_rate", 2.0, "max_error_rate"),
+])
+def test_invalid_values_are_refused_with_the_option_name(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(manifest="m", output="o", **{field: value})
+
+
+def test_unknown_and_missing_options_are_named():
+    with pytest.raises(ConfigError, match="unknown option.*colour"):
+        build_config({"manifest": "m", "output": "o", "colour": "red"}, {})
+    with pytest.raises(ConfigError, match="missing required option.*output"):
+        build_config({"manifest": "m"}, {})
+
+
+def test_public_dict_masks_credentials():
+    config = RunConfig(manifest="m", output="o", storage_options={
+        "key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x",
+        "client_kwargs": {"aws_session_token": "tok"}})
+    public = config.public_dict()
+    assert public["storage_options"] == {"key": "***", "secret": "***",
+                                         "endpoint_url": "http://x",
+                                         "client_kwargs": {"aws_session_token": "***"}}
+    assert "s3cr3t" not in repr(public)
+
+
+def test_output_record_holds_only_output_deciding_fields():
+    config = RunConfig(manifest="m", output="o", t0=(0.5,), batch_size=4, actors=(2, 2))
+    record = config.output_record("sha256:abc")
+    assert record["t0"] == [0.5]
+    assert record["model_digest"] == "sha256:abc"
+    assert "batch_size" not in record and "actors" not in record

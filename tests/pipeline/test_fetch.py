@@ -1,0 +1,101 @@
+"""Fetch and decode: documented conversions to RGB, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.fetch import InputError, load_guide, load_mask, prepare
+
+LIMIT = 10_000_000
+
+
+def save(image: Image.Image, path, **options) -> str:
+    image.save(path, **options)
+    return str(path)
+
+
+def test_grayscale_becomes_rgb_with_equal_channels(tmp_path):
+    uri = save(Image.new("L", (8, 6), 77), tmp_path / "g.png")
+    image = load_guide(uri, {}, LIMIT)
+    assert image.mode == "RGB" and image.size == (8, 6)
+    assert np.asarray(image)[0, 0].tolist() == [77, 77, 77]
+
+
+def test_palette_becomes_rgb(tmp_path):
+    palette = Image.new("RGB", (4, 4), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
+    uri = save(palette, tmp_path / "p.png")
+    assert np.asarray(load_guide(uri, {}, LIMIT))[1, 1].tolist() == [10, 200, 30]
+
+
+def test_sixteen_bit_is_scaled_to_eight_bits(tmp_path):
+    array = np.full((4, 4), 65535, dtype=np.uint16)
+    array[0, 0] = 257 * 100
+    uri = save(Image.fromarray(array), tmp_path / "deep.png")
+    pixels = np.asarray(load_guide(uri, {}, LIMIT))
+    assert pixels[0, 0].tolist() == [100, 100, 100]
+    assert pixels[1, 1].tolist() == [255, 255, 255]
+
+
+def test_cmyk_is_converted(tmp_path):
+    uri = save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "c.jpg", quality=100)
+    assert np.asarray(load_guide(uri, {}, LIMIT))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 0, 255))
+    pixels = np.asarray(load_guide(save(rgba, tmp_path / "a.png"), {}, LIMIT))
+    assert pixels[0, 0].tolist() == [0, 0, 0]
+    assert pixels[3, 3].tolist() == [255, 255, 255]
+
+
+def test_missing_file_is_a_read_error(tmp_path):
+    with pytest.raises(InputError) as error:
+        load_guide(str(tmp_path / "missing.png"), {}, LIMIT)
+    assert error.value.stage == "read" and "missing.png" in str(error.value)
+
+
+def test_not_an_image_is_a_decode_error(tmp_path):
+    (tmp_path / "t.png").write_text("hello")
+    with pytest.raises(InputError) as error:
+        load_guide(str(tmp_path / "t.png"), {}, LIMIT)
+    assert error.value.stage == "decode" and "t.png" in str(error.value)
+
+
+def test_truncated_image_is_a_decode_error(tmp_path):
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(InputError, match="cannot decode .*cut.png") as error:
+        load_guide(str(tmp_path / "cut.png"), {}, LIMIT)
+    assert error.value.stage == "decode"
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    uri = save(Image.new("RGB", (200, 100)), tmp_path / "big.png")
+    with pytest.raises(InputError, match="200x100 = 20000 pixels, over the limit of 10000"):
+        load_guide(uri, {}, 10_000)
+
+
+def test_mask_of_the_wrong_size_is_a_validate_error(tmp_path):
+    uri = save(Image.new("L", (5, 5), 255), tmp_path / "m.png")
+    with pytest.raises(InputError, match="mask .*m.png is 5x5 but guide g.png is 8x6") as error:
+        load_mask(uri, "g.png", (8, 6), {}, LIMIT)
+    assert error.value.stage == "validate"
+
+
+def test_prepare_center_crops_and_resizes_guide_and_mask(tmp_path):
+    guide = Image.new("RGB", (40, 20), (255, 0, 0))
+    guide.paste((0, 0, 255), (0, 0, 10, 20))  # left quarter blue: cropped away
+    mask = Image.new("L", (40, 20), 0)
+    mask.paste(255, (20, 0, 40, 20))  # right half white = synthesize
+    pixels, mask_pixels = prepare(save(guide, tmp_path / "g.png"), save(mask, tmp_path / "m.png"),
+                                  16, {}, LIMIT)
+    rgb = np.frombuffer(pixels, np.uint8).reshape(16, 16, 3)
+    alpha = np.frombuffer(mask_pixels, np.uint8).reshape(16, 16)
+    assert rgb[:, 1].tolist() == [[255, 0, 0]] * 16
+    assert alpha[:, 0].max() == 0 and alpha[:, -1].min() == 255

@@ -1,0 +1,145 @@
+"""`sdedit run` end to end on a local Ray runtime: outputs, resume, append, refusal, formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+from run_helpers import read_dataset, read_errors, write_images, write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import run
+from pipeline.resume import ConfigMismatchError
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+def config(manifest, output, **overrides) -> RunConfig:
+    values = dict(manifest=str(manifest), output=str(output), model="builtin:tiny", steps=2,
+                  t0=(0.5,), batch_size=4, model_batch=4, rows_per_shard=4)
+    return RunConfig(**{**values, **overrides})
+
+
+def shard_state(output) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((output / "data").iterdir())}
+
+
+def test_run_writes_one_row_per_key_with_metadata_and_a_reconciled_summary(small_manifest,
+                                                                            tmp_path):
+    output = tmp_path / "out"
+    summary = run(config(small_manifest, output, t0=(0.3, 0.6), samples=2))
+    table = read_dataset(output)
+    assert table.num_rows == 4 * 2 * 2
+    assert table.column_names[:13] == ["id", "t0", "sample", "seed", "image", "image_format",
+                                       "width", "height", "model", "model_digest", "steps",
+                                       "repeats", "l2_to_guide"]
+    assert set(table.column_names[13:]) == {"guide", "label"}
+    assert table["label"].to_pylist()[:4] == ["a", "a", "a", "a"]
+    assert set(zip(table["t0"].to_pylist(), table["sample"].to_pylist(), strict=True)) == {
+        (0.3, 0), (0.3, 1), (0.6, 0), (0.6, 1)}
+    image = Image.open(io.BytesIO(table["image"][0].as_py()))
+    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (64, 64))
+    assert set(table["model"].to_pylist()) == {"builtin:tiny"}
+    assert all(0.0 < v < 4.0 for v in table["l2_to_guide"].to_pylist())
+    assert read_errors(output) is None
+    stored = json.loads((output / "summary.json").read_text())
+    assert stored == summary
+    assert (summary["expected_outputs"], summary["written"], summary["errors"]) == (16, 16, 0)
+    assert summary["reconciled"] and summary["duplicate_rows"] == 0
+    assert summary["config"]["t0"] == [0.3, 0.6] and summary["versions"]["torch"]
+
+
+def test_rerun_does_nothing_and_append_does_only_new_rows(tmp_path):
+    inputs = tmp_path / "inputs"
+    names = write_images(inputs, 6)
+    manifest = inputs / "manifest.parquet"
+    write_manifest(manifest, {"id": ["a", "b", "c", "d"], "guide": names[:4]})
+    output = tmp_path / "out"
+    first = run(config(manifest, output))
+    before = shard_state(output)
+    again = run(config(manifest, output, batch_size=2))  # execution knobs may change
+    assert again["this_run"]["todo"] == 0 and shard_state(output) == before
+    write_manifest(manifest, {"id": ["a", "b", "c", "d", "e", "f"], "guide": names})
+    appended = run(config(manifest, output))
+    after = shard_state(output)
+    assert (first["written"], appended["this_run"]["todo"], appended["written"]) == (4, 2, 6)
+    assert {k: after[k] for k in before} == before  # finished shards untouched
+    assert read_dataset(output)["id"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp_path):
+    output = tmp_path / "out"
+    run(config(small_manifest, output))
+    with pytest.raises(ConfigMismatchError, match=r"steps: 2 -> 3.*--overwrite"):
+        run(config(small_manifest, output, steps=3))
+    summary = run(config(small_manifest, output, steps=3, overwrite=True))
+    assert summary["written"] == 4
+    assert set(read_dataset(output)["steps"].to_pylist()) == {3}
+
+
+def test_outputs_are_identical_across_batch_sizes_and_actor_counts(tmp_path):
+    names = write_images(tmp_path / "inputs", 6)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {
+        "id": [f"r{i}" for i in range(6)], "guide": names, "t0": [[0.3, 0.7]] * 3 + [None] * 3})
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run(config(manifest, one, batch_size=2, samples=2, rows_per_shard=3))
+    run(config(manifest, two, batch_size=5, samples=2, actors=(2, 2), rows_per_shard=7))
+    a, b = read_dataset(one), read_dataset(two)
+    assert a.num_rows == b.num_rows == 3 * 2 * 2 + 3 * 2
+    assert a["image"].to_pylist() == b["image"].to_pylist()
+    assert a["seed"].to_pylist() == b["seed"].to_pylist()
+
+
+def test_mask_keeps_the_guide_exactly_where_black(tmp_path):
+    inputs = tmp_path / "inputs"
+    names = write_images(inputs, 1, size=(64, 64))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(inputs / "mask.png")
+    manifest = write_manifest(inputs / "m.parquet",
+                              {"id": ["x"], "guide": names, "mask": ["mask.png"]})
+    run(config(manifest, tmp_path / "out", t0=(0.8,)))
+    row = read_dataset(tmp_path / "out").to_pylist()[0]
+    out = np.asarray(Image.open(io.BytesIO(row["image"])))
+    guide = np.asarray(Image.open(inputs / names[0]).convert("RGB"))
+    assert np.array_equal(out[:, :32], guide[:, :32])
+    assert np.abs(out[:, 32:].astype(int) - guide[:, 32:]).mean() > 5
+    assert row["mask"] == "mask.png"
+
+
+def test_webdataset_shards_hold_images_and_metadata(small_manifest, tmp_path):
+    output = tmp_path / "out"
+    summary = run(config(small_manifest, output, format="webdataset", image_format="webp"))
+    tars = sorted((output / "data").glob("part-*.tar"))
+    names = []
+    for path in tars:
+        with tarfile.open(path) as tar:
+            names += tar.getnames()
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["json"] * 4 + ["webp"] * 4
+    assert summary["written"] == 4 and summary["reconciled"]
+    assert run(config(small_manifest, output, format="webdataset",
+                      image_format="webp"))["this_run"]["todo"] == 0
+
+
+def test_bundled_example_runs_with_task_presets(tmp_path):
+    from pathlib import Path
+
+    import pipeline
+
+    manifest = Path(pipeline.__file__).parent / "examples" / "manifest.parquet"
+    summary = run(config(manifest, tmp_path / "out", t0=None))
+    table = read_dataset(tmp_path / "out")
+    per_id = {i: table["id"].to_pylist().count(i) for i in set(table["id"].to_pylist())}
+    assert per_id == {"astronaut": 3, "chelsea": 3, "coffee": 3, "rocket": 3, "chelsea-edit": 2}
+    assert summary["reconciled"] and summary["errors"] == 0
+    edit = table.filter(pc.equal(table["id"], "chelsea-edit")).to_pylist()[0]
+    out = np.asarray(Image.open(io.BytesIO(edit["image"])))
+    guide = np.asarray(Image.open(manifest.parent / "guides" / "chelsea-edit.png"))
+    assert np.array_equal(out[:16], guide[:16])  # outside the mask: the guide, exactly
+    assert edit["source"] == "photos/chelsea.png"

@@ -1,0 +1,121 @@
+"""Manifest checks and expansion into work keys."""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pytest
+from run_helpers import write_manifest
+
+from pipeline.manifest import (
+    ManifestError,
+    Plan,
+    TaskDefaults,
+    check_columns,
+    expand_table,
+    find_files,
+    resolve_uri,
+    row_work,
+)
+from sdedit import stable_seed
+
+
+def test_missing_columns_are_listed_before_any_work(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", {"name": ["a"], "image": ["x.png"]})
+    with pytest.raises(ManifestError) as error:
+        find_files(str(path), {})
+    message = str(error.value)
+    assert "missing required column(s): id, guide" in message
+    assert "image" in message  # clashes with an output column
+
+
+def test_missing_manifest_is_named(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        find_files(str(tmp_path / "nope.parquet"), {})
+
+
+def test_folder_and_glob_manifests_resolve_relative_paths(tmp_path):
+    for part in range(2):
+        write_manifest(tmp_path / "m" / f"part{part}.parquet",
+                       {"id": [f"r{part}"], "guide": ["a.png"]})
+    (tmp_path / "m" / "_SUCCESS.parquet").write_bytes(b"")
+    folder = find_files(str(tmp_path / "m"), {})
+    glob = find_files(str(tmp_path / "m" / "part*.parquet"), {})
+    assert len(folder.files) == 2 and len(glob.files) == 2
+    assert folder.base.endswith("/m") and glob.base.endswith("/m")
+    assert resolve_uri("a.png", folder.base).endswith("/m/a.png")
+    assert resolve_uri("s3://b/a.png", folder.base) == "s3://b/a.png"
+
+
+def test_row_expands_to_t0_times_samples_keys_with_stable_seeds():
+    plan = Plan(base="/b", seed=7, t0=(0.3, 0.5), samples=2)
+    works = list(row_work({"id": "x", "guide": "g.png", "seed": 11}, plan))
+    assert [w.key for w in works] == [("x", 0.3, 0), ("x", 0.3, 1), ("x", 0.5, 0), ("x", 0.5, 1)]
+    assert works[1].seed == stable_seed(7, 11, "x", 0.3, 1)
+    assert len({w.seed for w in works}) == 4
+    assert all(w.error is None and w.repeats == 1 for w in works)
+
+
+def test_row_t0_overrides_run_t0_and_float32_values_are_rounded():
+    plan = Plan(base="/b", seed=0, t0=(0.5,))
+    works = list(row_work({"id": "x", "guide": "g", "t0": [0.30000001192092896]}, plan))
+    assert [w.key for w in works] == [("x", 0.3, 0)]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"id": None, "guide": "g"}, "id is missing"),
+    ({"id": "a/b", "guide": "g"}, "path separator"),
+    ({"id": "..", "guide": "g"}, "starts with '.'"),
+    ({"id": "", "guide": "g"}, "empty"),
+    ({"id": "a\nb", "guide": "g"}, "control characters"),
+    ({"id": "dup", "guide": "g"}, "more than one manifest row"),
+    ({"id": "x", "guide": None}, "no guide URI"),
+    ({"id": "x", "guide": "g", "t0": [1.5]}, "outside \\(0, 1\\]"),
+    ({"id": "x", "guide": "g", "t0": [0.0]}, "outside \\(0, 1\\]"),
+    ({"id": "x", "guide": "g", "task": "nope"}, "unknown task"),
+    ({"id": "x", "guide": "g", "task": "masked"}, "requires a mask"),
+])
+def test_bad_rows_become_error_keys(row, message):
+    masked = TaskDefaults(t0=(0.5,), samples=1, repeats=1, requires_mask=True)
+    plan = Plan(base="/b", seed=0, duplicates=frozenset({"dup"}), presets={"masked": masked})
+    works = list(row_work(row, plan))
+    assert len(works) == 1
+    assert works[0].error is not None
+    assert re.search(message, works[0].error)
+
+
+def test_task_defaults_apply_and_flags_win():
+    preset = TaskDefaults(t0=(0.2, 0.3), samples=3, repeats=2, requires_mask=False)
+    row = {"id": "x", "guide": "g", "task": "augmentation"}
+    from_preset = list(row_work(row, Plan(base="/b", seed=0, presets={"augmentation": preset})))
+    assert len(from_preset) == 6 and from_preset[0].repeats == 2
+    flags = Plan(base="/b", seed=0, t0=(0.5,), samples=1, repeats=1,
+                 presets={"augmentation": preset})
+    assert [(w.key, w.repeats) for w in row_work(row, flags)] == [(("x", 0.5, 0), 1)]
+
+
+def test_expand_table_skips_committed_keys_and_keeps_passthrough_columns():
+    table = pa.table({"id": ["a", "b"], "guide": ["a.png", "s3://x/b.png"], "label": [1, 2],
+                      "seed": [5, 6]})
+    plan = Plan(base="s3://bucket/dir", seed=0, t0=(0.3, 0.6))
+    out = expand_table(table, plan, committed={("a", 0.3, 0)})
+    keys = list(zip(out["id"].to_pylist(), out["t0"].to_pylist(), strict=True))
+    assert keys == [("b", 0.3), ("a", 0.6), ("b", 0.6)]  # ordered by t0
+    assert out["label"].to_pylist() == [2, 1, 2]
+    assert out["_sd_guide_uri"].to_pylist() == ["s3://x/b.png", "s3://bucket/dir/a.png",
+                                                "s3://x/b.png"]
+    assert out["seed"].to_pylist()[0] == stable_seed(0, 6, "b", 0.3, 0)
+
+
+def test_integer_ids_are_read_as_strings():
+    out = expand_table(pa.table({"id": [1, 2], "guide": ["a", "b"]}), Plan(base="/", seed=0),
+                       committed=set())
+    assert out["id"].to_pylist() == ["1", "2"]
+
+
+def test_check_columns_accepts_the_documented_schema():
+    schema = pa.schema([("id", pa.string()), ("guide", pa.string()), ("mask", pa.string()),
+                        ("t0", pa.list_(pa.float32())), ("seed", pa.int64()),
+                        ("task", pa.string()), ("caption", pa.string())])
+    check_columns(schema, "m.parquet")

@@ -1,0 +1,42 @@
+"""`sdedit run` argument handling that stops before any work (no Ray needed)."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+def test_run_is_registered_and_documents_its_options():
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0
+    for option in ("--t0", "--samples", "--storage-option", "--actors", "--config",
+                   "--max-error-rate", "--overwrite", "--format", "--image-format"):
+        assert option in result.output
+
+
+def test_bad_option_values_are_usage_errors(tmp_path):
+    result = CliRunner().invoke(main, ["run", "m.parquet", str(tmp_path), "--t0", "1.5"])
+    assert result.exit_code == 2 and "t0 values must lie in (0, 1]" in result.output
+    result = CliRunner().invoke(main, ["run", "m.parquet", str(tmp_path), "--actors", "x"])
+    assert result.exit_code == 2 and "actors must be N or MIN-MAX" in result.output
+
+
+def test_storage_option_values_are_never_echoed(tmp_path):
+    result = CliRunner().invoke(main, ["run", "m.parquet", str(tmp_path),
+                                       "--storage-option", "secret"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_manifest_and_output_may_come_from_a_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'manifest = "{tmp_path}/missing.parquet"\noutput = "{tmp_path}/out"\n'
+                      'model = "builtin:tiny"\n')
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "missing.parquet does not exist" in result.output
+
+
+def test_missing_manifest_and_output_are_named(tmp_path):
+    result = CliRunner().invoke(main, ["run"])
+    assert result.exit_code == 2 and "missing required option(s): manifest, output" in result.output

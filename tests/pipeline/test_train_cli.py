@@ -1,0 +1,118 @@
+"""`sdedit train` end to end on tiny PNG folders, globs and manifests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+import sdedit
+from pipeline.cli import main
+from pipeline.train_cli import decode_image, image_uris
+
+SMALL = ["--resolution", "32", "--channels", "16,32", "--batch-size", "2", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    """Six 48x48 RGBA emoji-like PNGs: a coloured disc on a transparent background."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 16**2
+    for index, colour in enumerate([(255, 200, 0), (200, 30, 30), (30, 120, 220)] * 2):
+        pixels = np.zeros((48, 48, 4), np.uint8)
+        pixels[disc] = (*colour, 255)
+        Image.fromarray(pixels, "RGBA").save(folder / f"emoji{index}.png")
+    return folder
+
+
+def _train(*args: str):
+    result = CliRunner().invoke(main, ["train", *map(str, args)], catch_exceptions=False)
+    return result
+
+
+def test_train_writes_a_prior_that_loads_and_edits(pngs, tmp_path):
+    out = tmp_path / "prior"
+    result = _train(pngs, out, "--steps", "4", "--log-every", "2", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "6 images at 32px" in result.output
+    assert "step 2/4" in result.output and "step 4/4" in result.output and "loss" in result.output
+    prior = sdedit.load(out, device="cpu")
+    assert (prior.resolution, prior.channels) == (32, 3)
+    guide = torch.zeros(1, 3, 32, 32)
+    edited = prior.edit(guide, t0=0.3, steps=3, generator=sdedit.generators([0]))
+    assert edited.shape == guide.shape and bool(torch.isfinite(edited).all())
+    meta = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 4 and len(meta["losses"]) == 4
+
+
+def test_resume_continues_to_the_same_weights(pngs, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(pngs, straight, "--steps", "4", *SMALL).exit_code == 0
+    assert _train(pngs, split, "--steps", "2", *SMALL).exit_code == 0
+    resumed = _train(pngs, split, "--steps", "4", *SMALL)
+    assert "resuming" in resumed.output and "from step 2" in resumed.output
+    expected = load_file(str(straight / "diffusion_pytorch_model.safetensors"))
+    actual = load_file(str(split / "diffusion_pytorch_model.safetensors"))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_resume_refuses_conflicting_settings(pngs, tmp_path):
+    out = tmp_path / "prior"
+    assert _train(pngs, out, "--steps", "1", *SMALL).exit_code == 0
+    result = CliRunner().invoke(main, ["train", str(pngs), str(out), "--steps", "2",
+                                       "--resolution", "32", "--channels", "16,32,32",
+                                       "--batch-size", "2"])
+    assert result.exit_code == 2
+    assert "--channels" in result.output and "other settings" in result.output
+
+
+def test_manifest_and_glob_sources(pngs, tmp_path):
+    manifest = pngs / "manifest.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "image": ["emoji0.png", "emoji1.png"]}), manifest)
+    assert image_uris(str(manifest)) == [f"{pngs}/emoji0.png", f"{pngs}/emoji1.png"]
+    assert len(image_uris(f"{pngs}/emoji[0-2].png")) == 3
+    assert len(image_uris(f"file://{pngs}")) == 6
+
+
+def test_bad_sources_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no images" in result.output
+    pq.write_table(pa.table({"path": ["x.png"]}), tmp_path / "m.parquet")
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "m.parquet"), str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no image or guide column" in result.output
+
+
+def test_transparency_is_composited_on_white():
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[2:6, 2:6] = (0, 0, 255, 255)
+    buffer = _png_bytes(Image.fromarray(pixels, "RGBA"))
+    decoded = decode_image(buffer, 8)
+    assert decoded.shape == (8, 8, 3)
+    assert decoded[0, 0].tolist() == [255, 255, 255]
+    assert decoded[3, 3].tolist() == [0, 0, 255]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    stream = io.BytesIO()
+    image.save(stream, format="PNG")
+    return stream.getvalue()

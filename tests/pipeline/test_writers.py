@@ -1,0 +1,56 @@
+"""Shard writers: digest names, atomic commits, the WebDataset layout."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.writers import WRITERS, commit, keys_digest, webdataset_key
+
+
+def rows(ids: list[str]) -> pa.Table:
+    return pa.table({"id": ids, "t0": [0.5] * len(ids), "sample": [0] * len(ids),
+                     "image": [b"png-bytes"] * len(ids), "image_format": ["png"] * len(ids)})
+
+
+def test_digest_depends_on_keys_not_order():
+    assert keys_digest(rows(["a", "b"])) == keys_digest(rows(["b", "a"]))
+    assert keys_digest(rows(["a", "b"])) != keys_digest(rows(["a", "c"]))
+
+
+def test_parquet_shard_is_named_by_its_keys_and_rewrites_itself(tmp_path):
+    first = WRITERS["parquet"](str(tmp_path / "data"), {})
+    first.write(rows(["a", "b"]))
+    uri = first.close()
+    again = WRITERS["parquet"](str(tmp_path / "data"), {})
+    again.write(rows(["b", "a"]))
+    assert again.close() == uri
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [uri.rsplit("/", 1)[-1]]
+    assert pq.read_table(tmp_path / "data").num_rows == 2
+
+
+def test_empty_writer_commits_nothing(tmp_path):
+    writer = WRITERS["parquet"](str(tmp_path / "data"), {})
+    assert writer.close() is None
+    assert not (tmp_path / "data").exists()
+
+
+def test_commit_leaves_no_temporary_file(tmp_path):
+    commit(str(tmp_path), "part-x.parquet", b"abc", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-x.parquet"]
+
+
+def test_webdataset_shard_holds_image_and_json_per_sample(tmp_path):
+    writer = WRITERS["webdataset"](str(tmp_path), {})
+    writer.write(rows(["img.01", "b"]))
+    path = writer.close().removeprefix("file://")
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        record = json.load(tar.extractfile(names[1]))
+    assert names == ["img%2E01-t0500000-s0000.png", "img%2E01-t0500000-s0000.json",
+                     "b-t0500000-s0000.png", "b-t0500000-s0000.json"]
+    assert record == {"id": "img.01", "t0": 0.5, "sample": 0, "image_format": "png"}
+    assert "." not in webdataset_key("a.b.c", 0.25, 3)
