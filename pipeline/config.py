@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,7 +228,20 @@ def _normalise(values: dict) -> dict:
     for name in ("manifest", "output", "model"):
         if name in values:
             values[name] = str(values[name])
+    for name in ("manifest", "output"):
+        if name in values:
+            values[name] = absolute_local(values[name])
+    if "model" in values and os.path.exists(values["model"]):
+        values["model"] = absolute_local(values["model"])
     return values
+
+
+def absolute_local(uri: str) -> str:
+    """Local paths become absolute (Ray workers and later readers may not share the cwd);
+    URIs with a scheme other than file:// are left as they are."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
 def dumps(record: dict) -> str:

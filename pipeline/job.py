@@ -63,7 +63,8 @@ def run(config: RunConfig) -> dict:
     clean_temporaries(config.output, config.storage_options)
     committed = read_committed(config.output, config.format, config.storage_options)
     keys = [work.key for row in plan_columns.to_pylist() for work in row_work(row, plan)]
-    todo = sum(1 for key in keys if key not in committed.keys)
+    done = committed.keys
+    todo = sum(1 for key in keys if key not in done)
     pipeline_started = time.time()
     stats = execute(config, manifest, plan, committed, model) if todo else {}
     finished = time.time()
@@ -182,17 +183,19 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
 
 def actor_resources(config: RunConfig) -> tuple[float, float, int | None]:
     """(GPUs, CPUs, torch threads) per actor: one GPU each when the cluster has GPUs; on CPU
-    clusters a fractional CPU reservation and the cores shared among the actors."""
+    clusters a fractional CPU reservation and each node's cores shared among its actors."""
     import ray
 
-    resources = ray.cluster_resources()
-    has_gpus = resources.get("GPU", 0) > 0
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(has_gpus)
+    if gpus > 0 and not has_gpus:
+        raise ConfigError(f"--gpus-per-actor {gpus} but the Ray cluster has no GPUs")
     if gpus > 0:
         return gpus, config.cpus_per_actor or 1.0, None
-    cpus = config.cpus_per_actor or 0.5
-    threads = max(1, int(resources.get("CPU", 1)) // config.actors[1])
-    return 0.0, cpus, threads
+    nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+    actors_per_node = -(-config.actors[1] // len(nodes))
+    threads = max(1, int(min(nodes)) // actors_per_node)
+    return 0.0, config.cpus_per_actor or 0.5, threads
 
 
 def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int, todo: int,

@@ -37,6 +37,7 @@ class Committed:
 
     @property
     def keys(self) -> frozenset[Key]:
+        """Every committed key, written or failed (a new set: keep it, do not re-evaluate)."""
         return self.written | self.failed
 
 

@@ -52,7 +52,8 @@ def edit(
     VP schedules take an epsilon model `model(x, t: LongTensor[B])`; VE schedules take a score
     model `model(x, sigma: Tensor[B])`. `t0` is a float or a tensor [B] in (0, 1]; `mask`
     [B, 1|C, H, W] in [0, 1] with 1 = synthesize, 0 = keep; `repeats` chains K passes
-    (SDEdit's K); `generator` is None, one torch.Generator, or one per sample (batch-invariant).
+    (SDEdit's K); `generator` is None, one torch.Generator, or one per sample (then each
+    sample's noise is independent of the rest of the batch; see sdedit.noise).
     """
     sampler = _sampler_for(schedule)
     _check_guide(guide)

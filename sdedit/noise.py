@@ -1,4 +1,10 @@
-"""Gaussian noise drawn per sample, so a sample's output never depends on its batch."""
+"""Gaussian noise drawn per sample, so a sample's noise never depends on its batch.
+
+Per-sample streams make the *noise* batch-invariant. The network's own arithmetic may still
+differ in the last bits between batch shapes (convolution kernels pick algorithms by shape),
+which can flip a rare 8-bit pixel: callers that need bit-identical images keep the batch shape
+fixed, as the pipeline's actor does (--model-batch).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ class SampleNoise:
     """Draws standard normal noise for selected samples of a batch.
 
     With one generator per sample, each sample's draws come from its own stream in a fixed
-    order, which makes results independent of batch size and composition. With a single
+    order, which makes the noise independent of batch size and composition. With a single
     generator (or None: torch's global RNG) draws are shared and depend on the batch.
     """
 
