@@ -19,6 +19,10 @@ from PIL import Image, ImageFilter, ImageOps
 HERE = Path(__file__).parent
 SIZE = 64
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # licences: see CREDITS.md
+# Twemoji (CC-BY 4.0) held out from the default prior's training set, stored in photos/ on
+# white; in the prior's own domain, so its SDEdit outputs are worth looking at.
+EMOJI = ("1f60d", "1f98a", "1f345", "1f338")
+EMOJI_STROKE_SIZE, EMOJI_PALETTE_SIZE = 13, 5  # flat graphics need coarser strokes
 STROKE_SIZE, PALETTE_SIZE, SEED = 5, 8, 0
 
 
@@ -30,14 +34,15 @@ def load_photo(name: str) -> Image.Image:
     return ImageOps.fit(image, (SIZE, SIZE), method=Image.Resampling.LANCZOS)
 
 
-def strokes(image: Image.Image) -> Image.Image:
+def strokes(image: Image.Image, size: int = STROKE_SIZE, palette: int = PALETTE_SIZE
+            ) -> Image.Image:
     """A stroke painting of `image` (tasks.strokes when available, else the same recipe)."""
     try:
         from tasks.strokes import simulate_strokes
     except ImportError:
-        smooth = image.filter(ImageFilter.MedianFilter(STROKE_SIZE))
-        return smooth.quantize(PALETTE_SIZE, method=Image.Quantize.MEDIANCUT).convert("RGB")
-    return simulate_strokes(image, STROKE_SIZE, PALETTE_SIZE, SEED)
+        smooth = image.filter(ImageFilter.MedianFilter(size))
+        return smooth.quantize(palette, method=Image.Quantize.MEDIANCUT).convert("RGB")
+    return simulate_strokes(image, size, palette, SEED)
 
 
 def edit_region(photo: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -57,6 +62,12 @@ def main() -> None:
         photo = load_photo(name)
         photo.save(HERE / "photos" / f"{name}.png")
         strokes(photo).save(HERE / "guides" / f"{name}.png")
+        rows.append(dict(id=name, guide=f"guides/{name}.png", mask=None, task="synthesis",
+                         source=f"photos/{name}.png"))
+    for code in EMOJI:
+        name = f"emoji-{code}"
+        emoji = Image.open(HERE / "photos" / f"{name}.png").convert("RGB")
+        strokes(emoji, EMOJI_STROKE_SIZE, EMOJI_PALETTE_SIZE).save(HERE / "guides" / f"{name}.png")
         rows.append(dict(id=name, guide=f"guides/{name}.png", mask=None, task="synthesis",
                          source=f"photos/{name}.png"))
     edited, mask = edit_region(load_photo("chelsea"))

@@ -136,7 +136,9 @@ def test_bundled_example_runs_with_task_presets(tmp_path):
     summary = run(config(manifest, tmp_path / "out", t0=None))
     table = read_dataset(tmp_path / "out")
     per_id = {i: table["id"].to_pylist().count(i) for i in set(table["id"].to_pylist())}
-    assert per_id == {"astronaut": 3, "chelsea": 3, "coffee": 3, "rocket": 3, "chelsea-edit": 2}
+    emoji = {f"emoji-{code}": 3 for code in ("1f60d", "1f98a", "1f345", "1f338")}
+    photos = {"astronaut": 3, "chelsea": 3, "coffee": 3, "rocket": 3, "chelsea-edit": 2}
+    assert per_id == {**photos, **emoji}
     assert summary["reconciled"] and summary["errors"] == 0
     edit = table.filter(pc.equal(table["id"], "chelsea-edit")).to_pylist()[0]
     out = np.asarray(Image.open(io.BytesIO(edit["image"])))
