@@ -44,6 +44,11 @@ class SheetRow:
     guide: Image.Image | None
     mask: Image.Image | None
     outputs: dict[float, tuple[bytes, str, float | None] | None]  # t0 -> (bytes, format, L2)
+    failed: frozenset[float] = frozenset()  # t0 values with an error row (else: not requested)
+
+    def missing_label(self, t0: float) -> str:
+        """Why a cell has no output: an error row, or a t0 this id was not run at."""
+        return "failed" if t0 in self.failed else "not run"
 
 
 # -- terminal summary -------------------------------------------------------------------------
@@ -126,12 +131,16 @@ def sheet_rows(
     outputs = chosen_outputs(folder, chosen, sample)
     first = {row["id"]: row for row in rows}
     base = manifest_base(folder, read_summary(folder))
+    errors = read_table(folder, "errors", ["id", "t0"])
+    failed = {(row["id"], float(row["t0"])) for row in errors.to_pylist() if row["t0"] is not None
+              } if errors is not None else set()
     return [
         SheetRow(
             id=row_id,
             guide=_optional_image(first.get(row_id, {}).get("guide"), base, folder, "RGB"),
             mask=_optional_image(first.get(row_id, {}).get("mask"), base, folder, "L"),
             outputs={t0: outputs.get((row_id, t0)) for t0 in t0s},
+            failed=frozenset(t0 for t0 in t0s if (row_id, t0) in failed),
         )
         for row_id in chosen
     ], t0s
@@ -215,7 +224,8 @@ def _cells(row: SheetRow, t0s: list[float], cell: int) -> list[Image.Image]:
     ]
     for t0 in t0s:
         output = row.outputs.get(t0)
-        cells.append(fit_cell(decode(output[0]), cell) if output else placeholder("failed", cell))
+        cells.append(fit_cell(decode(output[0]), cell) if output
+                     else placeholder(row.missing_label(t0), cell))
     return cells
 
 
@@ -252,7 +262,7 @@ def _html_row(row: SheetRow, t0s: list[float]) -> str:
     for t0 in t0s:
         output = row.outputs.get(t0)
         if output is None:
-            cells.append(_empty("failed"))
+            cells.append(_empty(row.missing_label(t0)))
             continue
         data, image_format, l2 = output
         caption = f"L2 {l2:.4f}" if l2 is not None else ""

@@ -94,6 +94,14 @@ def test_sheet_shows_each_ids_outputs_in_t0_order(run_output):
     assert tuple(sheet[y, x]) == PLACEHOLDER  # id1 has no mask
 
 
+def test_missing_cells_say_failed_only_when_an_error_row_exists(run_output, tmp_path):
+    rows, t0s = sheet_rows(OutputFolder(str(run_output)), count=3)
+    by_id = {row.id: row for row in rows}
+    assert by_id["id1"].failed == frozenset({0.75})
+    assert by_id["id1"].missing_label(0.75) == "failed"
+    assert by_id["id0"].missing_label(0.75) == "not run"  # e.g. a task preset without 0.75
+
+
 def test_chosen_ids_and_samples(run_output):
     rows, _ = sheet_rows(OutputFolder(str(run_output)), ids=["id2"], sample=1)
     assert [row.id for row in rows] == ["id2"]
