@@ -1,4 +1,5 @@
-"""Shared fixtures: a local Ray runtime and a real S3-compatible server (SeaweedFS) on loopback."""
+"""Shared fixtures: a local Ray runtime, a real S3-compatible server (SeaweedFS) on loopback,
+and torch limited to one thread for tests that share the machine's cores."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from pathlib import Path
 import pytest
 
 S3_START_SECONDS = 90
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, restoring the previous count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.edit_cli import image_to_tensor, mask_to_tensor, read_image, tensor_to_image
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_png(path, pixels: np.ndarray):

@@ -23,12 +23,7 @@ SMALL_UNET = dict(
 DDPM = sdedit.VPSchedule(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_unet(seed: int = 0, **overrides):

@@ -29,12 +29,7 @@ TINY = TrainConfig(resolution=16, channels=(8, 16), norm_groups=4, attention_res
                    batch_size=4, steps=6, lr=2e-3, warmup=1, ema_decay=0.9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(count: int = 8, size: int = 16) -> torch.Tensor:
