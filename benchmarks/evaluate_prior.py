@@ -84,9 +84,10 @@ def generate(prior, count: int, steps: int, seed: int) -> torch.Tensor:
     """`count` samples from pure noise (SDEdit with t0 = 1 from a blank guide), clamped."""
     import sdedit
 
-    blank = torch.zeros(count, 3, prior.resolution, prior.resolution)
+    blank = torch.zeros(count, 3, prior.resolution, prior.resolution, device=prior.device)
     seeds = [sdedit.stable_seed("sample", seed, i) for i in range(count)]
-    return prior.edit(blank, t0=1.0, steps=steps, generator=sdedit.generators(seeds)).clamp(-1, 1)
+    edited = prior.edit(blank, t0=1.0, steps=steps, generator=sdedit.generators(seeds))
+    return edited.clamp(-1, 1).cpu()
 
 
 def edit_by_t0(
@@ -99,8 +100,9 @@ def edit_by_t0(
     outputs = {}
     for t0 in t0s:
         seeds = [sdedit.stable_seed("edit", seed, t0, i) for i in range(len(guides))]
-        edited = prior.edit(guides, t0=t0, steps=steps, generator=sdedit.generators(seeds))
-        outputs[t0] = edited.clamp(-1, 1)  # as saved images are
+        edited = prior.edit(guides.to(prior.device), t0=t0, steps=steps,
+                            generator=sdedit.generators(seeds))
+        outputs[t0] = edited.clamp(-1, 1).cpu()  # as saved images are
     return outputs
 
 
@@ -146,14 +148,16 @@ def split(source: Path, target: Path) -> None:
 @click.option("--edit-steps", default=100, show_default=True, help="Strided steps per edit.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
 def evaluate(train_dir: Path, holdout: Path, model: str, out: Path, samples: int,
-             sample_steps: int, guides: int, edit_steps: int, seed: int, threads: int) -> None:
+             sample_steps: int, guides: int, edit_steps: int, seed: int, threads: int,
+             device: str) -> None:
     """Sample from MODEL and measure SDEdit on stroke guides of held-out images."""
     import sdedit
 
     torch.set_num_threads(threads)
     started = time.time()
-    prior = sdedit.load(model, device="cpu")
+    prior = sdedit.load(model, device=device)
     _, _, train = load_folder(train_dir, prior.resolution)
     reference = torch.cat([train, train.flip(-1)])  # training used horizontal flips
     _, originals, held = load_folder(holdout, prior.resolution, guides)
@@ -172,7 +176,7 @@ def evaluate(train_dir: Path, holdout: Path, model: str, out: Path, samples: int
     summary = {"model": model, "rows": rows, "samples": samples, "sample_steps": sample_steps,
                "guides": len(strokes), "edit_steps": edit_steps, "seed": seed,
                "stroke_size": STROKE_SIZE, "palette_size": PALETTE_SIZE,
-               "threads": threads, "wall_s": round(time.time() - started, 1)}
+               "threads": threads, "device": device, "wall_s": round(time.time() - started, 1)}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
     click.echo(_markdown(rows))
     click.echo(f"wall time {summary['wall_s']} s")
@@ -189,18 +193,20 @@ def _table(reference, held, strokes, generated, outputs) -> list[dict]:
 
 
 def _row(name: str, images, strokes, reference) -> dict:
-    row = {"what": name, "nn_rms": round(float(nearest_distance(images, reference).mean()), 4)}
+    distances = nearest_distance(images, reference)
+    row = {"what": name, "nn_rms": round(float(distances.mean()), 4),
+           "nn_rms_se": round(float(distances.std() / len(distances) ** 0.5), 4)}
     if strokes is not None:
         row["guide_mse"] = round(float(guide_mse(images, strokes).mean()), 4)
     return row
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| outputs | NN distance to training set (RMS, [-1,1]) | MSE to guide |",
+    lines = ["| outputs | NN distance to training set (RMS, [-1,1]) ± s.e. | MSE to guide |",
              "|---|---|---|"]
     for row in rows:
         mse = f"{row['guide_mse']:.4f}" if "guide_mse" in row else "-"
-        lines.append(f"| {row['what']} | {row['nn_rms']:.4f} | {mse} |")
+        lines.append(f"| {row['what']} | {row['nn_rms']:.4f} ± {row['nn_rms_se']:.4f} | {mse} |")
     return "\n".join(lines)
 
 

@@ -153,24 +153,32 @@ def _save(state, output: str) -> None:
     save_checkpoint(state, output)
 
 
-def run_training(state, images, output: str, save_every: int, log_every: int) -> None:
+def run_training(state, images, output: str, save_every: int, log_every: int,
+                 time_limit_s: float | None = None) -> bool:
     """Train until `state.config.steps`, logging every `log_every` and saving every
-    `save_every` steps and at the end."""
+    `save_every` steps and at the end. With `time_limit_s`, stop (and save) after the first
+    step that ends past that many seconds. Returns whether all steps were done."""
+    import torch
+
     from sdedit.schedules import VPSchedule
     from sdedit.training import train_step
 
-    schedule, window = VPSchedule.linear(), []
+    schedule, pending = VPSchedule.linear(), []
     started, first_step = time.time(), state.step
     while state.step < state.config.steps:
-        loss = train_step(state, images, schedule)
-        window.append(loss)
-        state.losses.append(loss)
+        pending.append(train_step(state, images, schedule))
         if state.step % log_every == 0 or state.step == state.config.steps:
+            window = torch.stack(pending).float().tolist()  # one device sync per log line
+            state.losses.extend(window)
+            pending = []
             click.echo(_log_line(state, window, started, first_step))
-            window = []
+        if time_limit_s is not None and time.time() - started > time_limit_s:
+            break
         if state.step % save_every == 0 and state.step < state.config.steps:
             _save(state, output)
+    state.losses.extend(torch.stack(pending).float().tolist() if pending else [])
     _save(state, output)
+    return state.step >= state.config.steps
 
 
 @click.command("train")
@@ -192,12 +200,16 @@ def run_training(state, images, output: str, save_every: int, log_every: int) ->
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Write the model and a resumable checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many minutes, saving a checkpoint that the same command "
+                   "resumes from.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice).")
 @click.pass_context
 def train(ctx: click.Context, images: str, output_model: str, resolution: str, steps: int,
           batch_size: int, lr: float, channels: str, device: str | None, bf16: bool, seed: int,
-          save_every: int, log_every: int, threads: int | None) -> None:
+          save_every: int, log_every: int, time_limit: float | None,
+          threads: int | None) -> None:
     """Train a pixel-space DDPM prior on IMAGES and write it to OUTPUT_MODEL.
 
     IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image` or `guide`
@@ -215,11 +227,13 @@ def train(ctx: click.Context, images: str, output_model: str, resolution: str, s
     config = _make_config(resolution, steps, batch_size, lr, channels, bf16, seed)
     state = _start_state(output_model, config, torch.device(device), ctx)
     uris = image_uris(images)
-    tensor = load_images(uris, state.config.resolution)
+    tensor = load_images(uris, state.config.resolution).to(device)  # uint8: small on any card
     click.echo(f"{len(uris)} images at {state.config.resolution}px; "
                f"{parameter_count(state.unet):,} parameters; device {device}")
-    run_training(state, tensor, output_model, save_every, log_every)
-    click.echo(f"saved {output_model} at step {state.step}")
+    limit_s = time_limit * 60 if time_limit else None
+    finished = run_training(state, tensor, output_model, save_every, log_every, limit_s)
+    click.echo(f"saved {output_model} at step {state.step}"
+               + ("" if finished else " (time limit reached; rerun the command to continue)"))
 
 
 def _make_config(resolution, steps, batch_size, lr, channels, bf16, seed):

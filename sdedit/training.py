@@ -97,25 +97,28 @@ def ddpm_loss(
     unet: torch.nn.Module, schedule: VPSchedule, x0: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """The simple DDPM loss E ||eps - eps_theta(x_t, t)||^2 (Ho et al. 2020, eq. 14)."""
-    batch = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    alpha_bar = schedule.alphas_cumprod[t].float().view(batch, 1, 1, 1)
-    xt = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps.to(x0.device)
-    prediction = unet(xt, t.to(x0.device)).sample
-    return torch.nn.functional.mse_loss(prediction.float(), eps.to(x0.device))
+    batch, device = x0.shape[0], generator.device
+    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=device)
+    eps = torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
+    alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(batch, 1, 1, 1)
+    alpha_bar, t = alpha_bar.to(x0.device), t.to(x0.device)
+    xt = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    prediction = unet(xt, t).sample
+    return torch.nn.functional.mse_loss(prediction.float(), eps)
 
 
 def sample_batch(images: torch.Tensor, config: TrainConfig, generator: torch.Generator,
                  device: torch.device) -> torch.Tensor:
     """A random batch (with replacement) from uint8 images [N, 3, H, W], in [-1, 1], with
-    random horizontal flips when `config.flip`."""
-    index = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
-    batch = images[index].float().div(127.5).sub(1.0)
+    random horizontal flips when `config.flip`. Indices and flips come from `generator` on its
+    own device, so a run on one device is reproducible whatever holds `images`."""
+    size, rng_device = config.batch_size, generator.device
+    index = torch.randint(0, images.shape[0], (size,), generator=generator, device=rng_device)
+    batch = images[index.to(images.device)].to(device).float().div(127.5).sub(1.0)
     if config.flip:
-        flips = torch.rand(config.batch_size, generator=generator) < 0.5
+        flips = (torch.rand(size, generator=generator, device=rng_device) < 0.5).to(device)
         batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
-    return batch.to(device)
+    return batch
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -137,18 +140,20 @@ class TrainState:
 
     @classmethod
     def fresh(cls, config: TrainConfig, device: torch.device | str = "cpu") -> TrainState:
-        """A new run: weights seeded by `config.seed` (torch's global RNG is left as it was)."""
+        """A new run: weights seeded by `config.seed` (torch's global RNG is left as it was);
+        the data and noise generator lives on `device`, so batches never cross the bus."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             unet = build_unet(config).to(device)
         ema = copy.deepcopy(unet).requires_grad_(False)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
         return cls(config, unet, ema, optimizer, generator)
 
 
-def train_step(state: TrainState, images: torch.Tensor, schedule: VPSchedule) -> float:
-    """One optimizer step on a fresh batch; updates EMA weights; returns the batch loss."""
+def train_step(state: TrainState, images: torch.Tensor, schedule: VPSchedule) -> torch.Tensor:
+    """One optimizer step on a fresh batch; updates EMA weights; returns the batch loss as a
+    0-d tensor (reading it with `float` waits for the device, so callers batch the reads)."""
     config, device = state.config, next(state.unet.parameters()).device
     state.unet.train()
     x0 = sample_batch(images, config, state.generator, device)
@@ -162,7 +167,7 @@ def train_step(state: TrainState, images: torch.Tensor, schedule: VPSchedule) ->
     state.optimizer.step()
     update_ema(state.ema, state.unet, ema_decay(config, state.step))
     state.step += 1
-    return float(loss.detach())
+    return loss.detach()
 
 
 def ema_decay(config: TrainConfig, step: int) -> float:
@@ -173,8 +178,10 @@ def ema_decay(config: TrainConfig, step: int) -> float:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-        target.lerp_(source.detach(), 1.0 - decay)
+    targets, sources = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if len(targets) != len(sources):
+        raise ValueError(f"EMA holds {len(targets)} parameters, the model {len(sources)}")
+    torch._foreach_lerp_(targets, sources, 1.0 - decay)  # one fused launch, not one per tensor
     for target, source in zip(ema.buffers(), model.buffers(), strict=True):
         target.copy_(source)
 
@@ -203,7 +210,7 @@ def save_checkpoint(state: TrainState, folder: str | os.PathLike) -> Path:
     partial = target / "state.safetensors.partial"
     save_file(tensors, str(partial))
     meta = {"step": state.step, "config": asdict(state.config), "optimizer": optimizer_meta,
-            "losses": state.losses[-1000:]}
+            "losses": [float(loss) for loss in state.losses[-1000:]]}
     _write_json(target / "state.json.partial", meta)
     os.replace(partial, target / "state.safetensors")
     os.replace(target / "state.json.partial", target / "state.json")

@@ -73,6 +73,22 @@ def test_resume_continues_to_the_same_weights(pngs, tmp_path):
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
+def test_time_limit_stops_early_and_the_rerun_finishes_the_same_weights(pngs, tmp_path):
+    straight, limited = tmp_path / "straight", tmp_path / "limited"
+    assert _train(pngs, straight, "--steps", "4", *SMALL).exit_code == 0
+    stopped = _train(pngs, limited, "--steps", "4", "--log-every", "2", "--time-limit", "1e-6",
+                     *SMALL)
+    assert stopped.exit_code == 0, stopped.output
+    assert "at step 1 (time limit reached" in stopped.output and "step 2/4" not in stopped.output
+    meta = json.loads((limited / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 1 and len(meta["losses"]) == 1
+    finished = _train(pngs, limited, "--steps", "4", *SMALL)
+    assert "from step 1" in finished.output and "saved" in finished.output
+    expected = load_file(str(straight / "diffusion_pytorch_model.safetensors"))
+    actual = load_file(str(limited / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
 def test_resume_refuses_conflicting_settings(pngs, tmp_path):
     out = tmp_path / "prior"
     assert _train(pngs, out, "--steps", "1", *SMALL).exit_code == 0
