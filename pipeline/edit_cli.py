@@ -1,8 +1,9 @@
 """`sdedit edit`: SDEdit one guide image with a prior, for quick tries.
 
-The recipe: decode the guide (and mask) with Pillow, resize them to the model's resolution,
-run `sdedit.edit` with one seeded generator, resize the output back to the guide's size and
-encode it. Masks are read as grayscale with white = synthesize, black = keep.
+The recipe: decode the guide (and mask) with `pipeline.fetch`, so `sdedit edit` accepts and
+converts exactly the inputs `sdedit run` does, resize them to the model's resolution, run
+`sdedit.edit` with one seeded generator, resize the output back to the guide's size and encode
+it. Masks are read as grayscale with white = synthesize, black = keep.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Literal
 
 import click
 
+from pipeline.config import RunConfig
+
 MaskMode = Literal["binary", "soft"]
 _MODES_FOR_CHANNELS = {1: "L", 3: "RGB"}
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+MAX_PIXELS = RunConfig.max_pixels  # the same decompression-bomb limit as `sdedit run`
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,20 @@ def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
               show_default=True, help="Network dtype; sampling stays float32.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Largest accepted guide or mask (width x height).")
 @click.option("--out", "out_path", required=True, callback=_check_out,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Output image; the format follows the extension (e.g. .png).")
 def edit(
     model_uri: str, guide_path: Path, mask_path: Path | None, mask_mode: MaskMode, t0: float,
     steps: int | None, repeats: int, seed: int, device: str | None, dtype: str,
-    allow_pickle: bool, out_path: Path,
+    allow_pickle: bool, max_pixels: int, out_path: Path,
 ) -> None:
     """SDEdit one guide image and write the result to --out."""
     options = EditOptions(t0, steps, repeats, seed, mask_mode)
-    guide = read_image(guide_path)
-    mask = read_mask(mask_path, guide.size) if mask_path is not None else None
+    guide = read_image(guide_path, max_pixels)
+    mask = read_mask(mask_path, guide.size, max_pixels) if mask_path is not None else None
     prior = _load_prior(model_uri, device, dtype, allow_pickle)
     result = edit_image(prior, guide, mask, options)
     _save(result, out_path)
@@ -116,42 +121,38 @@ def edit_image(prior, guide, mask, options: EditOptions):
     return result
 
 
-def read_image(path: Path):
-    """Decode an image with Pillow; transparent images are composited onto white."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path: Path, max_pixels: int = MAX_PIXELS):
+    """Decode a guide to 8-bit RGB exactly as `sdedit run` does (`pipeline.fetch.to_rgb`)."""
+    from pipeline.fetch import to_rgb
 
-    try:
-        with Image.open(path) as opened:
-            image = opened.copy()  # decodes now, so the file can close
-    except (UnidentifiedImageError, OSError) as error:
-        raise click.BadParameter(f"cannot decode {path} as an image: {error}",
-                                 param_hint="'--guide'") from error
-    if image.mode in _WIDE_MODES:
-        image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba).convert("RGB")
-    return image
+    return _decode(path, to_rgb, max_pixels, param_hint="'--guide'")
 
 
-def read_mask(path: Path, size: tuple[int, int]):
-    """Decode a mask as 8-bit grayscale (white = synthesize); it must match the guide's size."""
-    from PIL import Image, UnidentifiedImageError
+def read_mask(path: Path, size: tuple[int, int], max_pixels: int = MAX_PIXELS):
+    """Decode a mask to 8-bit grayscale as `sdedit run` does (white = synthesize); it must
+    have the guide's size."""
+    from pipeline.fetch import to_mask
 
-    try:
-        with Image.open(path) as image:
-            mask = _to_8bit(image) if image.mode in _WIDE_MODES else image.convert("L")
-    except (UnidentifiedImageError, OSError) as error:
-        raise click.BadParameter(f"cannot decode {path} as an image: {error}",
-                                 param_hint="'--mask'") from error
+    mask = _decode(path, to_mask, max_pixels, param_hint="'--mask'")
     if mask.size != size:
         raise click.BadParameter(f"mask {path} is {_size(mask.size)} but the guide is "
                                  f"{_size(size)}; a mask must have the guide's size",
                                  param_hint="'--mask'")
     return mask
+
+
+def _decode(path: Path, convert, max_pixels: int, param_hint: str):
+    """Read `path` and decode it with `pipeline.fetch`; its InputError becomes a usage error."""
+    from pipeline.fetch import InputError, open_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise click.BadParameter(f"cannot read {path}: {error}", param_hint=param_hint) from error
+    try:
+        return convert(open_image(data, str(path), max_pixels), str(path))
+    except InputError as error:
+        raise click.BadParameter(str(error), param_hint=param_hint) from error
 
 
 def image_to_tensor(image, resolution: int):
@@ -208,16 +209,6 @@ def _to_channels(image, channels: int):
         raise click.ClickException(f"the model takes {channels}-channel images; sdedit edit "
                                    "handles 1 (grayscale) or 3 (RGB)")
     return image.convert(_MODES_FOR_CHANNELS[channels])
-
-
-def _to_8bit(image):
-    """Scale 16/32-bit integer or float grayscale images to 8 bits by their full range."""
-    import numpy as np
-    from PIL import Image
-
-    values = np.asarray(image, dtype=np.float64)
-    top = 1.0 if image.mode == "F" else (65535.0 if values.max() > 255 else 255.0)
-    return Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8))
 
 
 def _load_prior(model_uri: str, device: str | None, dtype: str, allow_pickle: bool):

@@ -8,18 +8,20 @@ The output folder is a diffusers-format prior (EMA weights) that `sdedit.load` a
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import replace
 from pathlib import PurePosixPath
 
 import click
 
+from pipeline.config import RunConfig
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST_COLUMNS = ("image", "guide")
 # command-line option -> TrainConfig field, for refusing conflicting options on resume
 OPTION_FIELDS = {"resolution": "resolution", "batch_size": "batch_size", "lr": "lr",
                  "channels": "channels", "bf16": "bf16", "seed": "seed"}
+MAX_PIXELS = RunConfig.max_pixels  # the same decompression-bomb limit as `sdedit run`
 
 
 def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
@@ -64,27 +66,28 @@ def _resolve(uri: str, base: str) -> str:
     return f"{base}/{uri}"
 
 
-def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>"):
-    """Decode to RGB, compositing any transparency on white, centre-cropped to a square and
-    resized to `resolution` with antialiasing; returns a uint8 array [H, W, 3]."""
+def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>",
+                 max_pixels: int = MAX_PIXELS):
+    """Decode to 8-bit RGB exactly as `sdedit run` does (`pipeline.fetch.to_rgb`: 16-bit scaled,
+    transparency composited on white), centre-crop to a square and resize to `resolution` with
+    Lanczos; returns a uint8 array [H, W, 3]."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from pipeline.fetch import InputError, open_image, to_rgb
 
     try:
-        image = Image.open(io.BytesIO(payload))
-        image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise click.ClickException(f"cannot decode image {uri}: {error}") from error
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        rgb = to_rgb(open_image(payload, uri, max_pixels), uri)
+    except InputError as error:
+        raise click.ClickException(str(error)) from error
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
     square = rgb.crop((left, top, left + side, top + side))
     return np.asarray(square.resize((resolution, resolution), Image.Resampling.LANCZOS))
 
 
-def load_images(uris: list[str], resolution: int, storage_options: dict | None = None):
+def load_images(uris: list[str], resolution: int, storage_options: dict | None = None,
+                max_pixels: int = MAX_PIXELS):
     """All images as one uint8 tensor [N, 3, resolution, resolution]."""
     import fsspec
     import numpy as np
@@ -93,7 +96,7 @@ def load_images(uris: list[str], resolution: int, storage_options: dict | None =
     arrays = []
     for uri in uris:
         with fsspec.open(uri, "rb", **(storage_options or {})) as stream:
-            arrays.append(decode_image(stream.read(), resolution, uri))
+            arrays.append(decode_image(stream.read(), resolution, uri, max_pixels))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -205,17 +208,20 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
                    "resumes from.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Largest accepted training image (width x height).")
 @click.pass_context
 def train(ctx: click.Context, images: str, output_model: str, resolution: str, steps: int,
           batch_size: int, lr: float, channels: str, device: str | None, bf16: bool, seed: int,
           save_every: int, log_every: int, time_limit: float | None,
-          threads: int | None) -> None:
+          threads: int | None, max_pixels: int) -> None:
     """Train a pixel-space DDPM prior on IMAGES and write it to OUTPUT_MODEL.
 
     IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image` or `guide`
-    column. Transparent images are composited on white. OUTPUT_MODEL receives a
-    diffusers-format folder (EMA weights, DDPM scheduler config) plus `checkpoint/`; running
-    the same command again resumes from it.
+    column. Images are decoded as `sdedit run` decodes guides (16-bit scaled to 8 bits,
+    transparency composited on white). OUTPUT_MODEL receives a diffusers-format folder (EMA
+    weights, DDPM scheduler config) plus `checkpoint/`; running the same command again resumes
+    from it.
     """
     import torch
 
@@ -227,7 +233,8 @@ def train(ctx: click.Context, images: str, output_model: str, resolution: str, s
     config = _make_config(resolution, steps, batch_size, lr, channels, bf16, seed)
     state = _start_state(output_model, config, torch.device(device), ctx)
     uris = image_uris(images)
-    tensor = load_images(uris, state.config.resolution).to(device)  # uint8: small on any card
+    tensor = load_images(uris, state.config.resolution, max_pixels=max_pixels)
+    tensor = tensor.to(device)  # uint8: small on any card
     click.echo(f"{len(uris)} images at {state.config.resolution}px; "
                f"{parameter_count(state.unet):,} parameters; device {device}")
     limit_s = time_limit * 60 if time_limit else None

@@ -9,7 +9,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.edit_cli import image_to_tensor, mask_to_tensor, read_image, tensor_to_image
+from pipeline.edit_cli import (
+    image_to_tensor,
+    mask_to_tensor,
+    read_image,
+    read_mask,
+    tensor_to_image,
+)
+from pipeline.fetch import load_guide, load_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -212,6 +219,39 @@ def test_guide_that_is_not_an_image(tmp_path):
     assert result.exit_code == 2 and "cannot decode" in result.output
 
 
+def write_float_tiff(path):
+    """A 32-bit float ("F") image, which `sdedit run` rejects."""
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(path)
+    return path
+
+
+def test_float_guide_is_rejected_like_the_pipeline(tmp_path):
+    guide = write_float_tiff(tmp_path / "float.tif")
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--out", str(out))
+    assert result.exit_code == 2 and "Invalid value for '--guide'" in result.output
+    assert str(guide) in result.output and "unsupported image mode 'F'" in result.output
+    assert "expected RGB, grayscale, palette, 16-bit" in result.output
+    assert not out.exists()
+
+
+def test_float_mask_is_rejected_like_the_pipeline(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    mask = write_float_tiff(tmp_path / "float.tif")
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "Invalid value for '--mask'" in result.output
+    assert f"mask {mask} has unsupported mode 'F'" in result.output
+
+
+def test_guide_over_max_pixels_is_refused(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(10, 20))
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--max-pixels", "199",
+                         "--out", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "Invalid value for '--guide'" in result.output
+    assert "20x10 = 200 pixels, over the limit of 199" in result.output
+
+
 def test_missing_model_folder(tmp_path):
     guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
     result = sdedit_edit("--model", str(tmp_path / "no-model"), "--guide", str(guide),
@@ -248,11 +288,48 @@ def test_transparent_pixels_become_white(tmp_path):
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
 
 
-def test_sixteen_bit_grayscale_is_scaled(tmp_path):
+def test_sixteen_bit_grayscale_is_scaled_by_257(tmp_path):
     path = tmp_path / "deep.png"
-    Image.fromarray(np.array([[0, 65535], [32896, 257]], dtype=np.uint16)).save(path)
-    image = read_image(path)
-    assert np.array_equal(np.asarray(image), np.array([[0, 255], [128, 1]], dtype=np.uint8))
+    Image.fromarray(np.array([[0, 65535], [32896, 255]], dtype=np.uint16)).save(path)
+    expected = np.array([[0, 255], [128, 1]], dtype=np.uint8)  # 255 / 257 rounds to 1, as in run
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"
+    guide = read_image(path)
+    assert guide.mode == "RGB" and np.array_equal(np.asarray(guide), np.dstack([expected] * 3))
+    mask = read_mask(path, (2, 2))
+    assert mask.mode == "L" and np.array_equal(np.asarray(mask), expected)
+
+
+def test_palette_transparency_becomes_white(tmp_path):
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([200, 0, 0, 0, 0, 255])  # index 0 red (transparent), 1 blue
+    palette.putpixel((1, 1), 1)
+    path = tmp_path / "p.png"
+    palette.save(path, transparency=0)
+    pixels = np.asarray(read_image(path))
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[1, 1].tolist() == [0, 0, 255]
+
+
+def decodable_images(tmp_path) -> list:
+    """One file per mode that the pipeline converts: the paths to compare decoders on."""
+    rgb = Image.fromarray(noise_pixels(6, 6, seed=8))
+    deep = Image.fromarray(np.arange(36, dtype=np.uint16).reshape(6, 6) * 1800)
+    palette = rgb.convert("P")
+    images = [(rgb.convert("L"), "l.png", {}), (rgb.convert("LA"), "la.png", {}),
+              (rgb.convert("RGBA"), "rgba.png", {}), (rgb.convert("1"), "one.png", {}),
+              (palette, "p.png", {"transparency": 3}), (deep, "deep.png", {}),
+              (rgb.convert("CMYK"), "cmyk.jpg", {"quality": 100})]
+    for image, name, options in images:
+        image.save(tmp_path / name, **options)
+    return [tmp_path / name for _, name, _ in images]
+
+
+def test_guides_and_masks_decode_exactly_as_in_the_pipeline(tmp_path):
+    for path in decodable_images(tmp_path):
+        guide = np.asarray(load_guide(str(path), {}, 10_000))
+        assert np.array_equal(np.asarray(read_image(path)), guide), path.name
+        mask = np.asarray(load_mask(str(path), str(path), (6, 6), {}, 10_000))
+        assert np.array_equal(np.asarray(read_mask(path, (6, 6))), mask), path.name
 
 
 def test_binary_and_soft_masks():

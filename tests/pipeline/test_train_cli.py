@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 
 import sdedit
 from pipeline.cli import main
+from pipeline.fetch import open_image, to_rgb
 from pipeline.train_cli import decode_image, image_uris
 
 SMALL = ["--resolution", "32", "--channels", "16,32", "--batch-size", "2", "--threads", "1"]
@@ -126,9 +129,58 @@ def test_transparency_is_composited_on_white():
     assert decoded[3, 3].tolist() == [0, 0, 255]
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    import io
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    deep = np.array([[0, 65535], [32896, 255]], dtype=np.uint16)  # opens as "I;16"
+    decoded = decode_image(_png_bytes(Image.fromarray(deep)), 2)
+    expected = np.array([[0, 255], [128, 1]], dtype=np.uint8)  # value / 257, as in sdedit run
+    assert np.array_equal(decoded, np.dstack([expected] * 3))
 
+
+def test_palette_transparency_is_composited_on_white():
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([200, 0, 0, 0, 0, 255])  # index 0 red (transparent), 1 blue
+    palette.putpixel((1, 1), 1)
+    decoded = decode_image(_png_bytes(palette, transparency=0), 2)
+    assert decoded[0, 0].tolist() == [255, 255, 255] and decoded[1, 1].tolist() == [0, 0, 255]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "1", "P", "I;16"])
+def test_decodes_exactly_as_the_pipeline(mode):
+    rgb = Image.fromarray(np.random.default_rng(8).integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    deep = Image.fromarray(np.arange(36, dtype=np.uint16).reshape(6, 6) * 1800)
+    image = deep if mode == "I;16" else rgb.convert(mode)
+    payload = _png_bytes(image, **({"transparency": 3} if mode == "P" else {}))
+    expected = np.asarray(to_rgb(open_image(payload, "x.png", 10_000), "x.png"))
+    assert np.array_equal(decode_image(payload, 6, "x.png"), expected)
+
+
+def test_float_image_is_rejected_naming_the_uri():
     stream = io.BytesIO()
-    image.save(stream, format="PNG")
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(stream, format="TIFF")
+    with pytest.raises(click.ClickException) as error:
+        decode_image(stream.getvalue(), 4, "s3://bucket/float.tif")
+    assert error.value.message.startswith("s3://bucket/float.tif has unsupported image mode 'F'")
+
+
+def test_oversized_and_broken_images_are_named():
+    big = _png_bytes(Image.new("RGB", (20, 10)))
+    with pytest.raises(click.ClickException, match="big.png is 20x10 = 200 pixels, over the "
+                                                   "limit of 199"):
+        decode_image(big, 4, "big.png", max_pixels=199)
+    with pytest.raises(click.ClickException, match="cannot decode cut.png as an image"):
+        decode_image(big[: len(big) // 2], 4, "cut.png")
+
+
+def test_train_stops_on_an_undecodable_image_in_a_manifest(pngs, tmp_path):
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(pngs / "float.tif")
+    manifest = pngs / "manifest.parquet"
+    pq.write_table(pa.table({"image": ["emoji0.png", "float.tif"]}), manifest)
+    result = _train(manifest, tmp_path / "prior", "--steps", "1", *SMALL)
+    assert result.exit_code == 1
+    assert f"{pngs}/float.tif has unsupported image mode 'F'" in result.output
+
+
+def _png_bytes(image: Image.Image, **options) -> bytes:
+    stream = io.BytesIO()
+    image.save(stream, format="PNG", **options)
     return stream.getvalue()
