@@ -6,6 +6,8 @@ build and write `OUTPUT/guides/<id>.png` (and `OUTPUT/masks/<id>.png`); the driv
 writes `OUTPUT/manifest.parquet` (last, so its presence means the guides are complete) with
 `id`, `guide`, `mask`, `task`, `source` and the pass-through columns, paths relative to OUTPUT.
 Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped.
+Images are decoded as `sdedit run` decodes guides (`pipeline.fetch`): transparency over white,
+16-bit scaled to 8 bits, masks as "L", at most `GuideJob.max_pixels` pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.config import RunConfig
 from tasks.compositing import composite_guide
 from tasks.editing import edit_guide
 from tasks.regions import Box
@@ -114,6 +117,7 @@ class GuideJob:
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 8
     num_cpus: float = 0.5
+    max_pixels: int = RunConfig.max_pixels
 
 
 @dataclass(frozen=True)
@@ -132,14 +136,21 @@ def image_seed(seed: int, row_id: str) -> int:
     return stable_seed("guides", seed, row_id) % (2**32)
 
 
-def read_image(uri: str, storage_options: dict) -> Image.Image:
-    """Open an image from any fsspec URI, fully decoded (RGB, or "L" for masks)."""
-    import fsspec
+def read_images(row: dict, job: GuideJob) -> Images:
+    """The row's source and foreground as 8-bit RGB and its mask as "L".
 
-    with fsspec.open(uri, "rb", **storage_options) as file:
-        image = Image.open(io.BytesIO(file.read()))
-        image.load()
-    return image if image.mode == "L" else image.convert("RGB")
+    Decoding follows `pipeline.fetch` (alpha over white, 16-bit scaled, size limit), so a
+    guide looks as the run will read it; a bad file raises `InputError` naming its URI.
+    """
+    from pipeline.fetch import open_image, read_bytes, to_mask, to_rgb
+
+    images = {}
+    for key in ("source", "mask", "foreground"):
+        if row.get(key):
+            uri = row[key]
+            image = open_image(read_bytes(uri, job.storage_options), uri, job.max_pixels)
+            images[key] = to_mask(image, uri) if key == "mask" else to_rgb(image, uri)
+    return images
 
 
 def write_png(image: Image.Image, uri: str, storage_options: dict) -> None:
@@ -157,12 +168,10 @@ def build_one(row: dict, job: GuideJob) -> dict:
 
     Pure apart from reading the row's images and writing the two PNGs.
     """
+    from pipeline.fetch import InputError
+
     try:
-        images = {
-            key: read_image(row[key], job.storage_options)
-            for key in ("source", "mask", "foreground")
-            if row.get(key)
-        }
+        images = read_images(row, job)
         guide, mask = BUILDERS[job.task](
             images, job.options, image_seed(job.options.seed, row["id"])
         )
@@ -170,7 +179,7 @@ def build_one(row: dict, job: GuideJob) -> dict:
         write_png(guide, f"{job.output}/{guide_path}", job.storage_options)
         if mask is not None:
             write_png(mask, f"{job.output}/{mask_path}", job.storage_options)
-    except (OSError, ValueError, KeyError, Image.DecompressionBombError) as error:
+    except (InputError, OSError, ValueError, KeyError) as error:
         return {"index": row["index"], "guide": None, "mask": None, "error": _describe(row, error)}
     return {
         "index": row["index"],

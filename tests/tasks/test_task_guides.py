@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-from task_fixtures import distinct_colours, photo
+from PIL import Image, ImageDraw
+from task_fixtures import distinct_colours, photo, png_bytes
 
+from pipeline.config import RunConfig
 from tasks.guides import (
     CompositeOptions,
     EditOptions,
@@ -19,6 +20,7 @@ from tasks.guides import (
     build_one,
     draw_foregrounds,
 )
+from tasks.regions import Box
 from tasks.sources import folder_rows
 
 
@@ -46,6 +48,88 @@ def test_build_one_reports_unreadable_images_with_row_and_uri(tmp_path):
     assert "row 'broken'" in result["error"] and str(broken) in result["error"]
     missing = build_one({"index": 4, "id": "gone", "source": str(tmp_path / "gone.png")}, job)
     assert "FileNotFoundError" in missing["error"]
+
+
+def build_from(tmp_path: Path, job: GuideJob, **images: Image.Image) -> tuple[dict, Path]:
+    """Save `images` as PNGs named by their key, build row "x" and return (result, OUTPUT)."""
+    row = {"index": 0, "id": "x"}
+    for key, image in images.items():
+        image.save(tmp_path / f"{key}.png")
+        row[key] = str(tmp_path / f"{key}.png")
+    for folder in ("guides", "masks"):
+        (Path(job.output) / folder).mkdir(parents=True, exist_ok=True)
+    return build_one(row, job), Path(job.output)
+
+
+def emoji(size: tuple[int, int] = (32, 32)) -> Image.Image:
+    """An opaque red disc on a fully transparent background (RGB under alpha is black)."""
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((8, 8, 23, 23), fill=(220, 30, 30, 255))
+    return image
+
+
+def test_transparent_backgrounds_become_white_in_stroke_guides(tmp_path):
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions(stroke_size=3))
+    result, output = build_from(tmp_path, job, source=emoji())
+    assert result["error"] is None
+    guide = np.asarray(Image.open(output / result["guide"]))
+    assert guide.shape == (32, 32, 3)
+    assert guide[0, 0].tolist() == [255, 255, 255] and guide[31, 31].tolist() == [255, 255, 255]
+    assert guide[16, 16].tolist() == [220, 30, 30]
+    assert not (guide == 0).all(axis=2).any()  # no black left from the transparent pixels
+
+
+def test_transparent_backgrounds_become_white_outside_edit_masks(tmp_path):
+    job = GuideJob("editing", str(tmp_path / "out"), EditOptions(box=Box(0, 0, 4, 4)))
+    result, output = build_from(tmp_path, job, source=emoji())
+    guide = np.asarray(Image.open(output / result["guide"]))
+    mask = np.asarray(Image.open(output / result["mask"]))
+    corner = guide[mask == 0][0]
+    assert corner.tolist() == [255, 255, 255] and guide[31, 31].tolist() == [255, 255, 255]
+
+
+def sixteen_bit(left: int, right: int, size: tuple[int, int] = (16, 16)) -> Image.Image:
+    """A 16-bit grayscale ("I;16") image: `left` in the left half, `right` in the right half."""
+    values = np.full(size[::-1], left, dtype=np.uint16)
+    values[:, size[0] // 2 :] = right
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    return image
+
+
+def test_sixteen_bit_sources_are_scaled_to_eight_bits(tmp_path):
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions(stroke_size=1))
+    result, output = build_from(tmp_path, job, source=sixteen_bit(65535, 100 * 257))
+    guide = np.asarray(Image.open(output / result["guide"]))
+    assert guide[0, 0].tolist() == [255, 255, 255]
+    assert guide[0, 15].tolist() == [100, 100, 100]  # scaled by 1/257, not clipped to 255
+
+
+def test_sixteen_bit_masks_are_scaled_before_thresholding(tmp_path):
+    job = GuideJob("editing", str(tmp_path / "out"), EditOptions())
+    source = photo("chelsea", (16, 16))
+    result, output = build_from(tmp_path, job, source=source, mask=sixteen_bit(65535, 100 * 257))
+    mask = np.asarray(Image.open(output / result["mask"]))
+    assert mask.dtype == np.uint8
+    assert (mask[:, :8] == 255).all() and (mask[:, 8:] == 0).all()  # 100 <= 127: keep
+
+
+def test_corrupt_and_oversized_files_become_error_records(tmp_path):
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions())
+    (tmp_path / "source.png").write_bytes(png_bytes(photo("chelsea"))[:100])
+    result = build_one({"index": 7, "id": "cut", "source": str(tmp_path / "source.png")}, job)
+    assert result["index"] == 7 and result["guide"] is None
+    assert f"cannot decode {tmp_path / 'source.png'}" in result["error"]
+    assert "expected a complete PNG" in result["error"]
+    small = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions(), max_pixels=1000)
+    result, _ = build_from(tmp_path, small, source=photo("chelsea"))  # 64 x 48 = 3072 pixels
+    assert result["guide"] is None
+    assert "source.png is 64x48 = 3072 pixels, over the limit of 1000" in result["error"]
+
+
+def test_the_pixel_limit_defaults_to_the_runs():
+    job = GuideJob("synthesis", "out", StrokeOptions())
+    assert job.max_pixels == RunConfig.max_pixels
 
 
 def test_drawn_foregrounds_are_other_images_and_repeat_per_seed():
