@@ -36,7 +36,7 @@ class SDEditActor:
         self.steps = steps
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         stages = table[INTERNAL + "stage"].to_pylist()
         errors = table[INTERNAL + "error"].to_pylist()
         pixels: list[bytes | None] = [None] * table.num_rows
@@ -56,7 +56,8 @@ class SDEditActor:
             for i, (image, distance) in zip(chunk, outputs, strict=True):
                 pixels[i], l2[i] = image, distance
         seconds = (time.perf_counter() - start) / max(table.num_rows, 1)
-        return self._with_outputs(table, pixels, l2, stages, errors, seconds)
+        return self._with_outputs(table, pixels, l2, stages, errors,
+                                  (seconds, started_at, time.time()))
 
     def _chunks(self, table: pa.Table, stages: list) -> list[tuple[tuple[float, int], list]]:
         """Row indices grouped by (t0, repeats), cut into chunks of at most model_batch."""
@@ -99,8 +100,9 @@ class SDEditActor:
         images = quantised.permute(0, 2, 3, 1).contiguous().numpy()
         return [(images[i].tobytes(), float(distances[i])) for i in range(real)]
 
-    def _with_outputs(self, table, pixels, l2, stages, errors, seconds) -> pa.Table:
-        n = table.num_rows
+    def _with_outputs(self, table, pixels, l2, stages, errors, timing) -> pa.Table:
+        """The output columns; `timing` is (edit seconds per row, batch start, batch end)."""
+        n, (seconds, started_at, finished_at) = table.num_rows, timing
         table = table.drop_columns([INTERNAL + "guide_pixels", INTERNAL + "mask_pixels",
                                     INTERNAL + "stage", INTERNAL + "error"])
         size = self.prior.resolution
@@ -115,6 +117,8 @@ class SDEditActor:
             INTERNAL + "stage": pa.array(stages, pa.string()),
             INTERNAL + "error": pa.array(errors, pa.string()),
             INTERNAL + "edit_seconds": pa.array([seconds] * n, pa.float64()),
+            INTERNAL + "edit_started_at": pa.array([started_at] * n, pa.float64()),
+            INTERNAL + "edit_finished_at": pa.array([finished_at] * n, pa.float64()),
         }
         for name, column in columns.items():
             table = table.append_column(name, column)

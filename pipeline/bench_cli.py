@@ -5,7 +5,10 @@ per-sample generators, exactly as the actor calls it. End to end: `sdedit run` o
 images written as PNG files plus a manifest, from reading the manifest to committed shards
 (actor start-up included). Model-only runs before and after the pipeline and the two are
 averaged, because other work on the machine changes its speed. The ratio says how much the CPU
-stages and scheduling cost.
+stages and scheduling cost. The run's time is split into start-up (pipeline start to the first
+edit: Ray workers, actor imports and model load, first fetch), editing and drain (last edit to
+the end); `steady_state_ratio` compares the editing window alone with model-only, which is
+what CPU stages that keep the actors fed should reach.
 """
 
 from __future__ import annotations
@@ -43,8 +46,17 @@ def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: 
     result = {"images": count, "size": size, "t0": t0, "steps": steps, "model": model,
               "model_only_images_per_s": round(model_only, 3),
               "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
-              "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3)}
+              "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3),
+              "steady_state_ratio": steady_state_ratio(pipeline, model_only)}
     click.echo(json.dumps(result, indent=2))
+
+
+def steady_state_ratio(pipeline: dict, model_only: float) -> float | None:
+    """Images/s over the window in which the actors edit (first edit start to last edit end,
+    i.e. without actor start-up and the final write), over model-only images/s."""
+    if not pipeline.get("editing_seconds"):
+        return None
+    return round(pipeline["written"] / pipeline["editing_seconds"] / model_only, 3)
 
 
 def write_inputs(folder: Path, count: int, size: int) -> Path:
@@ -109,5 +121,7 @@ def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, ste
         "pipeline_seconds": run_stats["pipeline_seconds"],
         "run_wall_seconds": summary["timings"]["wall_seconds"],
         "actor_images_per_s": round(run_stats["written"] / run_stats["actor_edit_seconds"], 3),
+        **{name: run_stats.get(name) for name in
+           ("startup_seconds", "editing_seconds", "drain_seconds")},
         "written": summary["written"],
     }

@@ -123,10 +123,14 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
     try:
         dataset = build_dataset(config, manifest, plan, committed, model)
         totals = {"written": 0, "failed": 0, "edit_seconds": 0.0}
+        edit_times: list[float] = []
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for name in totals:
                 totals[name] += sum(batch[name].to_pylist())
-        return totals
+            edit_times += [t for name in ("edit_started_at", "edit_finished_at")
+                           for t in batch[name].to_pylist() if t is not None]
+        return {**totals, "first_edit_at": min(edit_times, default=None),
+                "last_edit_at": max(edit_times, default=None)}
     finally:
         if started_ray:
             ray.shutdown()
@@ -222,6 +226,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
             "pipeline_seconds": round(seconds, 3),
             "images_per_second": round(run_written / seconds, 3) if seconds > 0 else None,
             "actor_edit_seconds": round(float(stats.get("edit_seconds", 0.0)), 3),
+            **edit_window(stats, pipeline_started, finished),
         },
         "timings": {"started_at": started, "finished_at": finished,
                     "wall_seconds": round(finished - started, 3),
@@ -230,6 +235,17 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
         "config": config.public_dict(),
         "versions": package_versions(),
     }
+
+
+def edit_window(stats: Mapping, pipeline_started: float, finished: float) -> dict:
+    """Where this run's time went around the actors: from the pipeline's start to the first
+    edit (actor start-up, first fetch) and from the last edit to the end (encode, write)."""
+    first, last = stats.get("first_edit_at"), stats.get("last_edit_at")
+    if first is None or last is None:
+        return {}
+    return {"startup_seconds": round(first - pipeline_started, 3),
+            "editing_seconds": round(last - first, 3),
+            "drain_seconds": round(finished - last, 3)}
 
 
 def package_versions() -> dict:

@@ -179,4 +179,6 @@ def write_step(table: pa.Table, output: str, data_format: str, image_format: str
         "written": [good.num_rows],
         "failed": [bad.num_rows],
         "edit_seconds": [float(pc.sum(table["_sd_edit_seconds"]).as_py() or 0.0)],
+        "edit_started_at": [pc.min(table["_sd_edit_started_at"]).as_py()],
+        "edit_finished_at": [pc.max(table["_sd_edit_finished_at"]).as_py()],
     })

@@ -52,6 +52,10 @@ def test_run_writes_one_row_per_key_with_metadata_and_a_reconciled_summary(small
     assert (summary["expected_outputs"], summary["written"], summary["errors"]) == (16, 16, 0)
     assert summary["reconciled"] and summary["duplicate_rows"] == 0
     assert summary["config"]["t0"] == [0.3, 0.6] and summary["versions"]["torch"]
+    timing = summary["this_run"]
+    parts = [timing[name] for name in ("startup_seconds", "editing_seconds", "drain_seconds")]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(timing["pipeline_seconds"], abs=0.01)
+    assert timing["editing_seconds"] >= timing["actor_edit_seconds"] - 0.01  # one actor
 
 
 def test_rerun_does_nothing_and_append_does_only_new_rows(tmp_path):
