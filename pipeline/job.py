@@ -81,12 +81,12 @@ def run(config: RunConfig) -> dict:
 
 
 def probe_model(config: RunConfig) -> ModelInfo:
-    """Load the prior once on the driver (CPU) to learn its resolution and digest, and to fail
-    before any work when the model URI is wrong."""
-    import sdedit
+    """Read the prior's resolution and digest on the driver from its configs and weights file
+    (no network is built), failing before any work when the model URI is wrong."""
+    from sdedit.loading import describe
 
-    prior = sdedit.load(config.model, device="cpu", storage_options=dict(config.storage_options))
-    return ModelInfo(prior.name, prior.digest, prior.resolution)
+    info = describe(config.model, storage_options=dict(config.storage_options))
+    return ModelInfo(info.name, info.digest, info.resolution)
 
 
 def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:

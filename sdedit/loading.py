@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,8 +60,39 @@ def load(
                  digest, device)
 
 
+@dataclass(frozen=True)
+class PriorInfo:
+    """What a prior is, without its network: name, weights digest and image shape."""
+
+    name: str
+    digest: str
+    resolution: int
+    channels: int
+
+
+def describe(
+    uri: str | os.PathLike | None = "default",
+    allow_pickle: bool = False,
+    storage_options: dict | None = None,
+) -> PriorInfo:
+    """The name, digest and image shape `load(uri)` would give, read from the folder's configs
+    and a hash of its weights file, without building the network (builtin models are built,
+    as their digest is that of their weights). Raises the same ModelLoadError as `load`."""
+    uri = "default" if uri is None else str(uri)
+    if uri.startswith("builtin:"):
+        prior = load(uri, device="cpu")
+        return PriorInfo(prior.name, prior.digest, prior.resolution, prior.channels)
+    folder = _local_folder(uri, storage_options or {}, allow_pickle)
+    unet_dir, scheduler_dir = _unet_dir(folder), _scheduler_dir(folder)
+    config = _unet_config(unet_dir, uri)
+    weights = _weights_file(unet_dir, uri, allow_pickle)
+    check_scheduler(_read_json(scheduler_dir / "scheduler_config.json", uri), uri)
+    return PriorInfo(uri, _file_digest(weights), int(_resolution(config)),
+                     int(config.get("in_channels", 3)))
+
+
 def _resolution(config) -> int:
-    size = config.sample_size
+    size = config["sample_size"] if isinstance(config, dict) else config.sample_size
     return size[0] if isinstance(size, list | tuple) else size
 
 
@@ -125,13 +157,25 @@ def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:
         ) from error
 
 
-def _load_folder(folder: Path, uri: str, allow_pickle: bool):
-    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
-    scheduler_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
-    unet_config = _read_json(unet_dir / "config.json", uri)
-    if unet_config.get("_class_name") != "UNet2DModel":
+def _unet_dir(folder: Path) -> Path:
+    return folder / "unet" if (folder / "unet").is_dir() else folder
+
+
+def _scheduler_dir(folder: Path) -> Path:
+    return folder / "scheduler" if (folder / "scheduler").is_dir() else folder
+
+
+def _unet_config(unet_dir: Path, uri: str) -> dict:
+    config = _read_json(unet_dir / "config.json", uri)
+    if config.get("_class_name") != "UNet2DModel":
         raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
-                             f"{unet_config.get('_class_name')!r} in {unet_dir / 'config.json'}")
+                             f"{config.get('_class_name')!r} in {unet_dir / 'config.json'}")
+    return config
+
+
+def _load_folder(folder: Path, uri: str, allow_pickle: bool):
+    unet_dir, scheduler_dir = _unet_dir(folder), _scheduler_dir(folder)
+    _unet_config(unet_dir, uri)
     weights = _weights_file(unet_dir, uri, allow_pickle)
     schedule = schedule_from_config(_read_json(scheduler_dir / "scheduler_config.json", uri), uri)
     from diffusers import UNet2DModel
@@ -160,21 +204,26 @@ def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
     raise ModelLoadError(f"model {uri}: no {SAFE_WEIGHTS} in {unet_dir}")
 
 
+def check_scheduler(config: dict, uri: str = "<config>") -> str:
+    """The scheduler class a diffusers scheduler config names, if this package supports it."""
+    kind = config.get("_class_name")
+    if kind not in VP_SCHEDULERS | VE_SCHEDULERS:
+        raise ModelLoadError(f"model {uri}: unsupported scheduler {kind!r}; expected one of "
+                             f"{sorted(VP_SCHEDULERS | VE_SCHEDULERS)}")
+    if kind in VP_SCHEDULERS and config.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelLoadError(f"model {uri}: only epsilon prediction is supported, got "
+                             f"prediction_type={config['prediction_type']!r}")
+    return kind
+
+
 def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:
     """Build the VP or VE schedule a diffusers scheduler config describes."""
-    kind = config.get("_class_name")
-    if kind in VP_SCHEDULERS:
-        if config.get("prediction_type", "epsilon") != "epsilon":
-            raise ModelLoadError(f"model {uri}: only epsilon prediction is supported, got "
-                                 f"prediction_type={config['prediction_type']!r}")
+    if check_scheduler(config, uri) in VP_SCHEDULERS:
         from diffusers import DDPMScheduler
 
         return VPSchedule(DDPMScheduler.from_config(config).betas)
-    if kind in VE_SCHEDULERS:
-        sigma_min, sigma_max = config.get("sigma_min", 0.01), config.get("sigma_max", 1348.0)
-        return VESchedule(float(sigma_min), float(sigma_max))
-    raise ModelLoadError(f"model {uri}: unsupported scheduler {kind!r}; expected one of "
-                         f"{sorted(VP_SCHEDULERS | VE_SCHEDULERS)}")
+    sigma_min, sigma_max = config.get("sigma_min", 0.01), config.get("sigma_max", 1348.0)
+    return VESchedule(float(sigma_min), float(sigma_max))
 
 
 def _file_digest(path: Path) -> str:

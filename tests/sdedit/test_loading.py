@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdedit
-from sdedit.loading import ModelLoadError
+from sdedit.loading import ModelLoadError, describe
 from sdedit.models import UNetAdapter
 
 SMALL_UNET = dict(
@@ -284,3 +284,43 @@ def test_bfloat16_adapter_returns_float32_close_to_float32():
     assert 0 < relative < 0.05
     out = half.edit(x.clamp(-1, 1), t0=0.3, steps=2, generator=sdedit.generators([1, 2]))
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+
+
+# --- describe: what load would give, without building the network --------------------------
+
+
+def test_describe_matches_load_for_folders_builtins_and_the_default(ddpm_folder, tmp_path):
+    from diffusers import DDPMScheduler
+
+    folder, _ = ddpm_folder
+    layout = tmp_path / "pipeline-layout"
+    small_unet(seed=4, sample_size=16).save_pretrained(layout / "unet")
+    DDPMScheduler().save_pretrained(layout / "scheduler")
+    for uri in (str(folder), f"file://{folder}", str(layout), "default", "builtin:tiny"):
+        prior, info = sdedit.load(uri, device="cpu"), describe(uri)
+        assert (info.name, info.digest, info.resolution, info.channels) == (
+            prior.name, prior.digest, prior.resolution, prior.channels), uri
+    assert describe(str(layout)).resolution == 16
+
+
+def _bad_folders(tmp_path) -> dict:
+    """Folders that load refuses, each with a word its message must contain."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    pickled = save_flat(tmp_path / "pickled", small_unet(), DDPMScheduler(), safe=False)
+    euler = save_flat(tmp_path / "euler", small_unet(), EulerDiscreteScheduler())
+    v_pred = save_flat(tmp_path / "v", small_unet(), DDPMScheduler(prediction_type="v_prediction"))
+    no_scheduler = tmp_path / "unet-only"
+    small_unet().save_pretrained(no_scheduler)
+    return {tmp_path / "missing": "does not exist", pickled: "pickle",
+            euler: "unsupported scheduler", v_pred: "epsilon",
+            no_scheduler: "scheduler_config.json"}
+
+
+def test_describe_refuses_what_load_refuses_with_the_same_message(tmp_path):
+    for folder, word in _bad_folders(tmp_path).items():
+        with pytest.raises(ModelLoadError, match=word) as described:
+            describe(folder)
+        with pytest.raises(ModelLoadError) as loaded:
+            sdedit.load(folder, device="cpu")
+        assert str(described.value) == str(loaded.value), folder
