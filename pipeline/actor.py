@@ -4,8 +4,9 @@ Determinism: a sample's output depends only on (model, guide, mask, t0, repeats,
 and on `model_batch`. Rows are grouped by (t0, repeats) and run in chunks of exactly
 `model_batch` samples (the last chunk padded with throw-away samples), each with its own
 generator. Kernels give the same bits for a sample whatever its neighbours when the batch shape
-is fixed, so outputs do not change with --batch-size, actor counts or restarts. Changing
-`model_batch` (or the device) may change rare pixels by one grey level.
+is fixed, so outputs do not change with --batch-size, actor counts or restarts (on CUDA the
+actor asks for deterministic cuDNN/cuBLAS kernels for this). Changing `model_batch` (or the
+device) may change rare pixels by one grey level.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class SDEditActor:
 
         if threads:
             torch.set_num_threads(threads)
+        if torch.cuda.is_available():
+            prefer_deterministic_cuda()
         self.prior = sdedit.load(model, dtype=dtype, storage_options=dict(storage_options))
         self.model_batch = model_batch
         self.steps = steps
@@ -123,6 +126,20 @@ class SDEditActor:
         for name, column in columns.items():
             table = table.append_column(name, column)
         return table
+
+
+def prefer_deterministic_cuda() -> None:
+    """Ask cuDNN and cuBLAS for kernels whose result for a sample does not depend on run or
+    neighbours. On an H200, float32 outputs of the same rows differed between batchings
+    without this (bfloat16 ones did not). cuBLAS reads its workspace setting when CUDA starts,
+    so this runs before the model loads."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def to_tensor(buffers: list[bytes], size: int, channels: int):

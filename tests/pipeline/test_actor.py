@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from run_helpers import write_images
 
-from pipeline.actor import SDEditActor
+from pipeline.actor import SDEditActor, prefer_deterministic_cuda
 from pipeline.fetch import fetch_batch
 from pipeline.manifest import Plan, expand_table
 
@@ -57,3 +59,15 @@ def test_rows_that_already_failed_pass_through_untouched(actor, work):
     assert result["_sd_stage"][0].as_py() == "read"
     assert result["_sd_pixels"][0].as_py() is None
     assert result["_sd_pixels"][1].as_py() is not None
+
+
+def test_cuda_actors_ask_for_deterministic_kernels(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    prefer_deterministic_cuda()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own choice is kept
+    prefer_deterministic_cuda()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
