@@ -70,3 +70,12 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, photo_folder):
         main, ["manifest", str(photo_folder), str(tmp_path / "m.parquet"), "--task", "editing"]
     )
     assert result.exit_code == 1 and "needs a mask per image" in result.output
+
+
+def test_guides_max_pixels_turns_large_sources_into_error_rows(ray_local, photo_folder, tmp_path):
+    out = tmp_path / "small-only"
+    result = CliRunner().invoke(main, ["guides", "edits", str(photo_folder), str(out),
+                                       "--box", "0,0,16,16", "--max-pixels", "100"])
+    assert result.exit_code == 1
+    assert "over the limit of 100" in result.output and "raise --max-pixels" in result.output
+    assert "4 row(s) failed" in result.output and "no guide could be built" in result.output
