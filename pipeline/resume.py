@@ -9,13 +9,12 @@ run with a different one is refused unless it asks to overwrite.
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pipeline.manifest import Key, is_local
-from pipeline.writers import DATA_DIR, ERRORS_DIR, KEY_COLUMNS, TEMP_PREFIX
+from pipeline.writers import DATA_DIR, ERRORS_DIR, KEY_COLUMNS, TEMP_PREFIX, webdataset_rows
 
 RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
@@ -85,13 +84,8 @@ def _parquet_keys(fs, path: str, extra: tuple[str, ...] = ()) -> list[tuple]:
 
 
 def _tar_keys(fs, path: str) -> list[Key]:
-    keys = []
-    with fs.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                record = json.load(tar.extractfile(member))
-                keys.append((record["id"], record["t0"], record["sample"]))
-    return keys
+    with fs.open(path, "rb") as stream:
+        return [tuple(row[c] for c in KEY_COLUMNS) for row in webdataset_rows(stream, images=False)]
 
 
 def clean_temporaries(output: str, storage_options: Mapping) -> int:

@@ -15,16 +15,21 @@ import os
 import tarfile
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from typing import IO, Protocol
 from urllib.parse import quote
 
 import pyarrow as pa
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
 KEY_COLUMNS = ("id", "t0", "sample")
-DATA_COLUMNS = ("id", "t0", "sample", "seed", "image", "image_format", "width", "height",
-                "model", "model_digest", "steps", "repeats", "l2_to_guide")
+# the data columns, in order, with their types as the pipeline builds them (manifest.py, actor.py,
+# encode.py); a WebDataset shard's JSON is read back into these types
+DATA_TYPES = {"id": pa.string(), "t0": pa.float64(), "sample": pa.int32(), "seed": pa.int64(),
+              "image": pa.binary(), "image_format": pa.string(), "width": pa.int32(),
+              "height": pa.int32(), "model": pa.string(), "model_digest": pa.string(),
+              "steps": pa.int32(), "repeats": pa.int32(), "l2_to_guide": pa.float64()}
+DATA_COLUMNS = tuple(DATA_TYPES)
 ERROR_COLUMNS = ("id", "t0", "sample", "stage", "error")
 TEMP_PREFIX = ".tmp-"
 
@@ -130,6 +135,35 @@ class WebDatasetShardWriter(_BufferedWriter):
 def webdataset_key(row_id: str, t0: float, sample: int) -> str:
     """A tar member stem without dots (WebDataset splits names at the first dot)."""
     return f"{quote(row_id, safe='-_')}-t{round(t0 * 1e6):07d}-s{sample:04d}".replace(".", "%2E")
+
+
+def webdataset_rows(stream: IO[bytes], images: bool = True) -> Iterator[dict]:
+    """The rows of one WebDataset shard: each sample's JSON fields plus its `image` bytes.
+
+    The inverse of `WebDatasetShardWriter`; with `images=False` the image members are skipped
+    unread and `image` is None (enough for keys).
+    """
+    pending: dict[str, bytes] = {}
+    with tarfile.open(fileobj=stream, mode="r:") as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            if extension == "json":
+                record = json.load(tar.extractfile(member))
+                yield record | {"image": pending.pop(key, None)}
+            elif images:
+                pending[key] = tar.extractfile(member).read()
+
+
+def read_webdataset_shard(stream: IO[bytes]) -> pa.Table:
+    """One WebDataset shard as the Parquet writer would hold it: data columns, then pass-through.
+
+    Data columns get their pipeline types; pass-through types are inferred from the JSON values
+    (their order is alphabetical: the JSON does not keep the manifest's).
+    """
+    rows = list(webdataset_rows(stream))
+    passthrough = sorted({name for row in rows for name in row} - set(DATA_TYPES))
+    return pa.table({name: pa.array([row.get(name) for row in rows], DATA_TYPES.get(name))
+                     for name in [*DATA_COLUMNS, *passthrough]})
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

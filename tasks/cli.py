@@ -220,7 +220,7 @@ def inspect(output, count, ids, sample, cell, destination, manifest_uri, storage
         png, page, summary = write_contact_sheet(
             folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell
         )
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo("\n".join(summary))
     click.echo(f"contact sheet: {png}\n               {page}")
@@ -239,7 +239,10 @@ def evaluate(output, json_uri, manifest_uri, storage_options) -> None:
     from tasks.evaluate import format_report, write_report
 
     folder = output_folder(output, storage_options, manifest_uri)
-    report = evaluate_folder(folder)
+    try:
+        report = evaluate_folder(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
     destination = json_uri or folder.path("evaluation.json")
     write_report(report, destination, folder.storage_options)
     click.echo(format_report(report))

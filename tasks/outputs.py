@@ -1,7 +1,8 @@
 """Reading a finished (or running) `sdedit run` OUTPUT folder.
 
 Layout (see the pipeline issue): `OUTPUT/data/*.parquet` one row per (id, t0, sample) with the
-encoded `image`; `OUTPUT/errors/*.parquet` one row per failure; `OUTPUT/summary.json`.
+encoded `image` (or `OUTPUT/data/*.tar` WebDataset shards, read back into the same table);
+`OUTPUT/errors/*.parquet` one row per failure; `OUTPUT/summary.json`.
 Guides and masks are found through the pass-through `guide` / `mask` columns; relative ones
 resolve against the manifest's folder, recorded in the summary's configuration.
 """
@@ -18,10 +19,13 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from pipeline.config import Format
 from tasks.sources import is_remote, resolve
 
 KEY_COLUMNS = ("id", "t0", "sample")
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
+# data shard name endings by format, as pipeline.writers.WRITERS writes them
+SHARD_SUFFIXES: dict[Format, str] = {"parquet": ".parquet", "webdataset": ".tar"}
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ def _filesystem(folder: OutputFolder):
     return fsspec.core.url_to_fs(folder.uri, **folder.storage_options)
 
 
-def parquet_files(folder: OutputFolder, sub: str) -> list[str]:
-    """Committed Parquet files under OUTPUT/sub, sorted (hidden temporary names skipped)."""
+def shard_files(folder: OutputFolder, sub: str, suffix: str = ".parquet") -> list[str]:
+    """Committed `suffix` files under OUTPUT/sub, sorted (hidden temporary names skipped)."""
     fs, root = _filesystem(folder)
     where = posixpath.join(root, sub)
     if not fs.exists(where):
@@ -52,9 +56,62 @@ def parquet_files(folder: OutputFolder, sub: str) -> list[str]:
     found = [
         path
         for path in fs.find(where)
-        if path.endswith(".parquet") and not posixpath.basename(path).startswith(HIDDEN_PREFIXES)
+        if path.endswith(suffix) and not posixpath.basename(path).startswith(HIDDEN_PREFIXES)
     ]
     return sorted(found)
+
+
+def data_shards(folder: OutputFolder) -> tuple[Format, list[str]]:
+    """The format OUTPUT/data holds and its committed shards (summary.json decides a mix)."""
+    found = {name: shard_files(folder, "data", suffix) for name, suffix in SHARD_SUFFIXES.items()}
+    held = [name for name, paths in found.items() if paths]
+    if len(held) > 1:
+        configured = read_summary(folder).get("config", {}).get("format")
+        held = [configured] if configured in held else held
+    if len(held) == 1:
+        return held[0], found[held[0]]
+    if held:
+        raise ValueError(f"{folder.path('data')} holds both Parquet and WebDataset shards and "
+                         "summary.json does not say which format the run wrote")
+    raise FileNotFoundError(f"no output shards under {folder.path('data')}: neither Parquet "
+                            "(*.parquet) nor WebDataset (*.tar) files")
+
+
+def read_shard(
+    fs, path: str, data_format: Format, columns: list[str] | None = None,
+    ids: list[str] | None = None,
+):
+    """One committed data shard as a pyarrow Table in the Parquet dataset's columns and types.
+
+    `columns` missing from the shard are skipped; `ids` keeps only those ids' rows.
+    """
+    with fs.open(path, "rb") as file:
+        return SHARD_READERS[data_format](file, columns, ids)
+
+
+def _read_parquet(file, columns: list[str] | None, ids: list[str] | None):
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(file).names
+    file.seek(0)
+    wanted = [c for c in columns if c in names] if columns else None
+    filters = [("id", "in", ids)] if ids is not None else None
+    return pq.read_table(file, columns=wanted, filters=filters)
+
+
+def _read_webdataset(file, columns: list[str] | None, ids: list[str] | None):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.writers import read_webdataset_shard
+
+    table = read_webdataset_shard(file)
+    if ids is not None:
+        table = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+    return table.select([c for c in columns if c in table.column_names]) if columns else table
+
+
+SHARD_READERS = {"parquet": _read_parquet, "webdataset": _read_webdataset}
 
 
 def read_table(
@@ -62,31 +119,25 @@ def read_table(
 ):
     """Committed rows under OUTPUT/sub as one pyarrow Table (None when there are none).
 
-    `columns` missing from a file are skipped; `ids` keeps only those ids' rows.
+    `data` is read in whichever format the run wrote (see `data_shards`); other folders
+    (`errors`) are Parquet. `columns` missing from a file are skipped; `ids` keeps only those
+    ids' rows.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, _ = _filesystem(folder)
-    tables = []
-    for path in parquet_files(folder, sub):
-        with fs.open(path, "rb") as file:
-            schema_names = pq.read_schema(file).names
-            file.seek(0)
-            wanted = [c for c in columns if c in schema_names] if columns else None
-            filters = [("id", "in", ids)] if ids is not None else None
-            tables.append(pq.read_table(file, columns=wanted, filters=filters))
+    data_format, paths = data_shards(folder) if sub == "data" else ("parquet",
+                                                                    shard_files(folder, sub))
+    tables = [read_shard(fs, path, data_format, columns, ids) for path in paths]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
 def iter_rows(folder: OutputFolder, columns: list[str] | None = None) -> Iterator[dict]:
-    """Output rows one data file at a time, so large datasets stream through."""
-    import pyarrow.parquet as pq
-
+    """Output rows one data shard at a time (either format), so large datasets stream through."""
     fs, _ = _filesystem(folder)
-    for path in parquet_files(folder, "data"):
-        with fs.open(path, "rb") as file:
-            yield from pq.read_table(file, columns=columns).to_pylist()
+    data_format, paths = data_shards(folder)
+    for path in paths:
+        yield from read_shard(fs, path, data_format, columns).to_pylist()
 
 
 def read_summary(folder: OutputFolder) -> dict:

@@ -1,0 +1,180 @@
+"""Reading OUTPUT/data in either format: one table for Parquet and WebDataset shards, so
+`sdedit inspect` and `sdedit evaluate` give the same numbers for the same job in both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from task_fixtures import flat, photo, png_bytes
+
+from pipeline.writers import DATA_TYPES, WRITERS
+from tasks.evaluate import evaluate
+from tasks.inspect import PLACEHOLDER, cell_origin, sheet_size, summary_lines, write_contact_sheet
+from tasks.outputs import SHARD_SUFFIXES, OutputFolder, data_shards, read_table
+
+FORMATS = ("parquet", "webdataset")
+SORT = [("id", "ascending"), ("t0", "ascending"), ("sample", "ascending")]
+
+
+def data_table(count: int) -> pa.Table:
+    """`count` ids x 2 t0 of output rows in the pipeline's types; pass-through guide, label."""
+    rows = [
+        {"id": f"id{i}", "t0": t0, "sample": 0, "seed": 1000 + i, "image": png_bytes(flat(i * 40)),
+         "image_format": "png", "width": 16, "height": 16, "model": "builtin:tiny",
+         "model_digest": "sha256:x", "steps": 2, "repeats": 1,
+         "l2_to_guide": None if i == 0 else 0.1 * i + t0, "guide": f"g{i}.png", "label": i}
+        for i in range(count) for t0 in (0.3, 0.6)
+    ]
+    schema = pa.schema([*DATA_TYPES.items(), ("guide", pa.string()), ("label", pa.int64())])
+    return pa.Table.from_pylist(rows, schema)
+
+
+def write_shards(output, table: pa.Table, data_format: str, per_shard: int = 3) -> OutputFolder:
+    """`table` committed under OUTPUT/data by the pipeline's writer, `per_shard` rows a shard."""
+    for start in range(0, table.num_rows, per_shard):
+        writer = WRITERS[data_format](str(output / "data"), {})
+        writer.write(table.slice(start, per_shard))
+        writer.close()
+    return OutputFolder(str(output))
+
+
+def test_suffixes_match_the_writers():
+    assert {name: f".{w.extension}" for name, w in WRITERS.items()} == SHARD_SUFFIXES
+
+
+def test_webdataset_shards_read_back_as_the_parquet_table(tmp_path):
+    table = data_table(4)
+    folders = {name: write_shards(tmp_path / name, table, name) for name in FORMATS}
+    (tmp_path / "webdataset" / "data" / ".tmp-part-x.tar.123").write_bytes(b"partial")
+    (tmp_path / "webdataset" / "data" / ".tmp-part-y.tar").write_bytes(b"partial")
+    assert len(data_shards(folders["webdataset"])[1]) == 3  # 8 rows, 3 a shard
+    parquet, webdataset = (read_table(folders[name], "data").sort_by(SORT) for name in FORMATS)
+    assert webdataset.schema == parquet.schema == table.schema
+    assert webdataset.equals(parquet) and webdataset.equals(table.sort_by(SORT))
+    assert webdataset["l2_to_guide"].null_count == 2
+
+
+def test_columns_and_ids_select_the_same_rows_in_both_formats(tmp_path):
+    table = data_table(4)
+    folders = {name: write_shards(tmp_path / name, table, name) for name in FORMATS}
+    chosen = [
+        read_table(folders[name], "data", ["id", "t0", "image", "absent"], ["id1", "id3"])
+        .sort_by([("id", "ascending"), ("t0", "ascending")])
+        for name in FORMATS
+    ]
+    assert chosen[0].column_names == ["id", "t0", "image"]
+    assert chosen[0].equals(chosen[1])
+    assert chosen[1]["id"].to_pylist() == ["id1", "id1", "id3", "id3"]
+
+
+def test_format_comes_from_data_or_the_summary_and_empty_data_names_output(tmp_path):
+    output = tmp_path / "out"
+    (output / "data").mkdir(parents=True)
+    (output / "data" / ".tmp-part-a.tar").write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match=f"no output shards under {output}/data"):
+        data_shards(OutputFolder(str(output)))
+    table = data_table(2)
+    folder = write_shards(output, table, "webdataset", per_shard=4)
+    assert data_shards(folder)[0] == "webdataset"
+    write_shards(output, table, "parquet", per_shard=4)
+    with pytest.raises(ValueError, match="both Parquet and WebDataset"):
+        data_shards(folder)
+    (output / "summary.json").write_text(json.dumps({"config": {"format": "parquet"}}))
+    data_format, paths = data_shards(folder)
+    assert data_format == "parquet" and [p.rsplit(".", 1)[1] for p in paths] == ["parquet"]
+
+
+# -- the same job run by the pipeline in both formats --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both_formats(tmp_path_factory, ray_local):
+    """One small job (3 ids with guides, one masked, one with a missing guide; 2 t0 x 2 samples)
+    run by `sdedit run` once per format; returns {format: OutputFolder}."""
+    from pipeline.config import RunConfig
+    from pipeline.job import run
+
+    root = tmp_path_factory.mktemp("formats")
+    (root / "inputs").mkdir()
+    for name in ("chelsea", "coffee", "rocket"):
+        photo(name, (64, 64)).save(root / "inputs" / f"{name}.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(root / "inputs" / "mask.png")
+    manifest = root / "inputs" / "manifest.parquet"
+    pq.write_table(pa.table({
+        "id": ["chelsea", "coffee", "rocket", "lost"],
+        "guide": ["chelsea.png", "coffee.png", "rocket.png", "missing.png"],
+        "mask": [None, "mask.png", None, None],
+    }), manifest)
+    folders = {}
+    for name in FORMATS:
+        run(RunConfig(manifest=str(manifest), output=str(root / name), model="builtin:tiny",
+                      steps=2, t0=(0.3, 0.6), samples=2, batch_size=4, model_batch=4,
+                      rows_per_shard=3, format=name))
+        folders[name] = OutputFolder(str(root / name))
+    return folders
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_read_back_identically(both_formats):
+    assert [data_shards(both_formats[f])[0] for f in FORMATS] == list(FORMATS)
+    parquet, webdataset = (read_table(both_formats[f], "data").sort_by(SORT) for f in FORMATS)
+    assert parquet.num_rows == 3 * 2 * 2
+    assert webdataset.schema == parquet.schema
+    assert webdataset.equals(parquet)
+
+
+@pytest.mark.slow
+def test_inspect_summary_numbers_are_identical_for_both_formats(both_formats):
+    parquet, webdataset = (summary_lines(both_formats[f]) for f in FORMATS)
+    numbers = [line for line in parquet if not line.startswith(("output", "images/s"))]
+    assert numbers == [line for line in webdataset if not line.startswith(("output", "images/s"))]
+    assert "written           12  (3 ids, 2 t0 values, 2 samples)" in numbers
+    assert "expected          16" in numbers
+    assert any(line.startswith("errors            4  (") for line in numbers)
+    table = numbers[numbers.index("faithfulness (L2 to guide, [-1,1] units)") + 2:]
+    assert [line.split()[:2] for line in table] == [["0.300", "6"], ["0.600", "6"]]
+    means = [float(line.split()[2]) for line in table]
+    assert 0 < means[0] < means[1]  # larger t0 strays further from the guide
+
+
+@pytest.mark.slow
+def test_evaluate_reports_are_identical_for_both_formats(both_formats):
+    parquet, webdataset = (evaluate(both_formats[f]) for f in FORMATS)
+    assert parquet.pop("output") != webdataset.pop("output")
+    assert webdataset == parquet
+    assert parquet["outputs_scored"] == 12 and parquet["outputs_without_guide"] == 0
+    assert [group["outputs"] for group in parquet["by_t0"]] == [6, 6]
+    assert [group["masked_outputs"] for group in parquet["by_t0"]] == [2, 2]
+    assert parquet["exact_keep_outside_mask"] is True
+    for group in parquet["by_t0"]:
+        assert group["l2_to_guide"] == pytest.approx(group["l2_to_guide_reported"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_contact_sheet_of_a_webdataset_output(both_formats, tmp_path):
+    folder, cell = both_formats["webdataset"], 32
+    png, page, _ = write_contact_sheet(folder, str(tmp_path / "sheet"), count=3, cell=cell)
+    sheet = np.asarray(Image.open(png))
+    assert Image.open(png).size == sheet_size(3, 2 + 2, cell)
+    for row in range(3):
+        for column in (0, 2, 3):  # guide and both outputs are images, not placeholders
+            x, y = cell_origin(row, column, cell)
+            assert tuple(sheet[y + cell // 2, x + cell // 2]) != PLACEHOLDER
+    assert "data:image/png;base64," in Path(page).read_text(encoding="utf-8")
+
+
+def test_evaluate_cli_on_an_empty_output_names_it(tmp_path):
+    from click.testing import CliRunner
+
+    from tasks.cli import evaluate as evaluate_command
+
+    result = CliRunner().invoke(evaluate_command, [str(tmp_path)])
+    assert result.exit_code == 1 and f"no output shards under {tmp_path}/data" in result.output
