@@ -58,6 +58,7 @@ class RunConfig:
     max_pixels: int = 40_000_000
     max_error_rate: float = 1.0
     overwrite: bool = False
+    allow_pickle: bool = False  # pickle weights can run code: only for trusted models
 
     def __post_init__(self) -> None:
         for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates):

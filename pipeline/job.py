@@ -85,7 +85,8 @@ def probe_model(config: RunConfig) -> ModelInfo:
     (no network is built), failing before any work when the model URI is wrong."""
     from sdedit.loading import describe
 
-    info = describe(config.model, storage_options=dict(config.storage_options))
+    info = describe(config.model, allow_pickle=config.allow_pickle,
+                    storage_options=dict(config.storage_options))
     return ModelInfo(info.name, info.digest, info.resolution)
 
 
@@ -180,7 +181,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
         num_cpus=cpus, num_gpus=gpus,
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
                                    model_batch=config.model_batch, steps=config.steps,
-                                   threads=threads))
+                                   threads=threads, allow_pickle=config.allow_pickle))
     return edited.map_batches(
         write_step, batch_size=config.rows_per_shard, batch_format="pyarrow", num_cpus=CPU_STEP,
         concurrency=tasks,

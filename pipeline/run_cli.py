@@ -38,6 +38,8 @@ EXIT_ERROR_RATE = 3
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
 @click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUTPUT.")
+@click.option("--allow-pickle", is_flag=True, default=None,
+              help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML or TOML file with these options; flags override it.")
 def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[float, ...],

@@ -149,3 +149,23 @@ def test_bundled_example_runs_with_task_presets(tmp_path):
     guide = np.asarray(Image.open(manifest.parent / "guides" / "chelsea-edit.png"))
     assert np.array_equal(out[:16], guide[:16])  # outside the mask: the guide, exactly
     assert edit["source"] == "photos/chelsea.png"
+
+
+def test_pickle_only_models_need_allow_pickle(small_manifest, tmp_path):
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "pickled-prior"
+    UNet2DModel(sample_size=32, block_out_channels=(8, 16), norm_num_groups=4,
+                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(
+        folder, safe_serialization=False)
+    DDPMScheduler().save_pretrained(folder)
+    output = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="allow-pickle") as refused:
+        run(config(small_manifest, output, model=str(folder)))
+    assert str(folder) in str(refused.value) and not (output / "data").exists()
+    summary = run(config(small_manifest, output, model=str(folder), allow_pickle=True))
+    assert (summary["written"], summary["errors"]) == (4, 0) and summary["reconciled"]
+    assert set(read_dataset(output)["model"].to_pylist()) == {str(folder)}
