@@ -82,13 +82,10 @@ def describe(
     if uri.startswith("builtin:"):
         prior = load(uri, device="cpu")
         return PriorInfo(prior.name, prior.digest, prior.resolution, prior.channels)
-    folder = _local_folder(uri, storage_options or {}, allow_pickle)
-    unet_dir, scheduler_dir = _unet_dir(folder), _scheduler_dir(folder)
-    config = _unet_config(unet_dir, uri)
-    weights = _weights_file(unet_dir, uri, allow_pickle)
-    check_scheduler(_read_json(scheduler_dir / "scheduler_config.json", uri), uri)
-    return PriorInfo(uri, _file_digest(weights), int(_resolution(config)),
-                     int(config.get("in_channels", 3)))
+    parts = _folder_parts(_local_folder(uri, storage_options or {}, allow_pickle), uri,
+                          allow_pickle)
+    return PriorInfo(uri, _file_digest(parts.weights), int(_resolution(parts.unet_config)),
+                     int(parts.unet_config.get("in_channels", 3)))
 
 
 def _resolution(config) -> int:
@@ -157,33 +154,39 @@ def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:
         ) from error
 
 
-def _unet_dir(folder: Path) -> Path:
-    return folder / "unet" if (folder / "unet").is_dir() else folder
+@dataclass(frozen=True)
+class _FolderParts:
+    unet_dir: Path
+    unet_config: dict
+    weights: Path
+    scheduler_config: dict
 
 
-def _scheduler_dir(folder: Path) -> Path:
-    return folder / "scheduler" if (folder / "scheduler").is_dir() else folder
-
-
-def _unet_config(unet_dir: Path, uri: str) -> dict:
-    config = _read_json(unet_dir / "config.json", uri)
-    if config.get("_class_name") != "UNet2DModel":
+def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
+    """Find and check a prior folder's pieces (flat or unet/ + scheduler/ layout): the one
+    place both `load` and `describe` refuse a folder, so they refuse the same ones."""
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    scheduler_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
+    unet_config = _read_json(unet_dir / "config.json", uri)
+    if unet_config.get("_class_name") != "UNet2DModel":
         raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
-                             f"{config.get('_class_name')!r} in {unet_dir / 'config.json'}")
-    return config
+                             f"{unet_config.get('_class_name')!r} in {unet_dir / 'config.json'}")
+    weights = _weights_file(unet_dir, uri, allow_pickle)
+    scheduler_config = _read_json(scheduler_dir / "scheduler_config.json", uri)
+    check_scheduler(scheduler_config, uri)
+    return _FolderParts(unet_dir, unet_config, weights, scheduler_config)
 
 
 def _load_folder(folder: Path, uri: str, allow_pickle: bool):
-    unet_dir, scheduler_dir = _unet_dir(folder), _scheduler_dir(folder)
-    _unet_config(unet_dir, uri)
-    weights = _weights_file(unet_dir, uri, allow_pickle)
-    schedule = schedule_from_config(_read_json(scheduler_dir / "scheduler_config.json", uri), uri)
+    parts = _folder_parts(folder, uri, allow_pickle)
+    schedule = schedule_from_config(parts.scheduler_config, uri)
     from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(
-        unet_dir, use_safetensors=weights.suffix == ".safetensors", low_cpu_mem_usage=False
+        parts.unet_dir, use_safetensors=parts.weights.suffix == ".safetensors",
+        low_cpu_mem_usage=False,
     )
-    return unet, schedule, _file_digest(weights)
+    return unet, schedule, _file_digest(parts.weights)
 
 
 def _read_json(path: Path, uri: str) -> dict:

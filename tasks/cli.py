@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from pipeline.config import RunConfig
 from tasks.regions import Box
 
 
@@ -53,8 +54,8 @@ def ray_options(command: Callable) -> Callable:
         click.option(
             "--num-cpus", default=0.5, show_default=True, help="CPUs per Ray task (fractional)."
         ),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
-                     help="Largest accepted source image (width x height); default as `run`."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=RunConfig.max_pixels,
+                     show_default=True, help="Largest accepted source image (width x height)."),
         storage_option,
     ]
     return functools.reduce(lambda wrapped, option: option(wrapped), reversed(options), command)
@@ -71,9 +72,8 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     rows = source_rows(source, storage)
     if not ray.is_initialized():
         ray.init(address=settings["address"], include_dashboard=False)
-    limit = {"max_pixels": settings["max_pixels"]} if settings["max_pixels"] else {}
     job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
-                   settings["num_cpus"], **limit)
+                   settings["num_cpus"], settings["max_pixels"])
     report = build_guides(rows, job)
     click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
     for error in list(report.errors.values())[:10]:
