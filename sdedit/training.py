@@ -100,7 +100,7 @@ def ddpm_loss(
     batch, device = x0.shape[0], generator.device
     t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=device)
     eps = torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
-    alpha_bar = schedule.alphas_cumprod.to(device)[t].float().view(batch, 1, 1, 1)
+    alpha_bar = schedule.alpha_bar(t).float().view(batch, 1, 1, 1)  # table cached per device
     alpha_bar, t = alpha_bar.to(x0.device), t.to(x0.device)
     xt = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
     prediction = unet(xt, t).sample
