@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from tasks.images import MAX_PIXELS
+
 Format = Literal["parquet", "webdataset"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -55,7 +57,7 @@ class RunConfig:
     actors: tuple[int, int] = (1, 1)
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_PIXELS
     max_error_rate: float = 1.0
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models

@@ -1,6 +1,6 @@
 """`sdedit edit`: SDEdit one guide image with a prior, for quick tries.
 
-The recipe: decode the guide (and mask) with `pipeline.fetch`, so `sdedit edit` accepts and
+The recipe: decode the guide (and mask) with `tasks.images`, so `sdedit edit` accepts and
 converts exactly the inputs `sdedit run` does, resize them to the model's resolution, run
 `sdedit.edit` with one seeded generator, resize the output back to the guide's size and encode
 it. Masks are read as grayscale with white = synthesize, black = keep.
@@ -14,11 +14,10 @@ from typing import Literal
 
 import click
 
-from pipeline.config import RunConfig
+from tasks.images import MAX_PIXELS, InputError, open_image, to_mask, to_rgb
 
 MaskMode = Literal["binary", "soft"]
 _MODES_FOR_CHANNELS = {1: "L", 3: "RGB"}
-MAX_PIXELS = RunConfig.max_pixels  # the same decompression-bomb limit as `sdedit run`
 
 
 @dataclass(frozen=True)
@@ -122,17 +121,13 @@ def edit_image(prior, guide, mask, options: EditOptions):
 
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS):
-    """Decode a guide to 8-bit RGB exactly as `sdedit run` does (`pipeline.fetch.to_rgb`)."""
-    from pipeline.fetch import to_rgb
-
+    """Decode a guide to 8-bit RGB exactly as `sdedit run` does (`tasks.images.to_rgb`)."""
     return _decode(path, to_rgb, max_pixels, param_hint="'--guide'")
 
 
 def read_mask(path: Path, size: tuple[int, int], max_pixels: int = MAX_PIXELS):
     """Decode a mask to 8-bit grayscale as `sdedit run` does (white = synthesize); it must
     have the guide's size."""
-    from pipeline.fetch import to_mask
-
     mask = _decode(path, to_mask, max_pixels, param_hint="'--mask'")
     if mask.size != size:
         raise click.BadParameter(f"mask {path} is {_size(mask.size)} but the guide is "
@@ -142,9 +137,7 @@ def read_mask(path: Path, size: tuple[int, int], max_pixels: int = MAX_PIXELS):
 
 
 def _decode(path: Path, convert, max_pixels: int, param_hint: str):
-    """Read `path` and decode it with `pipeline.fetch`; its InputError becomes a usage error."""
-    from pipeline.fetch import InputError, open_image
-
+    """Read `path` and decode it with `tasks.images`; its InputError becomes a usage error."""
     try:
         data = path.read_bytes()
     except OSError as error:

@@ -14,14 +14,13 @@ from pathlib import PurePosixPath
 
 import click
 
-from pipeline.config import RunConfig
+from tasks.images import MAX_PIXELS, InputError, open_image, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST_COLUMNS = ("image", "guide")
 # command-line option -> TrainConfig field, for refusing conflicting options on resume
 OPTION_FIELDS = {"resolution": "resolution", "batch_size": "batch_size", "lr": "lr",
                  "channels": "channels", "bf16": "bf16", "seed": "seed"}
-MAX_PIXELS = RunConfig.max_pixels  # the same decompression-bomb limit as `sdedit run`
 
 
 def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
@@ -68,13 +67,11 @@ def _resolve(uri: str, base: str) -> str:
 
 def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>",
                  max_pixels: int = MAX_PIXELS):
-    """Decode to 8-bit RGB exactly as `sdedit run` does (`pipeline.fetch.to_rgb`: 16-bit scaled,
+    """Decode to 8-bit RGB exactly as `sdedit run` does (`tasks.images.to_rgb`: 16-bit scaled,
     transparency composited on white), centre-crop to a square and resize to `resolution` with
     Lanczos; returns a uint8 array [H, W, 3]."""
     import numpy as np
     from PIL import Image
-
-    from pipeline.fetch import InputError, open_image, to_rgb
 
     try:
         rgb = to_rgb(open_image(payload, uri, max_pixels), uri)

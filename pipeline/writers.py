@@ -54,7 +54,7 @@ def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> 
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.manifest import is_local
+    from tasks.images import is_local
 
     options = {} if is_local(folder) else dict(storage_options)
     fs, root = fsspec.core.url_to_fs(folder, **options)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from pipeline.config import RunConfig
+from tasks.images import MAX_PIXELS
 from tasks.regions import Box
 
 
@@ -54,7 +54,7 @@ def ray_options(command: Callable) -> Callable:
         click.option(
             "--num-cpus", default=0.5, show_default=True, help="CPUs per Ray task (fractional)."
         ),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=RunConfig.max_pixels,
+        click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS,
                      show_default=True, help="Largest accepted source image (width x height)."),
         storage_option,
     ]

@@ -6,7 +6,7 @@ build and write `OUTPUT/guides/<id>.png` (and `OUTPUT/masks/<id>.png`); the driv
 writes `OUTPUT/manifest.parquet` (last, so its presence means the guides are complete) with
 `id`, `guide`, `mask`, `task`, `source` and the pass-through columns, paths relative to OUTPUT.
 Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped.
-Images are decoded as `sdedit run` decodes guides (`pipeline.fetch`): transparency over white,
+Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency over white,
 16-bit scaled to 8 bits, masks as "L", at most `GuideJob.max_pixels` pixels.
 """
 
@@ -20,9 +20,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.config import RunConfig
 from tasks.compositing import composite_guide
 from tasks.editing import edit_guide
+from tasks.images import MAX_PIXELS, InputError, open_image, read_bytes, to_mask, to_rgb
 from tasks.regions import Box
 from tasks.strokes import simulate_strokes
 
@@ -117,7 +117,7 @@ class GuideJob:
     storage_options: dict = field(default_factory=dict)
     batch_size: int = 8
     num_cpus: float = 0.5
-    max_pixels: int = RunConfig.max_pixels
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,9 @@ def image_seed(seed: int, row_id: str) -> int:
 def read_images(row: dict, job: GuideJob) -> Images:
     """The row's source and foreground as 8-bit RGB and its mask as "L".
 
-    Decoding follows `pipeline.fetch` (alpha over white, 16-bit scaled, size limit), so a
+    Decoding follows `tasks.images` (alpha over white, 16-bit scaled, size limit), so a
     guide looks as the run will read it; a bad file raises `InputError` naming its URI.
     """
-    from pipeline.fetch import open_image, read_bytes, to_mask, to_rgb
-
     images = {}
     for key in ("source", "mask", "foreground"):
         if row.get(key):
@@ -168,8 +166,6 @@ def build_one(row: dict, job: GuideJob) -> dict:
 
     Pure apart from reading the row's images and writing the two PNGs.
     """
-    from pipeline.fetch import InputError
-
     try:
         images = read_images(row, job)
         guide, mask = BUILDERS[job.task](

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.fetch import InputError, load_guide, load_mask, prepare
+from pipeline.fetch import load_guide, load_mask, prepare
+from tasks.images import InputError
 
 LIMIT = 10_000_000
 

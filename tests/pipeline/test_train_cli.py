@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import sdedit
 from pipeline.cli import main
-from pipeline.fetch import open_image, to_rgb
 from pipeline.train_cli import decode_image, image_uris
+from tasks.images import open_image, to_rgb
 
 SMALL = ["--resolution", "32", "--channels", "16,32", "--batch-size", "2", "--threads", "1"]
 

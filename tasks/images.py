@@ -1,0 +1,126 @@
+"""How every command reads an image: the decoding contract `sdedit run`, `edit`, `train` and
+`guides` share, so a file is accepted, rejected and converted the same way everywhere.
+
+Bytes come from any fsspec URI, transient I/O errors retried with backoff. Guides become 8-bit
+RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
+(value / 257); CMYK and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
+PA, palette with a transparent colour) are composited over white; EXIF orientation is applied;
+other modes (32-bit float, LAB, HSV) are decode errors. Masks become 8-bit grayscale read as
+[0, 1] (white = synthesize, black = keep): colour masks use their luminance, 16-bit masks are
+scaled like guides, alpha is ignored. Images larger than `max_pixels` (width x height, default
+`MAX_PIXELS`) are rejected before their pixels are decoded (decompression-bomb guard). Every
+failure is an `InputError` whose `stage` says where it failed and whose message names the URI.
+Pillow, NumPy and fsspec are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+Stage = str  # "read" | "decode" | "validate"
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
+READ_ATTEMPTS = 4
+MAX_PIXELS = 40_000_000  # default size limit (width x height) of every decoded image
+
+
+class InputError(Exception):
+    """A guide or mask cannot be used; `stage` says where it failed, the message says why."""
+
+    def __init__(self, stage: Stage, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def is_local(uri: str) -> bool:
+    """Whether a URI names the local file system (storage options do not apply to it)."""
+    return "://" not in uri or uri.startswith(("file://", "local://"))
+
+
+def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS) -> bytes:
+    """The bytes at a URI; transient I/O errors are retried with exponential backoff."""
+    import fsspec
+
+    options = {} if is_local(uri) else dict(storage_options)
+    for attempt in range(attempts):
+        try:
+            with fsspec.open(uri, "rb", **options) as stream:
+                return stream.read()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+            raise InputError("read", f"cannot read {uri}: {_reason(error)}") from error
+        except OSError as error:  # network and object-store hiccups
+            if attempt == attempts - 1:
+                raise InputError("read", f"cannot read {uri} after {attempts} attempts: "
+                                 f"{_reason(error)}") from error
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """Decode an image fully, refusing oversized and truncated files."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InputError("decode", f"{uri} is {width}x{height} = {width * height} pixels, "
+                             f"over the limit of {max_pixels} (decompression-bomb guard; "
+                             "raise --max-pixels to allow it)")
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
+        raise InputError("decode", f"{uri} is too large to decode safely: {error}") from error
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError("decode", f"cannot decode {uri} as an image ({_reason(error)}); "
+                         "expected a complete PNG, JPEG, WebP or other Pillow format") from error
+
+
+def to_rgb(image: Image.Image, uri: str) -> Image.Image:
+    """8-bit RGB following the conversions in the module docstring."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT:
+        image = _sixteen_to_eight(image)
+    if image.mode in TRANSPARENT or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in ("RGB", "L", "1", "P", "CMYK", "YCbCr"):
+        return image.convert("RGB")
+    raise InputError("decode", f"{uri} has unsupported image mode {image.mode!r}; expected RGB, "
+                     "grayscale, palette, 16-bit, CMYK or images with alpha")
+
+
+def to_mask(image: Image.Image, uri: str) -> Image.Image:
+    """8-bit grayscale mask (white = synthesize)."""
+    if image.mode in SIXTEEN_BIT:
+        image = _sixteen_to_eight(image)
+    if image.mode in ("F", "LAB", "HSV"):
+        raise InputError("decode", f"mask {uri} has unsupported mode {image.mode!r}")
+    return image.convert("L")  # luminance; alpha is ignored
+
+
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def fit(image: Image.Image, resolution: int, resample: int) -> Image.Image:
+    """Center-crop to a square and resize to resolution x resolution."""
+    from PIL import ImageOps
+
+    return ImageOps.fit(image, (resolution, resolution), method=resample)
