@@ -20,10 +20,11 @@ from pipeline.manifest import (
     ManifestFiles,
     Plan,
     TaskDefaults,
+    committed_mask,
     duplicate_ids,
     find_files,
+    key_table,
     read_plan_columns,
-    row_work,
 )
 from pipeline.resume import (
     SUMMARY,
@@ -62,19 +63,18 @@ def run(config: RunConfig) -> dict:
                  config.storage_options)
     clean_temporaries(config.output, config.storage_options)
     committed = read_committed(config.output, config.format, config.storage_options)
-    keys = [work.key for row in plan_columns.to_pylist() for work in row_work(row, plan)]
-    done = committed.keys
-    todo = sum(1 for key in keys if key not in done)
+    keys = key_table(plan_columns, plan)
+    todo = keys.num_rows - int(committed_mask(keys, committed.keys).sum())
     pipeline_started = time.time()
     stats = execute(config, manifest, plan, committed, model) if todo else {}
     finished = time.time()
     final = read_committed(config.output, config.format, config.storage_options)
-    summary = build_summary(config, model, plan_columns.num_rows, len(keys), todo, final, stats,
+    summary = build_summary(config, model, plan_columns.num_rows, keys.num_rows, todo, final, stats,
                             (started, pipeline_started, finished))
     write_summary(config, summary)
-    if summary["errors"] > config.max_error_rate * max(len(keys), 1):
+    if summary["errors"] > config.max_error_rate * max(keys.num_rows, 1):
         raise ErrorRateExceeded(
-            f"{summary['errors']} of {len(keys)} outputs failed (rate "
+            f"{summary['errors']} of {keys.num_rows} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
     return summary
@@ -220,7 +220,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
                   final: Committed, stats: Mapping, times: tuple[float, float, float]) -> dict:
     """Counts that reconcile (written + errors = expected), timings, config and versions."""
     started, pipeline_started, finished = times
-    written, errors = len(final.written), final.error_rows
+    written, errors = final.written_keys, final.error_rows
     seconds = finished - pipeline_started
     run_written = int(stats.get("written", 0))
     return {

@@ -3,17 +3,22 @@
 A manifest row holds `id`, `guide` (URI), optional `mask` (URI, white = synthesize), `t0` (a
 list overriding the run's t0 values), `seed` and `task`; every other column passes through to
 the outputs. Expansion is a pure function of a row and the plan, so the driver (counting and
-resuming) and the workers (doing the work) agree on the keys without talking to each other.
+resuming) and the workers (doing the work) agree on the keys without talking to each other; the
+driver uses `key_table`, the same rules applied column-wise (keys only, tested against `row_work`).
 Rows that cannot be processed become keys carrying an error (stage "validate"), never drops.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Set
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+
+from tasks.images import is_local
 
 REQUIRED_COLUMNS = ("id", "guide")
 PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
@@ -26,6 +31,8 @@ MAX_ID_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Key = tuple[str | None, float, int]
+KEY_SCHEMA = pa.schema([("id", pa.string()), ("t0", pa.float64()), ("sample", pa.int64())])
+NULL_ID = "\x00"  # stands for a null id when keys are matched (ids with control characters fail)
 
 
 class ManifestError(ValueError):
@@ -138,11 +145,6 @@ def _options_for(uri: str, storage_options: Mapping) -> dict:
     return {} if is_local(uri) else dict(storage_options)
 
 
-def is_local(uri: str) -> bool:
-    """Whether a URI names the local file system."""
-    return "://" not in uri or uri.startswith(("file://", "local://"))
-
-
 def resolve_uri(uri: str, base: str) -> str:
     """An absolute URI: relative paths resolve against the manifest's folder."""
     if "://" in uri or uri.startswith("/"):
@@ -199,19 +201,78 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
             yield Work((row_id, key_t0, sample), seed, repeats, error)
 
 
+def key_table(plan_columns: pa.Table, plan: Plan) -> pa.Table:
+    """Every work key (id, t0, sample) that `row_work` gives the rows, and the `row` it comes
+    from, built column-wise per distinct (t0 list, task): keys only, no seeds or errors, so
+    millions of rows are counted and matched in seconds. Keys come grouped by layout."""
+    table = conform(plan_columns)
+    t0_lists, tasks = _column(table, "t0"), _column(table, "task")
+    groups = defaultdict(list)
+    for index, (row_t0, task) in enumerate(zip(t0_lists, tasks, strict=True)):
+        groups[(tuple(row_t0) if row_t0 else None, task or plan.task)].append(index)
+    parts = [_layout_keys(table["id"], rows, *_layout(row_t0, task, plan)[:2])
+             for (row_t0, task), rows in groups.items()]
+    return pa.concat_tables(parts) if parts else _layout_keys(table["id"], [], (), 0)
+
+
+def _column(table: pa.Table, name: str) -> list:
+    return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _layout_keys(ids: pa.ChunkedArray, rows: list[int], t0s: tuple, samples: int) -> pa.Table:
+    """The keys of `rows` that share one t0 list and sample count."""
+    t0 = np.array([_round_t0(t0) for t0 in t0s for _ in range(samples)], np.float64)
+    sample = np.tile(np.arange(samples, dtype=np.int64), len(t0s))
+    row = np.repeat(np.array(rows, np.int64), len(t0))
+    return pa.table({"id": ids.take(row).cast(pa.string()), "t0": np.tile(t0, len(rows)),
+                     "sample": np.tile(sample, len(rows)), "row": row},
+                    schema=KEY_SCHEMA.append(pa.field("row", pa.int64())))
+
+
+def keys_table(keys: Sequence[Key]) -> pa.Table:
+    """Keys as a table with the key schema."""
+    ids, t0s, samples = zip(*keys, strict=True) if keys else ((), (), ())
+    return pa.table({"id": list(ids), "t0": list(t0s), "sample": list(samples)},
+                    schema=KEY_SCHEMA)
+
+
+def committed_mask(keys: pa.Table, committed: pa.Table) -> np.ndarray:
+    """True where a key (id, t0, sample) is among the committed ones. A null id matches a null
+    id and a NaN t0 a NaN t0, so failed rows without an id or a valid t0 are not redone."""
+    mask = np.zeros(keys.num_rows, dtype=bool)
+    if keys.num_rows == 0 or committed.num_rows == 0:
+        return mask
+    left = _matchable(keys).append_column("position", pa.array(np.arange(keys.num_rows)))
+    found = left.join(_matchable(committed), keys=list(KEY_SCHEMA.names), join_type="left semi")
+    mask[found["position"].to_numpy()] = True
+    return mask
+
+
+def _matchable(keys: pa.Table) -> pa.Table:
+    keys = keys.select(KEY_SCHEMA.names).cast(KEY_SCHEMA)
+    return keys.set_column(0, "id", keys["id"].fill_null(NULL_ID))
+
+
 def _row_settings(row: Mapping, plan: Plan) -> tuple[tuple[float, ...], int, int, str | None]:
     task = row.get("task") or plan.task
-    preset = plan.presets.get(task) if task else None
+    t0s, samples, repeats, preset = _layout(row.get("t0"), task, plan)
     problem = None
     if task and preset is None:
         problem = f"unknown task {task!r} for id {row.get('id')!r}"
     elif preset and preset.requires_mask and not row.get("mask"):
         problem = f"task {task!r} requires a mask, but id {row.get('id')!r} has none"
-    row_t0 = row.get("t0")
+    return t0s, samples, repeats, problem
+
+
+def _layout(row_t0: Sequence | None, task: str | None,
+            plan: Plan) -> tuple[tuple, int, int, TaskDefaults | None]:
+    """(t0 values, samples, repeats, preset) of a row: its own t0 list, else the run's flags,
+    else its task preset's defaults."""
+    preset = plan.presets.get(task) if task else None
     t0s = tuple(row_t0) if row_t0 else (plan.t0 or (preset.t0 if preset else (0.5,)))
     samples = plan.samples or (preset.samples if preset else 1)
     repeats = plan.repeats or (preset.repeats if preset else 1)
-    return t0s, samples, repeats, problem
+    return t0s, samples, repeats, preset
 
 
 def _round_t0(t0: float | None) -> float:
@@ -259,7 +320,7 @@ def _t0_problem(t0: float, row_id: str | None) -> str | None:
 
 
 def read_and_expand(
-    items: dict, plan: Plan, schema: pa.Schema, committed: Set[Key], storage_options: Mapping,
+    items: dict, plan: Plan, schema: pa.Schema, committed: pa.Table, storage_options: Mapping,
     block_rows: int = 64,
 ) -> Iterator[pa.Table]:
     """Ray Data step: read manifest files row group by row group and yield their work rows in
@@ -287,21 +348,23 @@ def align(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names)
 
 
-def expand_table(table: pa.Table, plan: Plan, committed: Set[Key]) -> pa.Table:
-    """One output row per work key not yet committed, ordered by t0 so model batches share it.
+def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
+    """One output row per work key not in `committed` (a key table), ordered by t0 so model
+    batches share it.
 
     Manifest `t0` and `seed` columns are replaced by the key's t0 and the per-sample seed;
     `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
     """
     table = conform(table)
-    rows = table.select([c for c in PLAN_COLUMNS if c in table.column_names]).to_pylist()
-    take, works = [], []
-    for index, row in enumerate(rows):
-        for work in row_work(row, plan):
-            if work.key not in committed:
-                take.append(index)
-                works.append(work)
-    out = table.take(pa.array(take, pa.int64()))
+    keys = key_table(table, plan)
+    pending = np.unique(keys["row"].to_numpy()[~committed_mask(keys, committed)])
+    rows = table.take(pending).select([c for c in PLAN_COLUMNS if c in table.column_names])
+    indexed = [(index, work) for index, row in zip(pending, rows.to_pylist(), strict=True)
+               for work in row_work(row, plan)]  # seeds only for rows with work left
+    done = committed_mask(keys_table([work.key for _, work in indexed]), committed)
+    indexed = [pair for pair, skip in zip(indexed, done, strict=True) if not skip]
+    works = [work for _, work in indexed]
+    out = table.take(pa.array([index for index, _ in indexed], pa.int64()))
     out = out.drop_columns([c for c in ("t0", "seed") if c in out.column_names])
     return _add_work_columns(out, works, plan.base).sort_by([("t0", "ascending")])
 

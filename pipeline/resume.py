@@ -9,12 +9,14 @@ run with a different one is refused unless it asks to overwrite.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.manifest import Key, is_local
+import pyarrow as pa
+
+from pipeline.manifest import KEY_SCHEMA, keys_table
 from pipeline.writers import DATA_DIR, ERRORS_DIR, KEY_COLUMNS, TEMP_PREFIX, webdataset_rows
+from tasks.images import is_local
 
 RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
@@ -26,18 +28,42 @@ class ConfigMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Committed:
-    """Keys visible under OUTPUT: written outputs, failed keys and failures by stage."""
+    """What OUTPUT holds, as key tables (`KEY_SCHEMA`; Arrow, so millions of keys stay compact
+    and reach the workers without copies): one row per data row and per error row."""
 
-    written: frozenset[Key] = frozenset()
-    failed: frozenset[Key] = frozenset()
-    errors_by_stage: Mapping[str, int] = field(default_factory=dict)
-    data_rows: int = 0  # rows in data shards; more than len(written) means duplicates
-    error_rows: int = 0  # duplicate manifest ids give several error rows for one key
+    written: pa.Table = field(default_factory=KEY_SCHEMA.empty_table)
+    failed: pa.Table = field(default_factory=lambda: _with_stage(KEY_SCHEMA.empty_table()))
 
     @property
-    def keys(self) -> frozenset[Key]:
-        """Every committed key, written or failed (a new set: keep it, do not re-evaluate)."""
-        return self.written | self.failed
+    def keys(self) -> pa.Table:
+        """Every committed key, written or failed (duplicates possible)."""
+        return pa.concat_tables([self.written, self.failed.select(KEY_SCHEMA.names)])
+
+    @property
+    def written_keys(self) -> int:
+        """Distinct keys with a data row."""
+        return self.written.group_by(list(KEY_SCHEMA.names)).aggregate([]).num_rows
+
+    @property
+    def data_rows(self) -> int:
+        """Rows in data shards; more than `written_keys` means duplicates."""
+        return self.written.num_rows
+
+    @property
+    def error_rows(self) -> int:
+        """Rows in error shards (duplicate manifest ids give several for one key)."""
+        return self.failed.num_rows
+
+    @property
+    def errors_by_stage(self) -> dict[str, int]:
+        """Error rows per stage."""
+        counts = self.failed["stage"].value_counts()
+        return {stage.as_py(): count.as_py()
+                for stage, count in zip(counts.field(0), counts.field(1), strict=True)}
+
+
+def _with_stage(keys: pa.Table) -> pa.Table:
+    return keys.append_column("stage", pa.array([None] * keys.num_rows, pa.string()))
 
 
 def output_fs(output: str, storage_options: Mapping):
@@ -61,31 +87,27 @@ def read_committed(output: str, data_format: str, storage_options: Mapping) -> C
     fs.invalidate_cache()
     read_data = _tar_keys if data_format == "webdataset" else _parquet_keys
     suffix = ".tar" if data_format == "webdataset" else ".parquet"
-    written, rows = set(), 0
-    for path in _visible(fs, f"{root}/{DATA_DIR}", suffix):
-        keys = read_data(fs, path)
-        written.update(keys)
-        rows += len(keys)
-    failed, stages = set(), Counter()
-    for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
-        for *key, stage in _parquet_keys(fs, path, extra=("stage",)):
-            failed.add(tuple(key))
-            stages[stage] += 1
-    return Committed(frozenset(written), frozenset(failed), dict(stages), rows,
-                     sum(stages.values()))
+    empty = Committed()
+    written = [read_data(fs, path) for path in _visible(fs, f"{root}/{DATA_DIR}", suffix)]
+    failed = [_parquet_keys(fs, path, stage=True)
+              for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet")]
+    return Committed(pa.concat_tables([empty.written, *written]),
+                     pa.concat_tables([empty.failed, *failed]))
 
 
-def _parquet_keys(fs, path: str, extra: tuple[str, ...] = ()) -> list[tuple]:
+def _parquet_keys(fs, path: str, stage: bool = False) -> pa.Table:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as stream:
-        table = pq.read_table(stream, columns=[*KEY_COLUMNS, *extra])
-    return list(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
+        table = pq.read_table(stream, columns=[*KEY_COLUMNS, *(["stage"] if stage else [])])
+    keys = table.select(KEY_COLUMNS).cast(KEY_SCHEMA)
+    return keys.append_column("stage", table["stage"].cast(pa.string())) if stage else keys
 
 
-def _tar_keys(fs, path: str) -> list[Key]:
+def _tar_keys(fs, path: str) -> pa.Table:
     with fs.open(path, "rb") as stream:
-        return [tuple(row[c] for c in KEY_COLUMNS) for row in webdataset_rows(stream, images=False)]
+        return keys_table([tuple(row[c] for c in KEY_COLUMNS)
+                           for row in webdataset_rows(stream, images=False)])
 
 
 def clean_temporaries(output: str, storage_options: Mapping) -> int:

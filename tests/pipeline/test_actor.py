@@ -12,7 +12,7 @@ from run_helpers import write_images
 
 from pipeline.actor import SDEditActor, prefer_deterministic_cuda
 from pipeline.fetch import fetch_batch
-from pipeline.manifest import Plan, expand_table
+from pipeline.manifest import Plan, expand_table, keys_table
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def work(tmp_path) -> pa.Table:
     names = write_images(tmp_path, 4)
     manifest = pa.table({"id": ["a", "b", "c", "d"], "guide": names,
                          "t0": [[0.3, 0.6], None, None, [0.6]]})
-    rows = expand_table(manifest, Plan(base=str(tmp_path), seed=1, t0=(0.3,)), committed=set())
+    rows = expand_table(manifest, Plan(base=str(tmp_path), seed=1, t0=(0.3,)),
+                        committed=keys_table([]))
     return fetch_batch(rows, 64, {}, 10**7)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pyarrow.compute as pc
@@ -49,10 +50,10 @@ def bad_inputs(folder) -> dict[str, tuple[str, str | None, str | None]]:
 def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     inputs = tmp_path / "inputs"
     cases = bad_inputs(inputs)
-    ids = [*cases, "twin", "twin", "late"]
-    guides = [c[0] for c in cases.values()] + ["img0.png", "img1.png", "img0.png"]
-    masks = [c[1] for c in cases.values()] + [None, None, None]
-    t0 = [None] * len(cases) + [None, None, [0.5, 1.5]]
+    ids = [*cases, "twin", "twin", "late", "blank"]
+    guides = [c[0] for c in cases.values()] + ["img0.png", "img1.png", "img0.png", "img1.png"]
+    masks = [c[1] for c in cases.values()] + [None, None, None, None]
+    t0 = [None] * len(cases) + [None, None, [0.5, 1.5], [0.5, None]]
     manifest = write_manifest(inputs / "m.parquet",
                               {"id": ids, "guide": guides, "mask": masks, "t0": t0})
     output = tmp_path / "out"
@@ -62,25 +63,28 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     data, errors = read_dataset(output), read_errors(output)
     written = set(data["id"].to_pylist())
     failed = {(r["id"], r["t0"]): r for r in errors.to_pylist()}
-    assert written == {k for k, c in cases.items() if c[2] is None} | {"late"}
+    assert written == {k for k, c in cases.items() if c[2] is None} | {"late", "blank"}
     for row_id, (_, _, stage) in cases.items():
         if stage:
             assert failed[(row_id, 0.5)]["stage"] == stage, row_id
     assert failed[("twin", 0.5)]["stage"] == "validate"
     assert "more than one manifest row" in failed[("twin", 0.5)]["error"]
     assert "t0 1.5 for id 'late' is outside (0, 1]" in failed[("late", 1.5)]["error"]
+    blank = [r for r in errors.to_pylist() if r["id"] == "blank"]
+    assert len(blank) == 1 and math.isnan(blank[0]["t0"]) and "outside (0, 1]" in blank[0]["error"]
     assert "nowhere.png" in failed[("missing", 0.5)]["error"]
     assert "over the limit of 100000" in failed[("bomb", 0.5)]["error"]
     assert "is 20x20 but guide" in failed[("badmask", 0.5)]["error"]
-    assert errors.num_rows == 10  # 7 bad rows, 2 twins, 1 bad t0
-    assert summary["expected_outputs"] == len(ids) + 1 == data.num_rows + errors.num_rows
+    assert errors.num_rows == 11  # 7 bad rows, 2 twins, 2 bad t0 (1.5 and a null)
+    assert summary["expected_outputs"] == len(ids) + 2 == data.num_rows + errors.num_rows
     assert summary["reconciled"]
-    assert summary["errors_by_stage"] == {"decode": 3, "read": 1, "validate": 6}
+    assert summary["errors_by_stage"] == {"decode": 3, "read": 1, "validate": 7}
     gray = data.filter(pc.equal(data["id"], "gray"))
     assert gray["width"][0].as_py() == 64  # converted and resized to the model resolution
     again = run(RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
                           steps=2, t0=(0.5,), max_pixels=100_000))
-    assert again["this_run"]["todo"] == 0  # committed errors are not retried
+    assert again["this_run"]["todo"] == 0  # committed errors (a NaN t0 too) are not retried
+    assert read_errors(output).num_rows == 11 and again["reconciled"]
 
 
 def test_missing_columns_stop_before_any_work(tmp_path):

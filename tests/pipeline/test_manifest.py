@@ -13,8 +13,11 @@ from pipeline.manifest import (
     Plan,
     TaskDefaults,
     check_columns,
+    committed_mask,
     expand_table,
     find_files,
+    key_table,
+    keys_table,
     resolve_uri,
     row_work,
 )
@@ -99,7 +102,7 @@ def test_expand_table_skips_committed_keys_and_keeps_passthrough_columns():
     table = pa.table({"id": ["a", "b"], "guide": ["a.png", "s3://x/b.png"], "label": [1, 2],
                       "seed": [5, 6]})
     plan = Plan(base="s3://bucket/dir", seed=0, t0=(0.3, 0.6))
-    out = expand_table(table, plan, committed={("a", 0.3, 0)})
+    out = expand_table(table, plan, committed=keys_table([("a", 0.3, 0)]))
     keys = list(zip(out["id"].to_pylist(), out["t0"].to_pylist(), strict=True))
     assert keys == [("b", 0.3), ("a", 0.6), ("b", 0.6)]  # ordered by t0
     assert out["label"].to_pylist() == [2, 1, 2]
@@ -110,8 +113,40 @@ def test_expand_table_skips_committed_keys_and_keeps_passthrough_columns():
 
 def test_integer_ids_are_read_as_strings():
     out = expand_table(pa.table({"id": [1, 2], "guide": ["a", "b"]}), Plan(base="/", seed=0),
-                       committed=set())
+                       committed=keys_table([]))
     assert out["id"].to_pylist() == ["1", "2"]
+
+
+def _key_list(table: pa.Table) -> list[str]:
+    """Keys as sorted reprs (NaN t0 values compare equal as text)."""
+    return sorted(map(repr, zip(*(table[c].to_pylist() for c in ("id", "t0", "sample")),
+                                strict=True)))
+
+
+def test_key_table_gives_the_keys_row_work_gives():
+    presets = {"aug": TaskDefaults((0.2, 0.4), 2, 1, False),
+               "edit": TaskDefaults((0.5,), 1, 3, True)}
+    plan = Plan(base="/b", seed=3, presets=presets)
+    rows = pa.table({"id": ["a", None, "c", "d", "a", "f", "g"],
+                     "guide": ["g.png"] * 7,
+                     "t0": [[0.3], None, [], [None, 0.30000001192092896], None, [0.7, 0.1], None],
+                     "task": [None, "aug", "nope", None, "aug", "edit", "edit"]})
+    expected = [w.key for row in rows.to_pylist() for w in row_work(row, plan)]
+    keys = key_table(rows, plan)
+    assert keys.num_rows == len(expected) == 15
+    assert _key_list(keys) == sorted(map(repr, expected))
+    flags = Plan(base="/b", seed=0, t0=(0.25, 0.75), samples=3, presets=presets)
+    expected = [w.key for row in rows.to_pylist() for w in row_work(row, flags)]
+    assert _key_list(key_table(rows, flags)) == sorted(map(repr, expected))
+    assert key_table(rows.slice(0, 0), plan).num_rows == 0
+
+
+def test_committed_mask_matches_null_ids_and_nan_t0():
+    keys = keys_table([("a", 0.3, 0), ("a", 0.3, 1), (None, 0.5, 0), ("b", float("nan"), 0),
+                       ("a", 0.3, 0), ("c", 0.5, 0)])
+    done = keys_table([("a", 0.3, 0), (None, 0.5, 0), ("b", float("nan"), 0), ("z", 0.5, 0)])
+    assert committed_mask(keys, done).tolist() == [True, False, True, True, True, False]
+    assert committed_mask(keys, keys_table([])).tolist() == [False] * 6
 
 
 def test_check_columns_accepts_the_documented_schema():

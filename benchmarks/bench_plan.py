@@ -1,0 +1,84 @@
+"""Planning cost of a large manifest: what the driver and each read task spend on work keys.
+
+    python benchmarks/bench_plan.py [--rows 1000000] [--t0 3] [--committed 0.5]
+        [--row-group 100000] [--workdir DIR]
+
+Writes a manifest of `--rows` rows (ids and guide paths only; no images are needed to plan),
+then times, as `sdedit run` does them: reading the plan columns, `key_table` (every work key,
+column-wise), and the anti-join against a committed fraction of the keys (the resume case).
+Last, one read task's `expand_table` of one row group (per-sample seeds included) against the
+same committed keys. Prints seconds and the process's peak memory after the driver part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.job import make_plan
+from pipeline.manifest import committed_mask, expand_table, find_files, key_table, read_plan_columns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--t0", type=int, default=3, help="t0 values per row")
+    parser.add_argument("--committed", type=float, default=0.5,
+                        help="fraction of the keys already committed")
+    parser.add_argument("--row-group", type=int, default=100_000)
+    parser.add_argument("--workdir", help="keep the manifest here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sdedit-plan-") as scratch:
+        manifest = write_manifest(Path(args.workdir or scratch), args.rows, args.row_group)
+        print(json.dumps(measure(manifest, args), indent=2))
+
+
+def write_manifest(folder: Path, rows: int, row_group: int) -> Path:
+    """A manifest of `rows` ids and relative guide paths, plus a pass-through label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"manifest-{rows}.parquet"
+    if not path.exists():
+        table = pa.table({"id": [f"img-{i:09d}" for i in range(rows)],
+                          "guide": [f"guides/{i:09d}.png" for i in range(rows)],
+                          "label": [i % 10 for i in range(rows)]})
+        pq.write_table(table, path, row_group_size=row_group)
+    return path
+
+
+def measure(manifest: Path, args: argparse.Namespace) -> dict:
+    """Seconds per planning step, in the order `pipeline.job.run` takes them."""
+    t0 = tuple(round(0.2 + 0.1 * i, 1) for i in range(args.t0))
+    config = RunConfig(manifest=str(manifest), output=str(manifest.parent / "out"), t0=t0)
+    clock = time.perf_counter()
+    files = find_files(config.manifest, {})
+    columns = read_plan_columns(files, {})
+    plan = make_plan(config, files, columns)
+    read_s, clock = time.perf_counter() - clock, time.perf_counter()
+    keys = key_table(columns, plan)
+    keys_s, clock = time.perf_counter() - clock, time.perf_counter()
+    committed = keys.slice(0, int(keys.num_rows * args.committed))
+    todo = keys.num_rows - int(committed_mask(keys, committed).sum())
+    join_s = time.perf_counter() - clock
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    group = pq.ParquetFile(manifest).read_row_group(0)
+    clock = time.perf_counter()
+    expanded = expand_table(group, plan, committed)
+    return {"rows": columns.num_rows, "keys": keys.num_rows, "committed": committed.num_rows,
+            "todo": todo, "read_plan_columns_s": round(read_s, 2),
+            "key_table_s": round(keys_s, 2), "anti_join_s": round(join_s, 2),
+            "driver_peak_rss_mib": driver_peak,
+            "read_task_row_group_rows": group.num_rows,
+            "read_task_expand_s": round(time.perf_counter() - clock, 2),
+            "read_task_rows_out": expanded.num_rows}
+
+
+if __name__ == "__main__":
+    main()
