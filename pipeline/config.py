@@ -21,6 +21,7 @@ from tasks.images import MAX_PIXELS
 Format = Literal["parquet", "webdataset"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 DType = Literal["float32", "bfloat16", "float16"]
+Stage = Literal["read", "decode", "validate", "edit", "encode", "write"]  # where a row failed
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 
 # Fields that change what the images are: a different value into the same OUTPUT is refused.
@@ -61,9 +62,11 @@ class RunConfig:
     max_error_rate: float = 1.0
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models
+    retry_errors: tuple[Stage, ...] = ()  # committed failures of these stages are redone
 
     def __post_init__(self) -> None:
-        for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates):
+        for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates,
+                      _check_retry):
             check(self)
 
     def output_record(self, model_digest: str) -> dict:
@@ -121,6 +124,20 @@ def _check_actors(config: RunConfig) -> None:
 def _check_rates(config: RunConfig) -> None:
     if not 0.0 <= config.max_error_rate <= 1.0:
         raise ConfigError(f"max_error_rate must lie in [0, 1], got {config.max_error_rate}")
+
+
+def _check_retry(config: RunConfig) -> None:
+    unknown = [stage for stage in config.retry_errors if stage not in get_args(Stage)]
+    if unknown:
+        raise ConfigError(f"retry_errors must name stages among {', '.join(get_args(Stage))} "
+                          f"(or all), got {unknown[0]!r}")
+
+
+def parse_stages(value: str | list | tuple) -> tuple[str, ...]:
+    """`read,decode`, `all` or a list of stage names to a tuple of stages."""
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = [name.strip() for name in names if name.strip()]
+    return get_args(Stage) if "all" in names else tuple(dict.fromkeys(names))
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -226,6 +243,8 @@ def _normalise(values: dict) -> dict:
         values["t0"] = tuple(float(v) for v in (t0 if isinstance(t0, list | tuple) else [t0]))
     if "actors" in values:
         values["actors"] = parse_actors(values["actors"])
+    if "retry_errors" in values:
+        values["retry_errors"] = parse_stages(values["retry_errors"])
     if isinstance(values.get("storage_options"), list | tuple):
         values["storage_options"] = parse_storage_options(values["storage_options"])
     for name in ("manifest", "output", "model"):

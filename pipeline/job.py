@@ -31,6 +31,7 @@ from pipeline.resume import (
     Committed,
     claim_output,
     clean_temporaries,
+    forget_errors,
     output_fs,
     read_committed,
 )
@@ -62,11 +63,13 @@ def run(config: RunConfig) -> dict:
     claim_output(config.output, config.output_record(model.digest), config.overwrite,
                  config.storage_options)
     clean_temporaries(config.output, config.storage_options)
+    retried = forget_errors(config.output, config.retry_errors, config.storage_options)
     committed = read_committed(config.output, config.format, config.storage_options)
     keys = key_table(plan_columns, plan)
     todo = keys.num_rows - int(committed_mask(keys, committed.keys).sum())
     pipeline_started = time.time()
-    stats = execute(config, manifest, plan, committed, model) if todo else {}
+    stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
+             "retried_errors": retried}
     finished = time.time()
     final = read_committed(config.output, config.format, config.storage_options)
     summary = build_summary(config, model, plan_columns.num_rows, keys.num_rows, todo, final, stats,
@@ -235,6 +238,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
         "this_run": {
             "todo": todo,
             "skipped_already_committed": expected - todo,
+            "retried_errors": int(stats.get("retried_errors", 0)),
             "written": run_written,
             "errors": int(stats.get("failed", 0)),
             "pipeline_seconds": round(seconds, 3),

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from pipeline.manifest import KEY_SCHEMA, keys_table
-from pipeline.writers import DATA_DIR, ERRORS_DIR, KEY_COLUMNS, TEMP_PREFIX, webdataset_rows
+from pipeline.writers import (
+    DATA_DIR,
+    ERRORS_DIR,
+    KEY_COLUMNS,
+    TEMP_PREFIX,
+    ParquetShardWriter,
+    webdataset_rows,
+)
 from tasks.images import is_local
 
 RUN_CONFIG = "_run_config.json"
@@ -108,6 +115,33 @@ def _tar_keys(fs, path: str) -> pa.Table:
     with fs.open(path, "rb") as stream:
         return keys_table([tuple(row[c] for c in KEY_COLUMNS)
                            for row in webdataset_rows(stream, images=False)])
+
+
+def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping) -> int:
+    """Make committed failures of `stages` work again; returns how many error rows went.
+
+    Each error shard holding such rows is deleted, then its other rows are committed again as a
+    new shard. Deleting first means a kill in between only turns those other rows back into
+    work too (done again on the next run), never into duplicates."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not stages:
+        return 0
+    fs, root = output_fs(output, storage_options)
+    forgotten = 0
+    for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
+        with fs.open(path, "rb") as stream:
+            rows = pq.read_table(stream)
+        retry = pc.is_in(rows["stage"], value_set=pa.array(stages, pa.string()))
+        count = pc.sum(retry).as_py() or 0
+        if count:
+            fs.rm(path)
+            kept = ParquetShardWriter(f"{output.rstrip('/')}/{ERRORS_DIR}", storage_options)
+            kept.write(rows.filter(pc.invert(retry)))
+            kept.close()
+            forgotten += count
+    return forgotten
 
 
 def clean_temporaries(output: str, storage_options: Mapping) -> int:

@@ -40,6 +40,9 @@ EXIT_ERROR_RATE = 3
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUTPUT.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
+@click.option("--retry-errors", metavar="STAGES",
+              help="Redo committed failures of these stages (comma list, or all), e.g. read "
+                   "after an object-store outage. Other failures stay committed.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML or TOML file with these options; flags override it.")
 def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[float, ...],

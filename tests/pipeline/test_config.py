@@ -57,6 +57,7 @@ def test_toml_file_is_read(tmp_path):
     ("format", "csv", "format must be one of"),
     ("actors", (3, 1), "actors must be"),
     ("max_error_rate", 2.0, "max_error_rate"),
+    ("retry_errors", ("read", "network"), "retry_errors must name stages.*'network'"),
 ])
 def test_invalid_values_are_refused_with_the_option_name(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -87,3 +88,13 @@ def test_output_record_holds_only_output_deciding_fields():
     assert record["t0"] == [0.5]
     assert record["model_digest"] == "sha256:abc"
     assert "batch_size" not in record and "actors" not in record
+
+
+def test_retry_errors_take_a_comma_list_or_all():
+    flags = {"manifest": "m", "output": "o"}
+    assert build_config(flags, {"retry_errors": "read, decode"}).retry_errors == ("read",
+                                                                                  "decode")
+    assert build_config({**flags, "retry_errors": ["edit"]}, {}).retry_errors == ("edit",)
+    assert build_config(flags, {"retry_errors": "all"}).retry_errors == (
+        "read", "decode", "validate", "edit", "encode", "write")
+    assert "retry_errors" not in RunConfig(manifest="m", output="o").output_record("d")

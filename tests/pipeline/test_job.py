@@ -169,3 +169,24 @@ def test_pickle_only_models_need_allow_pickle(small_manifest, tmp_path):
     summary = run(config(small_manifest, output, model=str(folder), allow_pickle=True))
     assert (summary["written"], summary["errors"]) == (4, 0) and summary["reconciled"]
     assert set(read_dataset(output)["model"].to_pylist()) == {str(folder)}
+
+
+def test_retry_errors_redoes_only_the_named_stages(tmp_path):
+    inputs = tmp_path / "inputs"
+    names = write_images(inputs, 2)
+    manifest = write_manifest(inputs / "m.parquet", {
+        "id": ["there", "late", "bad"], "guide": [names[0], "later.png", names[1]],
+        "t0": [None, None, [0.5, 1.5]]})
+    output = tmp_path / "out"
+    first = run(config(manifest, output))
+    assert first["errors_by_stage"] == {"read": 1, "validate": 1} and first["written"] == 2
+    (inputs / "later.png").write_bytes((inputs / names[1]).read_bytes())  # the outage is over
+    unchanged = run(config(manifest, output))
+    assert unchanged["this_run"]["todo"] == 0 and unchanged["errors"] == 2
+    retried = run(config(manifest, output, retry_errors=("read",)))
+    assert retried["this_run"]["retried_errors"] == 1 and retried["this_run"]["todo"] == 1
+    assert retried["written"] == 3 and retried["errors_by_stage"] == {"validate": 1}
+    assert retried["reconciled"] and retried["expected_outputs"] == 4
+    table = read_dataset(output)
+    assert sorted(table["id"].to_pylist()) == ["bad", "late", "there"]
+    assert read_errors(output)["error"][0].as_py().startswith("t0 1.5 for id 'bad'")

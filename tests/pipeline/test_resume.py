@@ -1,0 +1,48 @@
+"""What OUTPUT holds: committed keys, and failures turned back into work (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+from pipeline.resume import forget_errors, read_committed
+from pipeline.writers import ERRORS_DIR, ParquetShardWriter
+
+
+def commit_errors(output, rows: list[tuple]) -> None:
+    """One committed error shard holding (id, t0, sample, stage) rows."""
+    ids, t0s, samples, stages = zip(*rows, strict=True)
+    writer = ParquetShardWriter(f"{output}/{ERRORS_DIR}", {})
+    messages = [f"{stage} failed for {row_id}" for row_id, stage in zip(ids, stages, strict=True)]
+    writer.write(pa.table({"id": list(ids), "t0": list(t0s), "sample": list(samples),
+                           "stage": list(stages), "error": messages}))
+    writer.close()
+
+
+def test_read_committed_counts_error_rows_by_stage(tmp_path):
+    commit_errors(tmp_path, [("a", 0.5, 0, "read"), (None, 0.5, 0, "validate")])
+    commit_errors(tmp_path, [("b", float("nan"), 0, "validate")])
+    committed = read_committed(str(tmp_path), "parquet", {})
+    assert committed.error_rows == 3 and committed.data_rows == 0
+    assert committed.errors_by_stage == {"read": 1, "validate": 2}
+    keys = committed.keys.to_pylist()
+    assert {"id": "a", "t0": 0.5, "sample": 0} in keys
+    assert any(k["id"] == "b" and math.isnan(k["t0"]) for k in keys)
+
+
+def test_forget_errors_removes_only_the_chosen_stages(tmp_path):
+    commit_errors(tmp_path, [("a", 0.5, 0, "read"), ("b", 0.5, 0, "read")])
+    commit_errors(tmp_path, [("c", 0.5, 0, "read"), ("d", 0.5, 0, "decode"),
+                             ("e", 1.5, 0, "validate")])
+    untouched = sorted(p.name for p in (tmp_path / ERRORS_DIR).iterdir())
+    assert forget_errors(str(tmp_path), (), {}) == 0
+    assert sorted(p.name for p in (tmp_path / ERRORS_DIR).iterdir()) == untouched
+    assert forget_errors(str(tmp_path), ("read",), {}) == 3
+    committed = read_committed(str(tmp_path), "parquet", {})
+    assert committed.errors_by_stage == {"decode": 1, "validate": 1}
+    assert sorted(committed.failed["id"].to_pylist()) == ["d", "e"]
+    assert len(list((tmp_path / ERRORS_DIR).iterdir())) == 1  # the mixed shard, rewritten
+    assert forget_errors(str(tmp_path), ("read", "decode", "validate"), {}) == 2
+    assert read_committed(str(tmp_path), "parquet", {}).error_rows == 0
+    assert list((tmp_path / ERRORS_DIR).iterdir()) == []
