@@ -1,8 +1,9 @@
-"""SIGKILL the driver mid-run, run the same command again: every key exactly once."""
+"""SIGKILL the driver (then rerun) or an actor (the run goes on) mid-run: every key exactly once."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -68,3 +69,54 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
     assert {name: after[name] for name in survivors} == survivors  # not recomputed
     assert not list((output / "data").glob(".tmp-*"))
+
+
+def actor_processes(session: int) -> list[int]:
+    """Pids of the run's SDEdit actors (Ray titles them after the callable class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.getsid(int(entry)) != session:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if b"SDEditActor" in cmdline.read():
+                    pids.append(int(entry))
+    return pids
+
+
+def wait_for_replacement(run: subprocess.Popen, victims: list[int]) -> bool:
+    """Whether an actor other than the killed ones starts before the run ends."""
+    deadline = time.monotonic() + START_SECONDS
+    while run.poll() is None and time.monotonic() < deadline:
+        if set(actor_processes(run.pid)) - set(victims):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_killed_actor_is_replaced_and_its_work_redone_once(tmp_path):
+    inputs = tmp_path / "inputs"
+    names = write_images(inputs, ROWS)
+    manifest = write_manifest(inputs / "m.parquet",
+                              {"id": [f"r{i:02d}" for i in range(ROWS)], "guide": names})
+    output = tmp_path / "out"
+    with open(tmp_path / "run.log", "wb") as log:
+        run = subprocess.Popen(command(manifest, output), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        wait_for_first_shard(run, output / "data")
+        victims = actor_processes(run.pid)
+        assert victims, "no SDEdit actor process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        try:
+            assert wait_for_replacement(run, victims), "no new actor replaced the killed one"
+            assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+    table = read_dataset(output)
+    assert table["id"].to_pylist() == [f"r{i:02d}" for i in range(ROWS)]  # each exactly once
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["reconciled"] and summary["errors"] == 0
