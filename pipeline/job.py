@@ -34,6 +34,7 @@ from pipeline.resume import (
     forget_errors,
     output_fs,
     read_committed,
+    write_index,
 )
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
@@ -72,6 +73,7 @@ def run(config: RunConfig) -> dict:
              "retried_errors": retried}
     finished = time.time()
     final = read_committed(config.output, config.format, config.storage_options)
+    write_index(config.output, final, config.storage_options)
     summary = build_summary(config, model, plan_columns.num_rows, keys.num_rows, todo, final, stats,
                             (started, pipeline_started, finished))
     write_summary(config, summary)

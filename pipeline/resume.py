@@ -1,17 +1,24 @@
 """Resume: what is already committed under OUTPUT, and whether this run may continue it.
 
-Committed work is whatever the visible shards under `data/` and `errors/` hold; nothing else is
-remembered, so a run killed at any moment resumes by an anti-join on (id, t0, sample). The
-first start records the output-deciding configuration in `OUTPUT/_run_config.json`; a later
+Committed work is whatever the visible shards under `data/` and `errors/` hold, so a run killed
+at any moment resumes by an anti-join on (id, t0, sample). Reading every shard's keys costs a
+few object-store round trips per shard, so each finished run also writes an index of the keys
+per shard name (`OUTPUT/_committed_data.parquet`, `_committed_errors.parquet`): a shard's name is
+a digest of its keys, so an index entry stays true while the shard exists, and only shards the
+index does not list are read. The index is a cache: missing or unreadable, the shards are read.
+The first start records the output-deciding configuration in `OUTPUT/_run_config.json`; a later
 run with a different one is refused unless it asks to overwrite.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.manifest import KEY_SCHEMA, keys_table
@@ -21,12 +28,18 @@ from pipeline.writers import (
     KEY_COLUMNS,
     TEMP_PREFIX,
     ParquetShardWriter,
+    commit,
     webdataset_rows,
 )
 from tasks.images import is_local
 
 RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
+INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
+READ_THREADS = 16  # shards whose keys are read at once
+SHARD = pa.field("shard", pa.dictionary(pa.int32(), pa.string()))  # file name under data/errors
+WRITTEN_SCHEMA = KEY_SCHEMA.append(SHARD)
+FAILED_SCHEMA = KEY_SCHEMA.append(pa.field("stage", pa.string())).append(SHARD)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -35,16 +48,18 @@ class ConfigMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Committed:
-    """What OUTPUT holds, as key tables (`KEY_SCHEMA`; Arrow, so millions of keys stay compact
-    and reach the workers without copies): one row per data row and per error row."""
+    """What OUTPUT holds, as Arrow tables (millions of keys stay compact and reach the workers
+    without copies): one row per data row (`WRITTEN_SCHEMA`) and per error row
+    (`FAILED_SCHEMA`), each with the shard that holds it."""
 
-    written: pa.Table = field(default_factory=KEY_SCHEMA.empty_table)
-    failed: pa.Table = field(default_factory=lambda: _with_stage(KEY_SCHEMA.empty_table()))
+    written: pa.Table = field(default_factory=WRITTEN_SCHEMA.empty_table)
+    failed: pa.Table = field(default_factory=FAILED_SCHEMA.empty_table)
 
     @property
     def keys(self) -> pa.Table:
         """Every committed key, written or failed (duplicates possible)."""
-        return pa.concat_tables([self.written, self.failed.select(KEY_SCHEMA.names)])
+        return pa.concat_tables([self.written.select(KEY_SCHEMA.names),
+                                 self.failed.select(KEY_SCHEMA.names)])
 
     @property
     def written_keys(self) -> int:
@@ -69,10 +84,6 @@ class Committed:
                 for stage, count in zip(counts.field(0), counts.field(1), strict=True)}
 
 
-def _with_stage(keys: pa.Table) -> pa.Table:
-    return keys.append_column("stage", pa.array([None] * keys.num_rows, pa.string()))
-
-
 def output_fs(output: str, storage_options: Mapping):
     """The fsspec file system and root path of OUTPUT."""
     import fsspec
@@ -89,32 +100,78 @@ def _visible(fs, folder: str, suffix: str) -> list[str]:
 
 
 def read_committed(output: str, data_format: str, storage_options: Mapping) -> Committed:
-    """Read only the key columns of every committed shard (data and errors)."""
+    """The keys of every committed shard (data and errors): from the index where it lists the
+    shard, else from the shard's key columns, several shards at a time."""
     fs, root = output_fs(output, storage_options)
     fs.invalidate_cache()
     read_data = _tar_keys if data_format == "webdataset" else _parquet_keys
     suffix = ".tar" if data_format == "webdataset" else ".parquet"
-    empty = Committed()
-    written = [read_data(fs, path) for path in _visible(fs, f"{root}/{DATA_DIR}", suffix)]
-    failed = [_parquet_keys(fs, path, stage=True)
-              for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet")]
-    return Committed(pa.concat_tables([empty.written, *written]),
-                     pa.concat_tables([empty.failed, *failed]))
+    return Committed(_folder_keys(fs, root, DATA_DIR, suffix, read_data, WRITTEN_SCHEMA),
+                     _folder_keys(fs, root, ERRORS_DIR, ".parquet", _error_keys, FAILED_SCHEMA))
 
 
-def _parquet_keys(fs, path: str, stage: bool = False) -> pa.Table:
+def _folder_keys(fs, root: str, folder: str, suffix: str, read, schema: pa.Schema) -> pa.Table:
+    import pyarrow.compute as pc
+
+    shards = {path.rsplit("/", 1)[-1]: path for path in _visible(fs, f"{root}/{folder}", suffix)}
+    indexed = _read_index(fs, f"{root}/{INDEXES[folder]}", schema)
+    names = pa.array(list(shards), pa.string())
+    indexed = indexed.filter(pc.is_in(indexed["shard"].cast(pa.string()), value_set=names))
+    known = set(pc.unique(indexed["shard"].cast(pa.string())).to_pylist())
+    missing = [path for name, path in shards.items() if name not in known]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        tables = list(pool.map(lambda path: _with_shard(read(fs, path), path), missing))
+    return pa.concat_tables([indexed, *(t.cast(schema) for t in tables)])
+
+
+def _read_index(fs, path: str, schema: pa.Schema) -> pa.Table:
+    """The index at `path`, or an empty table when there is none or it cannot be used."""
+    import pyarrow.parquet as pq
+
+    if not fs.exists(path):
+        return schema.empty_table()
+    try:
+        with fs.open(path, "rb") as stream:
+            return pq.read_table(stream, columns=schema.names).cast(schema)
+    except (pa.ArrowInvalid, KeyError, ValueError):  # written by another version, or damaged
+        return schema.empty_table()
+
+
+def _with_shard(keys: pa.Table, path: str) -> pa.Table:
+    name = pa.array([path.rsplit("/", 1)[-1]], pa.string())
+    indices = pa.array(np.zeros(keys.num_rows, np.int32))
+    return keys.append_column(SHARD, pa.DictionaryArray.from_arrays(indices, name))
+
+
+def _parquet_keys(fs, path: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as stream:
-        table = pq.read_table(stream, columns=[*KEY_COLUMNS, *(["stage"] if stage else [])])
-    keys = table.select(KEY_COLUMNS).cast(KEY_SCHEMA)
-    return keys.append_column("stage", table["stage"].cast(pa.string())) if stage else keys
+        return pq.read_table(stream, columns=list(KEY_COLUMNS)).cast(KEY_SCHEMA)
+
+
+def _error_keys(fs, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as stream:
+        table = pq.read_table(stream, columns=[*KEY_COLUMNS, "stage"])
+    return table.cast(KEY_SCHEMA.append(pa.field("stage", pa.string())))
 
 
 def _tar_keys(fs, path: str) -> pa.Table:
     with fs.open(path, "rb") as stream:
         return keys_table([tuple(row[c] for c in KEY_COLUMNS)
                            for row in webdataset_rows(stream, images=False)])
+
+
+def write_index(output: str, committed: Committed, storage_options: Mapping) -> None:
+    """Record which keys each committed shard holds, so the next run reads only new shards."""
+    import pyarrow.parquet as pq
+
+    for folder, table in ((DATA_DIR, committed.written), (ERRORS_DIR, committed.failed)):
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        commit(output.rstrip("/"), INDEXES[folder], buffer.getvalue(), storage_options)
 
 
 def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping) -> int:
@@ -166,7 +223,7 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     fs, root = output_fs(output, storage_options)
     path = f"{root}/{RUN_CONFIG}"
     if overwrite:
-        for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG):
+        for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values()):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
     elif fs.exists(path):

@@ -6,8 +6,8 @@ import math
 
 import pyarrow as pa
 
-from pipeline.resume import forget_errors, read_committed
-from pipeline.writers import ERRORS_DIR, ParquetShardWriter
+from pipeline.resume import forget_errors, read_committed, write_index
+from pipeline.writers import DATA_DIR, ERRORS_DIR, ParquetShardWriter
 
 
 def commit_errors(output, rows: list[tuple]) -> None:
@@ -46,3 +46,39 @@ def test_forget_errors_removes_only_the_chosen_stages(tmp_path):
     assert forget_errors(str(tmp_path), ("read", "decode", "validate"), {}) == 2
     assert read_committed(str(tmp_path), "parquet", {}).error_rows == 0
     assert list((tmp_path / ERRORS_DIR).iterdir()) == []
+
+
+def commit_data(output, ids: list[str]) -> str:
+    """One committed data shard (key columns and an image column); returns its file name."""
+    writer = ParquetShardWriter(f"{output}/{DATA_DIR}", {})
+    writer.write(pa.table({"id": ids, "t0": [0.5] * len(ids), "sample": [0] * len(ids),
+                           "image": [b"png"] * len(ids)}))
+    return writer.close().rsplit("/", 1)[-1]
+
+
+def written_ids(output) -> list[str]:
+    return sorted(read_committed(str(output), "parquet", {}).written["id"].to_pylist())
+
+
+def test_the_index_stands_in_for_listed_shards_only(tmp_path):
+    first = commit_data(tmp_path, ["a", "b"])
+    commit_data(tmp_path, ["c"])
+    commit_errors(tmp_path, [("d", 0.5, 0, "read")])
+    write_index(str(tmp_path), read_committed(str(tmp_path), "parquet", {}), {})
+    assert sorted(p.name for p in tmp_path.glob("_committed_*")) == [
+        "_committed_data.parquet", "_committed_errors.parquet"]
+    (tmp_path / DATA_DIR / first).write_bytes(b"not parquet")  # the index answers for it
+    assert written_ids(tmp_path) == ["a", "b", "c"]
+    assert read_committed(str(tmp_path), "parquet", {}).errors_by_stage == {"read": 1}
+    commit_data(tmp_path, ["e"])  # committed after the index: read from the shard
+    (tmp_path / DATA_DIR / first).unlink()  # gone: its keys are no longer committed
+    assert written_ids(tmp_path) == ["c", "e"]
+
+
+def test_a_damaged_index_is_ignored(tmp_path):
+    commit_data(tmp_path, ["a", "b"])
+    (tmp_path / "_committed_data.parquet").write_bytes(b"garbage")
+    assert written_ids(tmp_path) == ["a", "b"]
+    write_index(str(tmp_path), read_committed(str(tmp_path), "parquet", {}), {})
+    commit_data(tmp_path, ["c"])
+    assert written_ids(tmp_path) == ["a", "b", "c"]
