@@ -179,13 +179,16 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
 
     Each error shard holding such rows is deleted, then its other rows are committed again as a
     new shard. Deleting first means a kill in between only turns those other rows back into
-    work too (done again on the next run), never into duplicates."""
+    work too (done again on the next run), never into duplicates. The errors index goes first:
+    a redone key that fails again can land in a shard of the same name with another stage."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not stages:
         return 0
     fs, root = output_fs(output, storage_options)
+    if fs.exists(f"{root}/{INDEXES[ERRORS_DIR]}"):
+        fs.rm(f"{root}/{INDEXES[ERRORS_DIR]}")
     forgotten = 0
     for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
         with fs.open(path, "rb") as stream:

@@ -82,3 +82,11 @@ def test_a_damaged_index_is_ignored(tmp_path):
     write_index(str(tmp_path), read_committed(str(tmp_path), "parquet", {}), {})
     commit_data(tmp_path, ["c"])
     assert written_ids(tmp_path) == ["a", "b", "c"]
+
+
+def test_a_retried_key_that_fails_again_shows_its_new_stage(tmp_path):
+    commit_errors(tmp_path, [("k", 0.5, 0, "read")])
+    write_index(str(tmp_path), read_committed(str(tmp_path), "parquet", {}), {})
+    assert forget_errors(str(tmp_path), ("read",), {}) == 1
+    commit_errors(tmp_path, [("k", 0.5, 0, "decode")])  # same key, so the same shard name
+    assert read_committed(str(tmp_path), "parquet", {}).errors_by_stage == {"decode": 1}
