@@ -21,7 +21,7 @@ from tasks.images import MAX_PIXELS
 Format = Literal["parquet", "webdataset"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 DType = Literal["float32", "bfloat16", "float16"]
-Stage = Literal["read", "decode", "validate", "edit", "encode", "write"]  # where a row failed
+ErrorStage = Literal["read", "decode", "validate", "edit", "encode", "write"]  # where a row failed
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 
 # Fields that change what the images are: a different value into the same OUTPUT is refused.
@@ -62,7 +62,7 @@ class RunConfig:
     max_error_rate: float = 1.0
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models
-    retry_errors: tuple[Stage, ...] = ()  # committed failures of these stages are redone
+    retry_errors: tuple[ErrorStage, ...] = ()  # committed failures of these stages are redone
 
     def __post_init__(self) -> None:
         for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates,
@@ -127,9 +127,9 @@ def _check_rates(config: RunConfig) -> None:
 
 
 def _check_retry(config: RunConfig) -> None:
-    unknown = [stage for stage in config.retry_errors if stage not in get_args(Stage)]
+    unknown = [stage for stage in config.retry_errors if stage not in get_args(ErrorStage)]
     if unknown:
-        raise ConfigError(f"retry_errors must name stages among {', '.join(get_args(Stage))} "
+        raise ConfigError(f"retry_errors must name stages among {', '.join(get_args(ErrorStage))} "
                           f"(or all), got {unknown[0]!r}")
 
 
@@ -137,7 +137,7 @@ def parse_stages(value: str | list | tuple) -> tuple[str, ...]:
     """`read,decode`, `all` or a list of stage names to a tuple of stages."""
     names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     names = [name.strip() for name in names if name.strip()]
-    return get_args(Stage) if "all" in names else tuple(dict.fromkeys(names))
+    return get_args(ErrorStage) if "all" in names else tuple(dict.fromkeys(names))
 
 
 def _positive_int(name: str, value: object) -> None:
