@@ -46,17 +46,24 @@ def kill_run(process: subprocess.Popen) -> None:
     time.sleep(1)
 
 
-def test_killed_run_resumes_to_exactly_once(tmp_path):
+def start_run(tmp_path, log_name: str) -> tuple[subprocess.Popen, object, object]:
+    """(run, manifest, output): `sdedit run` on ROWS images in its own session, once its first
+    shard is committed; output goes to tmp_path/log_name."""
     inputs = tmp_path / "inputs"
     names = write_images(inputs, ROWS)
     manifest = write_manifest(inputs / "m.parquet",
                               {"id": [f"r{i:02d}" for i in range(ROWS)], "guide": names})
     output = tmp_path / "out"
-    with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen(command(manifest, output), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        wait_for_first_shard(first, output / "data")
-        kill_run(first)
+    with open(tmp_path / log_name, "wb") as log:
+        run = subprocess.Popen(command(manifest, output), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    wait_for_first_shard(run, output / "data")
+    return run, manifest, output
+
+
+def test_killed_run_resumes_to_exactly_once(tmp_path):
+    first, manifest, output = start_run(tmp_path, "first.log")
+    kill_run(first)
     survivors = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
     for shard in survivors:  # every visible shard is complete
         assert pq.read_table(output / "data" / shard).num_rows >= 1
@@ -97,25 +104,17 @@ def wait_for_replacement(run: subprocess.Popen, victims: list[int]) -> bool:
 
 
 def test_a_killed_actor_is_replaced_and_its_work_redone_once(tmp_path):
-    inputs = tmp_path / "inputs"
-    names = write_images(inputs, ROWS)
-    manifest = write_manifest(inputs / "m.parquet",
-                              {"id": [f"r{i:02d}" for i in range(ROWS)], "guide": names})
-    output = tmp_path / "out"
-    with open(tmp_path / "run.log", "wb") as log:
-        run = subprocess.Popen(command(manifest, output), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-        wait_for_first_shard(run, output / "data")
-        victims = actor_processes(run.pid)
-        assert victims, "no SDEdit actor process found"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        try:
-            assert wait_for_replacement(run, victims), "no new actor replaced the killed one"
-            assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGKILL)
+    run, _, output = start_run(tmp_path, "run.log")
+    victims = actor_processes(run.pid)
+    assert victims, "no SDEdit actor process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        assert wait_for_replacement(run, victims), "no new actor replaced the killed one"
+        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
     table = read_dataset(output)
     assert table["id"].to_pylist() == [f"r{i:02d}" for i in range(ROWS)]  # each exactly once
     summary = json.loads((output / "summary.json").read_text())
