@@ -4,10 +4,11 @@
         [--row-group 100000] [--workdir DIR]
 
 Writes a manifest of `--rows` rows (ids and guide paths only; no images are needed to plan),
-then times, as `sdedit run` does them: reading the plan columns, `key_table` (every work key,
-column-wise), and the anti-join against a committed fraction of the keys (the resume case).
-Last, one read task's `expand_table` of one row group (per-sample seeds included) against the
-same committed keys. Prints seconds and the process's peak memory after the driver part.
+then times, as `sdedit run` does them: finding and reading the manifest and planning (duplicate
+ids, presets), `key_table` (every work key, column-wise), and the anti-join against a committed
+fraction of the keys (the resume case). Last, one read task's `expand_table` of one row group
+(per-sample seeds included) against the same committed keys. Prints seconds and the process's
+peak memory after the driver part.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def measure(manifest: Path, args: argparse.Namespace) -> dict:
     clock = time.perf_counter()
     expanded = expand_table(group, plan, committed)
     return {"rows": columns.num_rows, "keys": keys.num_rows, "committed": committed.num_rows,
-            "todo": todo, "read_plan_columns_s": round(read_s, 2),
+            "todo": todo, "read_and_plan_s": round(read_s, 2),
             "key_table_s": round(keys_s, 2), "anti_join_s": round(join_s, 2),
             "driver_peak_rss_mib": driver_peak,
             "read_task_row_group_rows": group.num_rows,

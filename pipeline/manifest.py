@@ -22,6 +22,7 @@ from tasks.images import is_local
 
 REQUIRED_COLUMNS = ("id", "guide")
 PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
+KEY_DECIDING_COLUMNS = ("id", "t0", "task")  # all the driver reads to count and match keys
 # Output columns the pipeline adds; a manifest column with one of these names would be lost.
 RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model",
                     "model_digest", "steps", "repeats", "l2_to_guide", "stage", "error")
@@ -153,7 +154,7 @@ def resolve_uri(uri: str, base: str) -> str:
 
 
 def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:
-    """The columns that decide work keys, from every manifest file (small: no pass-through)."""
+    """The columns that decide work keys (id, t0, task), from every manifest file."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -162,7 +163,7 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
         fs, path = fsspec.core.url_to_fs(file, **_options_for(file, storage_options))
         with fs.open(path, "rb") as stream:
             parquet = pq.ParquetFile(stream)
-            columns = [c for c in PLAN_COLUMNS if c in parquet.schema_arrow.names]
+            columns = [c for c in KEY_DECIDING_COLUMNS if c in parquet.schema_arrow.names]
             tables.append(conform(parquet.read(columns=columns)))
     return pa.concat_tables(tables, promote_options="permissive")
 
@@ -181,9 +182,11 @@ def conform(table: pa.Table) -> pa.Table:
 
 def duplicate_ids(ids: pa.ChunkedArray) -> frozenset[str]:
     """Ids that appear on more than one row."""
+    import pyarrow.compute as pc
+
     counts = ids.value_counts()
-    return frozenset(v.as_py() for v, c in zip(counts.field(0), counts.field(1), strict=True)
-                     if c.as_py() > 1 and v.as_py() is not None)
+    repeated = counts.field(0).filter(pc.greater(counts.field(1), 1))
+    return frozenset(repeated.drop_null().to_pylist())
 
 
 def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
