@@ -14,6 +14,7 @@ from pipeline.manifest import (
     TaskDefaults,
     check_columns,
     committed_mask,
+    duplicate_ids,
     expand_table,
     find_files,
     key_table,
@@ -154,3 +155,9 @@ def test_check_columns_accepts_the_documented_schema():
                         ("t0", pa.list_(pa.float32())), ("seed", pa.int64()),
                         ("task", pa.string()), ("caption", pa.string())])
     check_columns(schema, "m.parquet")
+
+
+def test_duplicate_ids_are_the_ids_on_several_rows():
+    ids = pa.chunked_array([["a", "b", None, "a"], [None, "c", "b", "b"]])
+    assert duplicate_ids(ids) == frozenset({"a", "b"})
+    assert duplicate_ids(pa.chunked_array([["x", "y"]])) == frozenset()
