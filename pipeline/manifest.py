@@ -358,8 +358,11 @@ def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
     Manifest `t0` and `seed` columns are replaced by the key's t0 and the per-sample seed;
     `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
     """
+    import pyarrow.compute as pc
+
     table = conform(table)
     keys = key_table(table, plan)
+    committed = committed.filter(pc.is_in(committed["id"], value_set=table["id"].combine_chunks()))
     pending = np.unique(keys["row"].to_numpy()[~committed_mask(keys, committed)])
     rows = table.take(pending).select([c for c in PLAN_COLUMNS if c in table.column_names])
     indexed = [(index, work) for index, row in zip(pending, rows.to_pylist(), strict=True)

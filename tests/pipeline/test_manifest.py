@@ -161,3 +161,11 @@ def test_duplicate_ids_are_the_ids_on_several_rows():
     ids = pa.chunked_array([["a", "b", None, "a"], [None, "c", "b", "b"]])
     assert duplicate_ids(ids) == frozenset({"a", "b"})
     assert duplicate_ids(pa.chunked_array([["x", "y"]])) == frozenset()
+
+
+def test_expand_table_skips_a_committed_failure_without_an_id():
+    table = pa.table({"id": pa.array([None, "b"], pa.string()), "guide": ["a.png", "b.png"]})
+    plan = Plan(base="/", seed=0, t0=(0.5,))
+    assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == [None, "b"]
+    done = keys_table([(None, 0.5, 0), ("z", 0.5, 0)])
+    assert expand_table(table, plan, done)["id"].to_pylist() == ["b"]
