@@ -21,8 +21,10 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
+from pipeline.manifest import KEY_SCHEMA
+
 DATA_DIR, ERRORS_DIR = "data", "errors"
-KEY_COLUMNS = ("id", "t0", "sample")
+KEY_COLUMNS = tuple(KEY_SCHEMA.names)  # ("id", "t0", "sample")
 # the data columns, in order, with their types as the pipeline builds them (manifest.py, actor.py,
 # encode.py); a WebDataset shard's JSON is read back into these types
 DATA_TYPES = {"id": pa.string(), "t0": pa.float64(), "sample": pa.int32(), "seed": pa.int64(),

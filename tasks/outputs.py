@@ -22,7 +22,6 @@ from PIL import Image
 from pipeline.config import Format
 from tasks.sources import is_remote, resolve
 
-KEY_COLUMNS = ("id", "t0", "sample")
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
 SHARD_SUFFIXES: dict[Format, str] = {"parquet": ".parquet", "webdataset": ".tar"}
