@@ -1,12 +1,14 @@
 """The SDEdit actor: loads a prior once and edits batches of work rows.
 
 Determinism: a sample's output depends only on (model, guide, mask, t0, repeats, steps, seed)
-and on `model_batch`. Rows are grouped by (t0, repeats) and run in chunks of exactly
-`model_batch` samples (the last chunk padded with throw-away samples), each with its own
-generator. Kernels give the same bits for a sample whatever its neighbours when the batch shape
-is fixed, so outputs do not change with --batch-size, actor counts or restarts (on CUDA the
-actor asks for deterministic cuDNN/cuBLAS kernels for this). Changing `model_batch` (or the
-device) may change rare pixels by one grey level.
+and on `model_batch`. Rows are grouped by (number of model calls, repeats) and run in chunks of
+exactly `model_batch` samples (the last chunk padded with throw-away samples), each with its own
+generator and its own t0, so rows with different t0 values but as many steps (any t0 with
+`steps=N`) share model batches instead of each padding their own. Every sample of a chunk takes
+part in every model call, and kernels give the same bits for a sample whatever its neighbours
+when the batch shape is fixed, so outputs do not change with --batch-size, actor counts or
+restarts (on CUDA the actor asks for deterministic cuDNN/cuBLAS kernels for this). Changing
+`model_batch` (or the device) may change rare pixels by one grey level.
 """
 
 from __future__ import annotations
@@ -46,17 +48,18 @@ class SDEditActor:
         errors = table[INTERNAL + "error"].to_pylist()
         pixels: list[bytes | None] = [None] * table.num_rows
         l2: list[float | None] = [None] * table.num_rows
-        for (t0, repeats), chunk in self._chunks(table, stages):
+        t0s = table["t0"].to_pylist()
+        for repeats, chunk in self._chunks(table, t0s, stages):
             try:
                 outputs = self._edit_chunk(
                     [table[INTERNAL + "guide_pixels"][i].as_py() for i in chunk],
                     [table[INTERNAL + "mask_pixels"][i].as_py() for i in chunk],
-                    [table["seed"][i].as_py() for i in chunk], t0, repeats)
+                    [table["seed"][i].as_py() for i in chunk], [t0s[i] for i in chunk], repeats)
             except (ValueError, TypeError) as error:  # bad tensors; device errors propagate
                 for i in chunk:
                     stages[i] = "edit"
-                    errors[i] = (f"SDEdit failed for id {table['id'][i].as_py()!r} at t0 {t0}: "
-                                 f"{type(error).__name__}: {error}")
+                    errors[i] = (f"SDEdit failed for id {table['id'][i].as_py()!r} at t0 "
+                                 f"{t0s[i]}: {type(error).__name__}: {error}")
                 continue
             for i, (image, distance) in zip(chunk, outputs, strict=True):
                 pixels[i], l2[i] = image, distance
@@ -64,19 +67,20 @@ class SDEditActor:
         return self._with_outputs(table, pixels, l2, stages, errors,
                                   (seconds, started_at, time.time()))
 
-    def _chunks(self, table: pa.Table, stages: list) -> list[tuple[tuple[float, int], list]]:
-        """Row indices grouped by (t0, repeats), cut into chunks of at most model_batch."""
+    def _chunks(self, table: pa.Table, t0s: list, stages: list) -> list[tuple[int, list]]:
+        """(repeats, row indices) chunks of at most model_batch rows that make the same number
+        of model calls per pass, so every sample of a chunk is in every call."""
         groups = defaultdict(list)
-        rows = zip(table["t0"].to_pylist(), table["repeats"].to_pylist(), stages, strict=True)
+        rows = zip(t0s, table["repeats"].to_pylist(), stages, strict=True)
         for index, (t0, repeats, stage) in enumerate(rows):
             if stage is None:
-                groups[(t0, repeats)].append(index)
-        return [(key, members[first:first + self.model_batch])
-                for key, members in sorted(groups.items())
+                groups[(len(self.prior.schedule.path(t0, self.steps)), repeats)].append(index)
+        return [(repeats, members[first:first + self.model_batch])
+                for (_, repeats), members in sorted(groups.items())
                 for first in range(0, len(members), self.model_batch)]
 
     def _edit_chunk(self, guides: list[bytes], masks: list[bytes | None], seeds: list[int],
-                    t0: float, repeats: int) -> list[tuple[bytes, float]]:
+                    t0s: list[float], repeats: int) -> list[tuple[bytes, float]]:
         """Edit one chunk padded to model_batch; returns (uint8 RGB bytes, l2_to_guide).
 
         l2_to_guide is the mean squared error, in [-1, 1] units, between the stored (8-bit)
@@ -96,6 +100,7 @@ class SDEditActor:
             mask = (mask + 1) / 2
         device = self.prior.device
         generators = sdedit.generators([*seeds, *[0] * pad], device=device)
+        t0 = torch.tensor([*t0s, *[t0s[0]] * pad], dtype=torch.float64)
         out = sdedit.edit(self.prior.model, self.prior.schedule, guide.to(device), t0=t0,
                           mask=None if mask is None else mask.to(device), steps=self.steps,
                           repeats=repeats, generator=generators)

@@ -45,6 +45,29 @@ def test_outputs_do_not_depend_on_which_rows_share_a_call(actor, work):
     assert len(together) == 5 and all(len(v) == 64 * 64 * 3 for v in together.values())
 
 
+def test_rows_with_different_t0_but_as_many_steps_share_model_batches(work):
+    actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=5, steps=2, threads=1)
+    samples = []
+    actor.prior.model.unet.register_forward_pre_hook(lambda _, args: samples.append(len(args[0])))
+    together = outputs(actor(work))  # t0 0.3 and 0.6, 5 rows: one chunk, 2 steps
+    assert samples == [5, 5]
+    samples.clear()
+    alone = {}
+    for index in range(work.num_rows):
+        alone.update(outputs(actor(work.slice(index, 1))))
+    assert samples == [5, 5] * 5
+    assert together == alone
+
+
+def test_rows_whose_t0_takes_more_steps_get_their_own_chunks(work):
+    actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=5, steps=None, threads=1)
+    assert [len(actor.prior.schedule.path(t0, None)) for t0 in (0.3, 0.6)] == [301, 601]
+    chunks = actor._chunks(work, work["t0"].to_pylist(), [None] * work.num_rows)
+    t0s = work["t0"].to_pylist()
+    assert [sorted({t0s[i] for i in chunk}) for _, chunk in chunks] == [[0.3], [0.6]]
+    assert sorted(i for _, chunk in chunks for i in chunk) == list(range(work.num_rows))
+
+
 def test_l2_to_guide_matches_the_stored_pixels(actor, work):
     result = actor(work.slice(0, 1))
     out = np.frombuffer(result["_sd_pixels"][0].as_py(), np.uint8).astype(float) / 127.5 - 1
