@@ -27,8 +27,8 @@ class SDEditActor:
     """Ray Data callable class: `__call__(table) -> table` with `_sd_pixels` and `l2_to_guide`."""
 
     def __init__(self, model: str, dtype: str, storage_options: Mapping, model_batch: int,
-                 steps: int | None, threads: int | None = None,
-                 allow_pickle: bool = False) -> None:
+                 steps: int | None, threads: int | None = None, allow_pickle: bool = False,
+                 compile: bool = False, channels_last: bool = False) -> None:
         import torch
 
         import sdedit
@@ -38,6 +38,7 @@ class SDEditActor:
         if torch.cuda.is_available():
             prefer_deterministic_cuda()
         self.prior = sdedit.load(model, dtype=dtype, allow_pickle=allow_pickle,
+                                 channels_last=channels_last, compile=compile,
                                  storage_options=dict(storage_options))
         self.model_batch = model_batch
         self.steps = steps

@@ -27,6 +27,9 @@ SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNO
 # Fields that change what the images are: a different value into the same OUTPUT is refused.
 OUTPUT_FIELDS = ("model", "t0", "samples", "steps", "repeats", "seed", "task", "format",
                  "image_format", "dtype")
+# Switches that can move rare pixels by one grey level; recorded only when on, so OUTPUTs made
+# before they existed still resume.
+OUTPUT_SWITCHES = ("compile", "channels_last")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,8 @@ class RunConfig:
     format: Format = "parquet"
     image_format: ImageFormat = "png"
     dtype: DType = "float32"
+    compile: bool = False  # torch.compile the network in each actor (compiles on first batch)
+    channels_last: bool = False  # channels-last memory format for the network
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     address: str | None = None
     actors: tuple[int, int] = (1, 1)
@@ -72,6 +77,7 @@ class RunConfig:
     def output_record(self, model_digest: str) -> dict:
         """The fields that decide the outputs, as stored in OUTPUT/_run_config.json."""
         record = {name: _plain(getattr(self, name)) for name in OUTPUT_FIELDS}
+        record.update({name: True for name in OUTPUT_SWITCHES if getattr(self, name)})
         record["model_digest"] = model_digest
         return record
 

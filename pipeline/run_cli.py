@@ -29,6 +29,11 @@ EXIT_ERROR_RATE = 3
 @click.option("--format", "format", type=click.Choice(["parquet", "webdataset"]))
 @click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--compile", is_flag=True, default=None,
+              help="torch.compile the network in each actor: faster after a compile on the "
+                   "first batch; may move rare pixels by one grey level.")
+@click.option("--channels-last", is_flag=True, default=None,
+              help="Channels-last memory format for the network (often faster on GPUs).")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for every read and write, e.g. endpoint_url=...")
 @click.option("--address", help="Ray cluster address; default: a local runtime.")

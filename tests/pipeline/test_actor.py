@@ -68,6 +68,23 @@ def test_rows_whose_t0_takes_more_steps_get_their_own_chunks(work):
     assert sorted(i for _, chunk in chunks for i in chunk) == list(range(work.num_rows))
 
 
+def test_a_compiled_actor_is_batch_invariant_and_close_to_eager(actor, work):
+    compiled = SDEditActor("builtin:tiny", "float32", {}, model_batch=3, steps=2, threads=1,
+                           compile=True, channels_last=True)
+    assert type(compiled.prior.model._forward).__name__ == "OptimizedModule"
+    together = outputs(compiled(work))
+    alone = {}
+    for index in range(work.num_rows):
+        alone.update(outputs(compiled(work.slice(index, 1))))
+    assert together == alone
+    eager = outputs(actor(work))
+    assert together.keys() == eager.keys()
+    for key, pixels in together.items():
+        difference = np.abs(np.frombuffer(pixels, np.uint8).astype(int)
+                            - np.frombuffer(eager[key], np.uint8).astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
 def test_l2_to_guide_matches_the_stored_pixels(actor, work):
     result = actor(work.slice(0, 1))
     out = np.frombuffer(result["_sd_pixels"][0].as_py(), np.uint8).astype(float) / 127.5 - 1

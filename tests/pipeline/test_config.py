@@ -12,6 +12,7 @@ from pipeline.config import (
     parse_actors,
     parse_storage_options,
 )
+from pipeline.resume import ConfigMismatchError, claim_output
 
 
 def test_storage_options_nest_and_convert():
@@ -88,6 +89,19 @@ def test_output_record_holds_only_output_deciding_fields():
     assert record["t0"] == [0.5]
     assert record["model_digest"] == "sha256:abc"
     assert "batch_size" not in record and "actors" not in record
+
+
+def test_compile_and_channels_last_are_recorded_only_when_on(tmp_path):
+    plain = RunConfig(manifest="m", output=str(tmp_path))
+    assert not {"compile", "channels_last"} & set(plain.output_record("d"))  # old OUTPUTs resume
+    fast = build_config({"manifest": "m", "output": str(tmp_path)},
+                        {"compile": True, "channels_last": True})
+    assert fast.output_record("d") == {**plain.output_record("d"), "compile": True,
+                                       "channels_last": True}
+    claim_output(str(tmp_path), plain.output_record("d"), False, {})
+    claim_output(str(tmp_path), plain.output_record("d"), False, {})
+    with pytest.raises(ConfigMismatchError, match=r"compile: None -> True"):
+        claim_output(str(tmp_path), fast.output_record("d"), False, {})
 
 
 def test_retry_errors_take_a_comma_list_or_all():

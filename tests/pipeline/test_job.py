@@ -83,7 +83,18 @@ def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp
         run(config(small_manifest, output, steps=3))
     summary = run(config(small_manifest, output, steps=3, overwrite=True))
     assert summary["written"] == 4
-    assert set(read_dataset(output)["steps"].to_pylist()) == {3}
+    eager = read_dataset(output)
+    assert set(eager["steps"].to_pylist()) == {3}
+    with pytest.raises(ConfigMismatchError, match=r"compile: None -> True"):
+        run(config(small_manifest, output, steps=3, compile=True))
+    compiled = run(config(small_manifest, output, steps=3, compile=True, channels_last=True,
+                          overwrite=True))
+    assert compiled["written"] == 4 and compiled["config"]["compile"]
+    for before, after in zip(eager["image"].to_pylist(), read_dataset(output)["image"].to_pylist(),
+                             strict=True):
+        difference = np.abs(np.asarray(Image.open(io.BytesIO(before)), int)
+                            - np.asarray(Image.open(io.BytesIO(after)), int))
+        assert difference.max() <= 1  # torch.compile may move a rare pixel by one level
 
 
 def test_outputs_are_identical_across_batch_sizes_and_actor_counts(tmp_path):

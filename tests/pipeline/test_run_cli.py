@@ -11,7 +11,8 @@ def test_run_is_registered_and_documents_its_options():
     result = CliRunner().invoke(main, ["run", "--help"])
     assert result.exit_code == 0
     for option in ("--t0", "--samples", "--storage-option", "--actors", "--config",
-                   "--max-error-rate", "--overwrite", "--format", "--image-format"):
+                   "--max-error-rate", "--overwrite", "--format", "--image-format",
+                   "--compile", "--channels-last"):
         assert option in result.output
 
 
