@@ -177,7 +177,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     rows = rows.repartition(target_num_rows_per_block=config.batch_size)
     fetched = rows.map_batches(
         fetch_batch, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=CPU_STEP,
-        concurrency=tasks,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(resolution=model.resolution, storage_options=options,
                        max_pixels=config.max_pixels))
     edited = fetched.map_batches(
@@ -190,7 +190,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
                                    compile=config.compile, channels_last=config.channels_last))
     return edited.map_batches(
         write_step, batch_size=config.rows_per_shard, batch_format="pyarrow", num_cpus=CPU_STEP,
-        concurrency=tasks,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(output=config.output, data_format=config.format,
                        image_format=config.image_format, storage_options=options))
 
