@@ -30,20 +30,24 @@ import click
 @click.option("--batch-size", default=32, show_default=True, help="Rows per actor call.")
 @click.option("--model-batch", default=32, show_default=True, help="Samples per model call.")
 @click.option("--actors", default=1, show_default=True)
+@click.option("--compile", is_flag=True,
+              help="torch.compile the network (model-only compiles before timing; the "
+                   "pipeline's start-up includes the compile).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep inputs/outputs here.")
 def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
-          model_batch: int, actors: int, workdir: str | None) -> None:
+          model_batch: int, actors: int, compile: bool, workdir: str | None) -> None:
     """Print model-only and end-to-end images/s for COUNT generated images, and their ratio."""
     with tempfile.TemporaryDirectory(prefix="sdedit-bench-") as scratch:
         root = Path(workdir or scratch)
         manifest = write_inputs(root / "inputs", count, size)
-        measure = (root / "inputs", model, count, t0, steps, model_batch, actors)
+        measure = (root / "inputs", model, count, t0, steps, model_batch, actors, compile)
         before = model_throughput(*measure)
         pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps, batch_size,
-                                       model_batch, actors)
+                                       model_batch, actors, compile)
         after = model_throughput(*measure)
     model_only = (before + after) / 2  # measured on both sides: the machine's load drifts
     result = {"images": count, "size": size, "t0": t0, "steps": steps, "model": model,
+              "compile": compile,
               "model_only_images_per_s": round(model_only, 3),
               "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
               "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3),
@@ -80,8 +84,9 @@ def write_inputs(folder: Path, count: int, size: int) -> Path:
 
 
 def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int,
-                     model_batch: int, actors: int) -> float:
-    """Images/s through `sdedit.edit` alone, guides decoded beforehand."""
+                     model_batch: int, actors: int, compile: bool = False) -> float:
+    """Images/s through `sdedit.edit` alone, guides decoded beforehand (a compiled network
+    compiles on an untimed first chunk)."""
     import os
 
     import torch
@@ -91,20 +96,27 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
     from pipeline.fetch import prepare
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors))
-    prior = sdedit.load(model)
+    prior = sdedit.load(model, compile=compile)
     guides = [prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
               for i in range(count)]
-    started = time.perf_counter()
-    for first in range(0, count, model_batch):
+
+    def edit(first: int) -> None:
         chunk = guides[first:first + model_batch]
         guide = to_tensor(chunk, prior.resolution, 3).to(prior.device)
         generators = sdedit.generators(range(first, first + len(chunk)), device=prior.device)
         prior.edit(guide, t0=t0, steps=steps, generator=generators)
+
+    if compile:
+        edit(0)
+    started = time.perf_counter()
+    for first in range(0, count, model_batch):
+        edit(first)
     return count / (time.perf_counter() - started)
 
 
 def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, steps: int,
-                        batch_size: int, model_batch: int, actors: int) -> dict:
+                        batch_size: int, model_batch: int, actors: int,
+                        compile: bool = False) -> dict:
     """Images/s of a full `sdedit run` (Ray start excluded, actor start-up included)."""
     from pipeline.config import RunConfig
     from pipeline.job import init_ray, run
@@ -112,7 +124,7 @@ def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, ste
     config = RunConfig(manifest=str(manifest), output=str(output), model=model, t0=(t0,),
                        steps=steps, batch_size=batch_size, model_batch=model_batch,
                        actors=(actors, actors), rows_per_shard=max(batch_size, 64),
-                       overwrite=True)
+                       compile=compile, overwrite=True)
     init_ray(None)
     summary = run(config)
     run_stats = summary["this_run"]
