@@ -28,7 +28,8 @@ class SDEditActor:
 
     def __init__(self, model: str, dtype: str, storage_options: Mapping, model_batch: int,
                  steps: int | None, threads: int | None = None, allow_pickle: bool = False,
-                 compile: bool = False, channels_last: bool = False) -> None:
+                 compile: bool = False, channels_last: bool = False,
+                 expected_digest: str | None = None) -> None:
         import torch
 
         import sdedit
@@ -40,6 +41,13 @@ class SDEditActor:
         self.prior = sdedit.load(model, dtype=dtype, allow_pickle=allow_pickle,
                                  channels_last=channels_last, compile=compile,
                                  storage_options=dict(storage_options))
+        if expected_digest and self.prior.digest != expected_digest:
+            from sdedit.loading import ModelLoadError
+
+            raise ModelLoadError(
+                f"model {model} changed since this run started: the driver read weights "
+                f"{expected_digest}, this actor loaded {self.prior.digest}. Rerun, so that one "
+                "model makes every output (OUTPUT refuses a different model unless --overwrite)")
         self.model_batch = model_batch
         self.steps = steps
 
@@ -71,11 +79,14 @@ class SDEditActor:
     def _chunks(self, table: pa.Table, t0s: list, stages: list) -> list[tuple[int, list]]:
         """(repeats, row indices) chunks of at most model_batch rows that make the same number
         of model calls per pass, so every sample of a chunk is in every call."""
+        import sdedit
+
         groups = defaultdict(list)
         rows = zip(t0s, table["repeats"].to_pylist(), stages, strict=True)
         for index, (t0, repeats, stage) in enumerate(rows):
             if stage is None:
-                groups[(len(self.prior.schedule.path(t0, self.steps)), repeats)].append(index)
+                calls = sdedit.model_calls(self.prior.schedule, t0, self.steps)
+                groups[(calls, repeats)].append(index)
         return [(repeats, members[first:first + self.model_batch])
                 for (_, repeats), members in sorted(groups.items())
                 for first in range(0, len(members), self.model_batch)]

@@ -187,7 +187,8 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
                                    model_batch=config.model_batch, steps=config.steps,
                                    threads=threads, allow_pickle=config.allow_pickle,
-                                   compile=config.compile, channels_last=config.channels_last))
+                                   compile=config.compile, channels_last=config.channels_last,
+                                   expected_digest=model.digest))
     return edited.map_batches(
         write_step, batch_size=config.rows_per_shard, batch_format="pyarrow", num_cpus=CPU_STEP,
         compute=ray.data.TaskPoolStrategy(size=tasks),

@@ -5,11 +5,12 @@
     out = sdedit.edit(prior.model, prior.schedule, guide, t0=0.5, mask=mask)
 """
 
-from sdedit.edit import edit
+from sdedit.edit import edit, model_calls
 from sdedit.noise import generators, stable_seed
 from sdedit.schedules import VESchedule, VPSchedule
 
-__all__ = ["VESchedule", "VPSchedule", "edit", "generators", "load", "stable_seed", "Prior"]
+__all__ = ["VESchedule", "VPSchedule", "edit", "generators", "load", "model_calls", "stable_seed",
+           "Prior"]
 
 
 def __getattr__(name: str):

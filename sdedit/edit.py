@@ -70,6 +70,12 @@ def edit(
     return x
 
 
+def model_calls(schedule: Schedule, t0: float, steps: int | None = None) -> int:
+    """Model calls one SDEdit pass makes from t0 (`schedule.path` minus its start). Samples with
+    equal counts take part in every call of a shared batch, whatever their t0 values."""
+    return len(schedule.path(t0, steps)) - 1
+
+
 def _one_pass(
     model: Model, schedule: Schedule, sampler: _Sampler, guide: torch.Tensor,
     mask: torch.Tensor | None, paths: list[list], noise: SampleNoise,

@@ -113,30 +113,51 @@ def _local_folder(uri: str, storage_options: dict, allow_pickle: bool) -> Path:
 
 
 def _fetch_remote(uri: str, storage_options: dict) -> Path:
-    """Copy a remote model folder into a local cache keyed by the URI (atomic rename)."""
+    """Copy a remote model folder into a local cache (atomic rename), keyed by the URI and by
+    what its listing says of every file, so a model replaced at the same URI is fetched again
+    instead of served stale."""
     import fsspec
 
-    cache = Path(os.environ.get("SDEDIT_CACHE", Path.home() / ".cache" / "sdedit")) / "models"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:32]
-    if target.exists():
-        return target
     fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate a change
     if not fs.isdir(root):
         raise ModelLoadError(f"model folder {uri} does not exist or is not a folder")
+    files = fs.find(root, detail=True)
+    cache = Path(os.environ.get("SDEDIT_CACHE", Path.home() / ".cache" / "sdedit")) / "models"
+    target = cache / _listing_key(uri, root, files)
+    if target.exists():
+        return target
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
     try:
-        for remote in fs.find(root):
+        for remote in files:
             local = staging / os.path.relpath(remote, root)
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(local))
         staging.rename(target)
-    except FileExistsError:
-        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    except OSError:  # renaming onto a folder that exists fails with ENOTEMPTY, not EEXIST
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():  # not another process winning the race to the same folder
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+# Listing fields that change when an object's content does (S3/GCS/Azure/local spellings).
+_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "LastModified",
+                   "last_modified", "updated", "mtime")
+
+
+def _listing_key(uri: str, root: str, files: dict) -> str:
+    """Cache folder name: a digest of the URI and each file's path, size and version fields."""
+    digest = hashlib.sha256(uri.encode())
+    for path in sorted(files):
+        info = files[path]
+        versions = [str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None]
+        digest.update(repr((os.path.relpath(path, root), info.get("size"), versions)).encode())
+    return digest.hexdigest()[:32]
 
 
 def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from run_helpers import write_images
 
+import sdedit
 from pipeline.actor import SDEditActor, prefer_deterministic_cuda
 from pipeline.fetch import fetch_batch
 from pipeline.manifest import Plan, expand_table, keys_table
@@ -61,7 +62,7 @@ def test_rows_with_different_t0_but_as_many_steps_share_model_batches(work):
 
 def test_rows_whose_t0_takes_more_steps_get_their_own_chunks(work):
     actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=5, steps=None, threads=1)
-    assert [len(actor.prior.schedule.path(t0, None)) for t0 in (0.3, 0.6)] == [301, 601]
+    assert [sdedit.model_calls(actor.prior.schedule, t0) for t0 in (0.3, 0.6)] == [300, 600]
     chunks = actor._chunks(work, work["t0"].to_pylist(), [None] * work.num_rows)
     t0s = work["t0"].to_pylist()
     assert [sorted({t0s[i] for i in chunk}) for _, chunk in chunks] == [[0.3], [0.6]]
@@ -83,6 +84,18 @@ def test_a_compiled_actor_is_batch_invariant_and_close_to_eager(actor, work):
         difference = np.abs(np.frombuffer(pixels, np.uint8).astype(int)
                             - np.frombuffer(eager[key], np.uint8).astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_an_actor_refuses_weights_other_than_the_drivers():
+    from sdedit.loading import ModelLoadError, describe
+
+    digest = describe("builtin:tiny").digest
+    assert SDEditActor("builtin:tiny", "float32", {}, model_batch=2, steps=2,
+                       expected_digest=digest).prior.digest == digest
+    with pytest.raises(ModelLoadError, match=r"builtin:tiny changed since this run started.*"
+                                             r"sha256:0{64}, this actor loaded " + digest):
+        SDEditActor("builtin:tiny", "float32", {}, model_batch=2, steps=2,
+                    expected_digest="sha256:" + "0" * 64)
 
 
 def test_l2_to_guide_matches_the_stored_pixels(actor, work):

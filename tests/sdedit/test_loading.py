@@ -265,6 +265,29 @@ def test_digest_is_stable_across_loads(ddpm_folder):
     assert first == second and first.startswith("sha256:") and len(first) == 7 + 64
 
 
+@pytest.mark.slow
+def test_a_model_replaced_in_the_bucket_is_fetched_again(s3_server, ddpm_folder, tmp_path,
+                                                         monkeypatch):
+    import s3fs
+    from diffusers import DDPMScheduler
+
+    monkeypatch.setenv("SDEDIT_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    uri = f"{s3_server.new_bucket()}/models/ddpm"
+    folder, _ = ddpm_folder
+    fs.put(f"{folder}/", f"{uri}/", recursive=True)
+    first = sdedit.load(uri, storage_options=s3_server.storage_options)
+    assert first.digest == sdedit.load(folder).digest
+    assert sdedit.load(uri, storage_options=s3_server.storage_options).digest == first.digest
+    retrained = save_flat(tmp_path / "retrained", small_unet(seed=1),
+                          DDPMScheduler(num_train_timesteps=1000))
+    fs.put(f"{retrained}/", f"{uri}/", recursive=True)  # same names, new weights
+    second = sdedit.load(uri, storage_options=s3_server.storage_options)
+    assert second.digest == sdedit.load(retrained).digest != first.digest
+    assert describe(uri, storage_options=s3_server.storage_options).digest == second.digest
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2  # no partial folders left
+
+
 def test_builtin_weights_do_not_depend_on_global_rng():
     torch.manual_seed(123)
     first = sdedit.load("builtin:tiny")
