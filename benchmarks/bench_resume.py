@@ -1,13 +1,15 @@
 """What a (re)start costs to learn what OUTPUT already holds: every shard read vs the index.
 
     python benchmarks/bench_resume.py [--shards 1000] [--rows 2] [--output URI]
-        [--storage-option KEY=VALUE ...]
+        [--storage-option KEY=VALUE ...] [--threads 16]
 
 Commits `--shards` data shards of `--rows` rows (key columns plus a 3 kB image each) under
 OUTPUT (a temporary folder by default; an s3:// URI with `--storage-option endpoint_url=...`
 for an S3-compatible server, credentials from the environment), then times `read_committed`
 without an index (every shard's key columns read), `write_index`, and `read_committed` again
-(the index answers). Prints seconds per step as JSON.
+(the index answers). Prints seconds per step as JSON. `--threads` sets how many unlisted
+shards are read at once (`pipeline.resume.READ_THREADS`), to see what it buys on a store with
+high latency.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 import pyarrow as pa
 
+import pipeline.resume
 from pipeline.config import parse_storage_options
 from pipeline.resume import INDEXES, output_fs, read_committed, write_index
 from pipeline.writers import DATA_DIR, ParquetShardWriter
@@ -30,12 +33,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2, help="rows per shard")
     parser.add_argument("--output", help="OUTPUT URI (default: a temporary folder)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=pipeline.resume.READ_THREADS)
     args = parser.parse_args()
+    pipeline.resume.READ_THREADS = args.threads
     options = parse_storage_options(args.storage_option)
     with tempfile.TemporaryDirectory(prefix="sdedit-resume-") as scratch:
         output = args.output or scratch
         seconds = timed(lambda: commit_shards(output, args.shards, args.rows, options))
         print(json.dumps({"shards": args.shards, "rows": args.shards * args.rows,
+                          "threads": args.threads,
                           "commit_s": seconds, **measure(output, options)}, indent=2))
 
 
