@@ -60,7 +60,7 @@ class RunConfig:
     channels_last: bool = False  # channels-last memory format for the network
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     address: str | None = None
-    actors: tuple[int, int] = (1, 1)
+    actors: tuple[int, int] | None = None  # None: one per GPU of the cluster, else 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     max_pixels: int = MAX_PIXELS
@@ -118,7 +118,7 @@ def _check_t0(config: RunConfig) -> None:
 
 
 def _check_actors(config: RunConfig) -> None:
-    low, high = config.actors
+    low, high = config.actors or (1, 1)
     if low < 1 or high < low:
         raise ConfigError(f"actors must be N or MIN-MAX with 1 <= MIN <= MAX, got {low}-{high}")
     for name in ("gpus_per_actor", "cpus_per_actor"):

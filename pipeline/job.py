@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from typing import NamedTuple
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import (
@@ -45,6 +46,15 @@ PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec",
 
 class ErrorRateExceeded(RuntimeError):
     """More outputs failed than --max-error-rate allows; everything possible was written."""
+
+
+class ActorResources(NamedTuple):
+    """What each SDEdit actor asks of Ray, and how many of them (min, max)."""
+
+    gpus: float
+    cpus: float
+    threads: int | None  # torch threads on CPU actors; None leaves torch's default
+    actors: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,8 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
 
     started_ray = init_ray(config.address)
     try:
-        dataset = build_dataset(config, manifest, plan, committed, model)
+        resources = actor_resources(config)
+        dataset = build_dataset(config, manifest, plan, committed, model, resources)
         totals = {"written": 0, "failed": 0, "edit_seconds": 0.0}
         edit_times: list[float] = []
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -136,7 +147,7 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
             edit_times += [t for name in ("edit_started_at", "edit_finished_at")
                            for t in batch[name].to_pylist() if t is not None]
         return {**totals, "first_edit_at": min(edit_times, default=None),
-                "last_edit_at": max(edit_times, default=None)}
+                "last_edit_at": max(edit_times, default=None), "actors": resources.actors}
     finally:
         if started_ray:
             ray.shutdown()
@@ -156,7 +167,7 @@ def init_ray(address: str | None) -> bool:
 
 
 def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
-                  model: ModelInfo):
+                  model: ModelInfo, resources: ActorResources):
     """The Ray Data plan: read/expand -> fetch -> SDEdit actors -> encode/write."""
     import ray
 
@@ -166,7 +177,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     from pipeline.writers import write_step
 
     options = dict(config.storage_options)
-    gpus, cpus, threads = actor_resources(config)
+    low, high = resources.actors
     tasks = cpu_task_concurrency()
     files = ray.data.from_items([{"file": file} for file in manifest.files])
     rows = files.map_batches(
@@ -182,11 +193,11 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
                        max_pixels=config.max_pixels))
     edited = fetched.map_batches(
         SDEditActor, batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
-        num_cpus=cpus, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=resources.cpus, num_gpus=resources.gpus,
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
                                    model_batch=config.model_batch, steps=config.steps,
-                                   threads=threads, allow_pickle=config.allow_pickle,
+                                   threads=resources.threads, allow_pickle=config.allow_pickle,
                                    compile=config.compile, channels_last=config.channels_last,
                                    expected_digest=model.digest))
     return edited.map_batches(
@@ -206,21 +217,25 @@ def cpu_task_concurrency() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
 
 
-def actor_resources(config: RunConfig) -> tuple[float, float, int | None]:
-    """(GPUs, CPUs, torch threads) per actor: one GPU each when the cluster has GPUs; on CPU
-    clusters a fractional CPU reservation and each node's cores shared among its actors."""
+def actor_resources(config: RunConfig) -> ActorResources:
+    """One GPU per actor and one actor per GPU by default when the cluster has GPUs; on CPU
+    clusters one actor by default, a fractional CPU reservation and each node's cores shared
+    among its actors (torch threads)."""
     import ray
 
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(has_gpus)
-    if gpus > 0 and not has_gpus:
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus > 0)
+    if gpus > 0 and not cluster_gpus:
         raise ConfigError(f"--gpus-per-actor {gpus} but the Ray cluster has no GPUs")
     if gpus > 0:
-        return gpus, config.cpus_per_actor or 1.0, None
+        every_gpu = max(1, int(cluster_gpus // gpus))
+        return ActorResources(gpus, config.cpus_per_actor or 1.0, None,
+                              config.actors or (every_gpu, every_gpu))
+    actors = config.actors or (1, 1)
     nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
-    actors_per_node = -(-config.actors[1] // len(nodes))
+    actors_per_node = -(-actors[1] // len(nodes))
     threads = max(1, int(min(nodes)) // actors_per_node)
-    return 0.0, config.cpus_per_actor or 0.5, threads
+    return ActorResources(0.0, config.cpus_per_actor or 0.5, threads, actors)
 
 
 def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int, todo: int,
@@ -248,6 +263,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
             "pipeline_seconds": round(seconds, 3),
             "images_per_second": round(run_written / seconds, 3) if seconds > 0 else None,
             "actor_edit_seconds": round(float(stats.get("edit_seconds", 0.0)), 3),
+            "actors": list(stats["actors"]) if stats.get("actors") else None,
             **edit_window(stats, pipeline_started, finished),
         },
         "timings": {"started_at": started, "finished_at": finished,

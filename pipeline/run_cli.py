@@ -37,7 +37,8 @@ EXIT_ERROR_RATE = 3
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for every read and write, e.g. endpoint_url=...")
 @click.option("--address", help="Ray cluster address; default: a local runtime.")
-@click.option("--actors", help="Actor count N or MIN-MAX. Default 1.")
+@click.option("--actors", help="Actor count N or MIN-MAX. Default: one per GPU of the cluster "
+                               "(GPUs / --gpus-per-actor), or 1 without GPUs.")
 @click.option("--gpus-per-actor", type=float, help="Default 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-actor", type=float, help="Default 1 with GPUs, else 0.5.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")

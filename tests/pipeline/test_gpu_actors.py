@@ -1,0 +1,56 @@
+"""Actor counts on a cluster with GPUs: one actor per GPU unless told otherwise. Ray is given
+two logical GPUs on this CPU machine; the actors ask for them and run on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+from run_helpers import read_dataset, write_images, write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import actor_resources, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_two_gpus():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False,
+             object_store_memory=256 * 1024**2, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def sdedit_actors() -> int:
+    """SDEdit actors this Ray runtime has started (alive or finished)."""
+    from ray._private import state  # the public state API needs the dashboard
+
+    return sum("SDEditActor" in actor["ActorClassName"] for actor in state.actors().values())
+
+
+def config(**overrides) -> RunConfig:
+    return RunConfig(**{"manifest": "m", "output": "o", **overrides})
+
+
+def test_the_default_is_one_actor_per_gpu(ray_two_gpus, tmp_path):
+    names = write_images(tmp_path / "inputs", 8)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": [f"r{i}" for i in range(8)], "guide": names})
+    summary = run(RunConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                            model="builtin:tiny", steps=2, t0=(0.5,), batch_size=2,
+                            model_batch=2, cpus_per_actor=0.25))
+    assert (summary["written"], summary["this_run"]["actors"]) == (8, [2, 2])
+    assert sdedit_actors() == 2
+    assert read_dataset(tmp_path / "out")["id"].to_pylist() == [f"r{i}" for i in range(8)]
+
+
+def test_gpus_per_actor_and_explicit_counts_decide_the_pool(ray_two_gpus):
+    assert actor_resources(config()) == (1.0, 1.0, None, (2, 2))
+    assert actor_resources(config(gpus_per_actor=0.5)) == (0.5, 1.0, None, (4, 4))
+    assert actor_resources(config(gpus_per_actor=2.0)).actors == (1, 1)
+    assert actor_resources(config(actors=(1, 3))).actors == (1, 3)
+    assert actor_resources(config(gpus_per_actor=0.0)) == (0.0, 0.5, 2, (1, 1))  # CPU actors
