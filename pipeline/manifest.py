@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from tasks.images import is_local
+from tasks.images import options_for
 
 REQUIRED_COLUMNS = ("id", "guide")
 PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
@@ -88,7 +88,7 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     import fsspec
     import pyarrow.parquet as pq
 
-    fs, path = fsspec.core.url_to_fs(uri, **_options_for(uri, storage_options))
+    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     files, base = _list_parquet(fs, path, uri)
     schemas = []
     for file in files:
@@ -141,11 +141,6 @@ def check_columns(schema: pa.Schema, where: str) -> None:
                             "mask, t0, seed, task, plus any pass-through columns")
 
 
-def _options_for(uri: str, storage_options: Mapping) -> dict:
-    """Storage options apply to remote protocols; local files take none."""
-    return {} if is_local(uri) else dict(storage_options)
-
-
 def resolve_uri(uri: str, base: str) -> str:
     """An absolute URI: relative paths resolve against the manifest's folder."""
     if "://" in uri or uri.startswith("/"):
@@ -160,7 +155,7 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
 
     tables = []
     for file in manifest.files:
-        fs, path = fsspec.core.url_to_fs(file, **_options_for(file, storage_options))
+        fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
         with fs.open(path, "rb") as stream:
             parquet = pq.ParquetFile(stream)
             columns = [c for c in KEY_DECIDING_COLUMNS if c in parquet.schema_arrow.names]
@@ -333,7 +328,7 @@ def read_and_expand(
 
     for file in items["file"]:
         file = str(file)
-        fs, path = fsspec.core.url_to_fs(file, **_options_for(file, storage_options))
+        fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
         with fs.open(path, "rb") as stream:
             parquet = pq.ParquetFile(stream)
             for group in range(parquet.num_row_groups):

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -31,15 +32,16 @@ from pipeline.writers import (
     commit,
     webdataset_rows,
 )
-from tasks.images import is_local
+from tasks.images import options_for
 
 RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
 INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
 READ_THREADS = 16  # shards whose keys are read at once
 SHARD = pa.field("shard", pa.dictionary(pa.int32(), pa.string()))  # file name under data/errors
+ERROR_KEY_SCHEMA = KEY_SCHEMA.append(pa.field("stage", pa.string()))  # key columns of errors/
 WRITTEN_SCHEMA = KEY_SCHEMA.append(SHARD)
-FAILED_SCHEMA = KEY_SCHEMA.append(pa.field("stage", pa.string())).append(SHARD)
+FAILED_SCHEMA = ERROR_KEY_SCHEMA.append(SHARD)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -88,8 +90,7 @@ def output_fs(output: str, storage_options: Mapping):
     """The fsspec file system and root path of OUTPUT."""
     import fsspec
 
-    options = {} if is_local(output) else dict(storage_options)
-    return fsspec.core.url_to_fs(output, **options)
+    return fsspec.core.url_to_fs(output, **options_for(output, storage_options))
 
 
 def _visible(fs, folder: str, suffix: str) -> list[str]:
@@ -107,7 +108,8 @@ def read_committed(output: str, data_format: str, storage_options: Mapping) -> C
     read_data = _tar_keys if data_format == "webdataset" else _parquet_keys
     suffix = ".tar" if data_format == "webdataset" else ".parquet"
     return Committed(_folder_keys(fs, root, DATA_DIR, suffix, read_data, WRITTEN_SCHEMA),
-                     _folder_keys(fs, root, ERRORS_DIR, ".parquet", _error_keys, FAILED_SCHEMA))
+                     _folder_keys(fs, root, ERRORS_DIR, ".parquet",
+                                  partial(_parquet_keys, schema=ERROR_KEY_SCHEMA), FAILED_SCHEMA))
 
 
 def _folder_keys(fs, root: str, folder: str, suffix: str, read, schema: pa.Schema) -> pa.Table:
@@ -143,19 +145,12 @@ def _with_shard(keys: pa.Table, path: str) -> pa.Table:
     return keys.append_column(SHARD, pa.DictionaryArray.from_arrays(indices, name))
 
 
-def _parquet_keys(fs, path: str) -> pa.Table:
+def _parquet_keys(fs, path: str, schema: pa.Schema = KEY_SCHEMA) -> pa.Table:
+    """Only the columns of `schema` from a Parquet shard."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as stream:
-        return pq.read_table(stream, columns=list(KEY_COLUMNS)).cast(KEY_SCHEMA)
-
-
-def _error_keys(fs, path: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as stream:
-        table = pq.read_table(stream, columns=[*KEY_COLUMNS, "stage"])
-    return table.cast(KEY_SCHEMA.append(pa.field("stage", pa.string())))
+        return pq.read_table(stream, columns=schema.names).cast(schema)
 
 
 def _tar_keys(fs, path: str) -> pa.Table:

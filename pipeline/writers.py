@@ -56,10 +56,9 @@ def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> 
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    from tasks.images import is_local
+    from tasks.images import options_for
 
-    options = {} if is_local(folder) else dict(storage_options)
-    fs, root = fsspec.core.url_to_fs(folder, **options)
+    fs, root = fsspec.core.url_to_fs(folder, **options_for(folder, storage_options))
     path = f"{root.rstrip('/')}/{name}"
     if isinstance(fs, LocalFileSystem):
         os.makedirs(root, exist_ok=True)

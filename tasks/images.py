@@ -43,11 +43,16 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith(("file://", "local://"))
 
 
+def options_for(uri: str, storage_options: Mapping) -> dict:
+    """The storage options that apply to `uri`: none for local files, all for remote ones."""
+    return {} if is_local(uri) else dict(storage_options)
+
+
 def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS) -> bytes:
     """The bytes at a URI; transient I/O errors are retried with exponential backoff."""
     import fsspec
 
-    options = {} if is_local(uri) else dict(storage_options)
+    options = options_for(uri, storage_options)
     for attempt in range(attempts):
         try:
             with fsspec.open(uri, "rb", **options) as stream:
