@@ -1,21 +1,22 @@
 """Planning cost of a large manifest: what the driver and each read task spend on work keys.
 
     python benchmarks/bench_plan.py [--rows 1000000] [--t0 3] [--committed 0.5]
-        [--row-group 100000] [--workdir DIR]
+        [--chunk-rows 500000] [--row-group 100000] [--workdir DIR]
 
 Writes a manifest of `--rows` rows (ids and guide paths only; no images are needed to plan),
 then times, as `sdedit run` does them: finding and reading the manifest and planning (duplicate
-ids, presets), `key_table` (every work key, column-wise), and the anti-join against a committed
-fraction of the keys (the resume case). Last, one read task's `expand_table` of one row group
-(per-sample seeds included) against the same committed keys. Prints seconds and the process's
-peak memory after the driver part.
+ids, presets), then `count_work`: every work key, `--chunk-rows` manifest rows at a time,
+anti-joined against the committed keys of a `--committed` fraction of the rows (the resume
+case; `--chunk-rows` at least `--rows` counts all keys at once, as runs did before). Last, one
+read task's `expand_table` of one row group (per-sample seeds included) against the same
+committed keys. Prints seconds, the driver's memory before counting and its peak while
+counting (Linux: /proc/self/status).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.job import make_plan
-from pipeline.manifest import committed_mask, expand_table, find_files, key_table, read_plan_columns
+from pipeline.manifest import (
+    COUNT_CHUNK_ROWS,
+    count_work,
+    expand_table,
+    find_files,
+    key_table,
+    read_plan_columns,
+)
 
 
 def main() -> None:
@@ -33,7 +41,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--t0", type=int, default=3, help="t0 values per row")
     parser.add_argument("--committed", type=float, default=0.5,
-                        help="fraction of the keys already committed")
+                        help="fraction of the rows whose keys are already committed")
+    parser.add_argument("--chunk-rows", type=int, default=COUNT_CHUNK_ROWS,
+                        help="manifest rows whose keys are counted at once")
     parser.add_argument("--row-group", type=int, default=100_000)
     parser.add_argument("--workdir", help="keep the manifest here")
     args = parser.parse_args()
@@ -63,22 +73,43 @@ def measure(manifest: Path, args: argparse.Namespace) -> dict:
     columns = read_plan_columns(files, {})
     plan = make_plan(config, files, columns)
     read_s, clock = time.perf_counter() - clock, time.perf_counter()
-    keys = key_table(columns, plan)
-    keys_s, clock = time.perf_counter() - clock, time.perf_counter()
-    committed = keys.slice(0, int(keys.num_rows * args.committed))
-    todo = keys.num_rows - int(committed_mask(keys, committed).sum())
-    join_s = time.perf_counter() - clock
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    committed = key_table(columns.slice(0, int(columns.num_rows * args.committed)), plan)
+    committed = committed.select(["id", "t0", "sample"])  # what read_committed gives
+    held = reset_peak_rss()
+    clock = time.perf_counter()
+    expected, todo = count_work(columns, plan, committed, args.chunk_rows)
+    count_s = time.perf_counter() - clock
+    driver_peak = peak_rss_mib()
     group = pq.ParquetFile(manifest).read_row_group(0)
     clock = time.perf_counter()
     expanded = expand_table(group, plan, committed)
-    return {"rows": columns.num_rows, "keys": keys.num_rows, "committed": committed.num_rows,
-            "todo": todo, "read_and_plan_s": round(read_s, 2),
-            "key_table_s": round(keys_s, 2), "anti_join_s": round(join_s, 2),
-            "driver_peak_rss_mib": driver_peak,
+    return {"rows": columns.num_rows, "keys": expected, "committed": committed.num_rows,
+            "todo": todo, "chunk_rows": args.chunk_rows, "read_and_plan_s": round(read_s, 2),
+            "count_work_s": round(count_s, 2),
+            "driver_rss_mib_before_count": held,
+            "driver_peak_rss_mib_while_counting": driver_peak,
             "read_task_row_group_rows": group.num_rows,
             "read_task_expand_s": round(time.perf_counter() - clock, 2),
             "read_task_rows_out": expanded.num_rows}
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident memory to its current one (Linux), which it returns
+    in MiB, so the next peak is that of what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident memory since the last reset, in MiB (Linux)."""
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ from pipeline.manifest import (
     ManifestFiles,
     Plan,
     TaskDefaults,
-    committed_mask,
+    count_work,
     duplicate_ids,
     find_files,
-    key_table,
     read_plan_columns,
 )
 from pipeline.resume import (
@@ -76,20 +75,19 @@ def run(config: RunConfig) -> dict:
     clean_temporaries(config.output, config.storage_options)
     retried = forget_errors(config.output, config.retry_errors, config.storage_options)
     committed = read_committed(config.output, config.format, config.storage_options)
-    keys = key_table(plan_columns, plan)
-    todo = keys.num_rows - int(committed_mask(keys, committed.keys).sum())
+    expected, todo = count_work(plan_columns, plan, committed.keys)
     pipeline_started = time.time()
     stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
              "retried_errors": retried}
     finished = time.time()
     final = read_committed(config.output, config.format, config.storage_options)
     write_index(config.output, final, config.storage_options)
-    summary = build_summary(config, model, plan_columns.num_rows, keys.num_rows, todo, final, stats,
+    summary = build_summary(config, model, plan_columns.num_rows, expected, todo, final, stats,
                             (started, pipeline_started, finished))
     write_summary(config, summary)
-    if summary["errors"] > config.max_error_rate * max(keys.num_rows, 1):
+    if summary["errors"] > config.max_error_rate * max(expected, 1):
         raise ErrorRateExceeded(
-            f"{summary['errors']} of {keys.num_rows} outputs failed (rate "
+            f"{summary['errors']} of {expected} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
     return summary

@@ -4,7 +4,8 @@ A manifest row holds `id`, `guide` (URI), optional `mask` (URI, white = synthesi
 list overriding the run's t0 values), `seed` and `task`; every other column passes through to
 the outputs. Expansion is a pure function of a row and the plan, so the driver (counting and
 resuming) and the workers (doing the work) agree on the keys without talking to each other; the
-driver uses `key_table`, the same rules applied column-wise (keys only, tested against `row_work`).
+driver uses `key_table` (through `count_work`, a chunk of rows at a time), the same rules applied
+column-wise (keys only, tested against `row_work`).
 Rows that cannot be processed become keys carrying an error (stage "validate"), never drops.
 """
 
@@ -29,6 +30,7 @@ RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
 T0_DECIMALS = 6
 MAX_ID_LENGTH = 200
+COUNT_CHUNK_ROWS = 500_000  # manifest rows whose keys the driver counts at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Key = tuple[str | None, float, int]
@@ -227,6 +229,30 @@ def _layout_keys(ids: pa.ChunkedArray, rows: list[int], t0s: tuple, samples: int
                     schema=KEY_SCHEMA.append(pa.field("row", pa.int64())))
 
 
+def count_work(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
+               chunk_rows: int = COUNT_CHUNK_ROWS) -> tuple[int, int]:
+    """(work keys, keys not committed yet) of the manifest's rows, counted `chunk_rows` rows at
+    a time against the committed keys of those rows' ids, so the driver never holds every key
+    (nor a join over all of them) at once."""
+    expected = todo = 0
+    for start in range(0, plan_columns.num_rows, chunk_rows):
+        chunk = plan_columns.slice(start, chunk_rows)
+        keys = key_table(chunk, plan)
+        done = committed_mask(keys, committed_for(chunk["id"], committed))
+        expected += keys.num_rows
+        todo += keys.num_rows - int(done.sum())
+    return expected, todo
+
+
+def committed_for(ids: pa.ChunkedArray | pa.Array, committed: pa.Table) -> pa.Table:
+    """The committed keys whose id is among `ids`: all that keys of those rows can match."""
+    import pyarrow.compute as pc
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return committed.filter(pc.is_in(committed["id"], value_set=ids))
+
+
 def keys_table(keys: Sequence[Key]) -> pa.Table:
     """Keys as a table with the key schema."""
     ids, t0s, samples = zip(*keys, strict=True) if keys else ((), (), ())
@@ -353,11 +379,9 @@ def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
     Manifest `t0` and `seed` columns are replaced by the key's t0 and the per-sample seed;
     `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
     """
-    import pyarrow.compute as pc
-
     table = conform(table)
     keys = key_table(table, plan)
-    committed = committed.filter(pc.is_in(committed["id"], value_set=table["id"].combine_chunks()))
+    committed = committed_for(table["id"], committed)
     pending = np.unique(keys["row"].to_numpy()[~committed_mask(keys, committed)])
     rows = table.take(pending).select([c for c in PLAN_COLUMNS if c in table.column_names])
     indexed = [(index, work) for index, row in zip(pending, rows.to_pylist(), strict=True)

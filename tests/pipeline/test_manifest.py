@@ -14,6 +14,7 @@ from pipeline.manifest import (
     TaskDefaults,
     check_columns,
     committed_mask,
+    count_work,
     duplicate_ids,
     expand_table,
     find_files,
@@ -148,6 +149,21 @@ def test_committed_mask_matches_null_ids_and_nan_t0():
     done = keys_table([("a", 0.3, 0), (None, 0.5, 0), ("b", float("nan"), 0), ("z", 0.5, 0)])
     assert committed_mask(keys, done).tolist() == [True, False, True, True, True, False]
     assert committed_mask(keys, keys_table([])).tolist() == [False] * 6
+
+
+def test_count_work_counts_chunk_by_chunk_what_one_anti_join_counts():
+    plan = Plan(base="/b", seed=0, t0=(0.3, 0.6), samples=2)
+    rows = pa.table({"id": ["a", None, "b", "c", "a", "d", None],
+                     "t0": [None, None, [0.4], [None], None, [0.3, 0.2, 0.1], None],
+                     "task": [None] * 7})
+    keys = key_table(rows, plan)
+    committed = keys_table([("a", 0.3, 0), ("a", 0.6, 1), (None, 0.3, 0), ("b", 0.4, 1),
+                            ("c", float("nan"), 0), ("d", 0.2, 1), ("zz", 0.3, 0)])
+    todo = keys.num_rows - int(committed_mask(keys, committed).sum())
+    assert (keys.num_rows, todo) == (26, 17)  # a and null ids are on two rows each
+    for chunk_rows in (1, 2, 3, 7, 100):
+        assert count_work(rows, plan, committed, chunk_rows) == (26, 17)
+    assert count_work(rows.slice(0, 0), plan, committed) == (0, 0)
 
 
 def test_check_columns_accepts_the_documented_schema():
