@@ -75,14 +75,17 @@ def run(config: RunConfig) -> dict:
     clean_temporaries(config.output, config.storage_options)
     retried = forget_errors(config.output, config.retry_errors, config.storage_options)
     committed = read_committed(config.output, config.format, config.storage_options)
+    rows = plan_columns.num_rows
     expected, todo = count_work(plan_columns, plan, committed.keys)
+    del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
     pipeline_started = time.time()
     stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
              "retried_errors": retried}
     finished = time.time()
+    del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
     final = read_committed(config.output, config.format, config.storage_options)
     write_index(config.output, final, config.storage_options)
-    summary = build_summary(config, model, plan_columns.num_rows, expected, todo, final, stats,
+    summary = build_summary(config, model, rows, expected, todo, final, stats,
                             (started, pipeline_started, finished))
     write_summary(config, summary)
     if summary["errors"] > config.max_error_rate * max(expected, 1):
