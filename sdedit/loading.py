@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,7 @@ def _local_folder(uri: str, storage_options: dict, allow_pickle: bool) -> Path:
 def _fetch_remote(uri: str, storage_options: dict) -> Path:
     """Copy a remote model folder into a local cache (atomic rename), keyed by the URI and by
     what its listing says of every file, so a model replaced at the same URI is fetched again
-    instead of served stale."""
+    instead of served stale; the copies of its earlier versions are then removed."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **storage_options)
@@ -142,8 +144,32 @@ def _fetch_remote(uri: str, storage_options: dict) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _prune_cache(cache, keep=target)
     return target
 
+
+def _prune_cache(cache: Path, keep: Path) -> None:
+    """Remove what a new copy of a model leaves useless: copies of the same URI's earlier
+    versions (same URI part of the name), folders named as earlier releases named them (32 hex
+    digits, never read again) and downloads killed more than a day ago."""
+    uri_part = keep.name.split("-")[0]
+    for folder in cache.iterdir():
+        stale = (folder.name.startswith(uri_part + "-") and folder != keep
+                 or _LEGACY_NAME.fullmatch(folder.name) is not None
+                 or folder.name.startswith(".partial-") and _age_seconds(folder) > DAY_SECONDS)
+        if stale and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # another process finished or removed it meanwhile
+        return 0.0
+
+
+_LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # cache folder names of earlier releases
+DAY_SECONDS = 24 * 3600
 
 # Listing fields that change when an object's content does (S3/GCS/Azure/local spellings).
 _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "LastModified",
@@ -151,13 +177,14 @@ _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "LastModi
 
 
 def _listing_key(uri: str, root: str, files: dict) -> str:
-    """Cache folder name: a digest of the URI and each file's path, size and version fields."""
-    digest = hashlib.sha256(uri.encode())
+    """Cache folder name: "<digest of the URI>-<digest of each file's path, size and version
+    fields>", so the copies of one URI's versions share the part before the dash."""
+    digest = hashlib.sha256()
     for path in sorted(files):
         info = files[path]
         versions = [str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None]
         digest.update(repr((os.path.relpath(path, root), info.get("size"), versions)).encode())
-    return digest.hexdigest()[:32]
+    return f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{digest.hexdigest()[:24]}"
 
 
 def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:

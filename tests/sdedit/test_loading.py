@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -279,13 +281,24 @@ def test_a_model_replaced_in_the_bucket_is_fetched_again(s3_server, ddpm_folder,
     first = sdedit.load(uri, storage_options=s3_server.storage_options)
     assert first.digest == sdedit.load(folder).digest
     assert sdedit.load(uri, storage_options=s3_server.storage_options).digest == first.digest
+    cache = tmp_path / "cache" / "models"
+    (old_copy,) = cache.iterdir()
     retrained = save_flat(tmp_path / "retrained", small_unet(seed=1),
                           DDPMScheduler(num_train_timesteps=1000))
     fs.put(f"{retrained}/", f"{uri}/", recursive=True)  # same names, new weights
+    legacy = cache / ("0123456789abcdef" * 2)  # how earlier releases named their copies
+    killed, running = cache / ".partial-killed", cache / ".partial-running"
+    for leftover in (legacy, killed, running):
+        leftover.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(killed, (two_days_ago, two_days_ago))
     second = sdedit.load(uri, storage_options=s3_server.storage_options)
     assert second.digest == sdedit.load(retrained).digest != first.digest
     assert describe(uri, storage_options=s3_server.storage_options).digest == second.digest
-    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2  # no partial folders left
+    # The new copy replaced the old one; the legacy folder and the day-old download went too.
+    (new_copy,) = (path for path in cache.iterdir() if not path.name.startswith("."))
+    assert new_copy.name.split("-")[0] == old_copy.name.split("-")[0] and new_copy != old_copy
+    assert sorted(path.name for path in cache.iterdir()) == [".partial-running", new_copy.name]
 
 
 def test_builtin_weights_do_not_depend_on_global_rng():
