@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from typing import NamedTuple
@@ -39,6 +40,9 @@ from pipeline.resume import (
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
+# Client libraries under fsspec filesystems whose own exception types mean "the store failed".
+STORAGE_CLIENTS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google",
+                             "adlfs", "azure", "fsspec"})
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
 
@@ -66,34 +70,60 @@ class ModelInfo:
 def run(config: RunConfig) -> dict:
     """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json."""
     started = time.time()
-    manifest = find_files(config.manifest, config.storage_options)
-    plan_columns = read_plan_columns(manifest, config.storage_options)
+    with storage_step(f"cannot read manifest {config.manifest}"):
+        manifest = find_files(config.manifest, config.storage_options)
+        plan_columns = read_plan_columns(manifest, config.storage_options)
     plan = make_plan(config, manifest, plan_columns)
-    model = probe_model(config)
-    claim_output(config.output, config.output_record(model.digest), config.overwrite,
-                 config.storage_options)
-    clean_temporaries(config.output, config.storage_options)
-    retried = forget_errors(config.output, config.retry_errors, config.storage_options)
-    committed = read_committed(config.output, config.format, config.storage_options)
+    with storage_step(f"cannot read model {config.model}"):
+        model = probe_model(config)
+    with storage_step(f"cannot prepare OUTPUT {config.output}"):
+        claim_output(config.output, config.output_record(model.digest), config.overwrite,
+                     config.storage_options)
+        clean_temporaries(config.output, config.storage_options)
+        retried = forget_errors(config.output, config.retry_errors, config.storage_options)
+        committed = read_committed(config.output, config.format, config.storage_options)
     rows = plan_columns.num_rows
     expected, todo = count_work(plan_columns, plan, committed.keys)
     del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
     pipeline_started = time.time()
-    stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
-             "retried_errors": retried}
+    with storage_step(f"the run stopped when a task could not use storage (manifest "
+                      f"{config.manifest}, OUTPUT {config.output}); rerun to resume"):
+        stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
+                 "retried_errors": retried}
     finished = time.time()
     del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-    final = read_committed(config.output, config.format, config.storage_options)
-    write_index(config.output, final, config.storage_options)
-    summary = build_summary(config, model, rows, expected, todo, final, stats,
-                            (started, pipeline_started, finished))
-    write_summary(config, summary)
+    with storage_step(f"cannot recount OUTPUT {config.output} after the run"):
+        final = read_committed(config.output, config.format, config.storage_options)
+        write_index(config.output, final, config.storage_options)
+        summary = build_summary(config, model, rows, expected, todo, final, stats,
+                                (started, pipeline_started, finished))
+        write_summary(config, summary)
     if summary["errors"] > config.max_error_rate * max(expected, 1):
         raise ErrorRateExceeded(
             f"{summary['errors']} of {expected} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
     return summary
+
+
+class StorageError(RuntimeError):
+    """The driver could not read or write the manifest, the model or OUTPUT (an unreachable
+    endpoint, refused credentials...); the message says which and what the store answered."""
+
+
+@contextmanager
+def storage_step(failure: str) -> Iterator[None]:
+    """Re-raise a storage failure inside the block, or inside a Ray task it runs, as one
+    StorageError starting `failure`: OSError (what fsspec filesystems raise) or an error of a
+    storage client library (botocore raises connection failures as its own types)."""
+    try:
+        yield
+    except Exception as error:
+        cause = getattr(error, "cause", None) or error  # a Ray task's error wraps the original
+        client = type(cause).__module__.split(".")[0] in STORAGE_CLIENTS
+        if not (client or isinstance(cause, OSError)):
+            raise
+        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}") from error
 
 
 def probe_model(config: RunConfig) -> ModelInfo:

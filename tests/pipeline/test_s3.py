@@ -9,29 +9,11 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from run_helpers import write_images
 
 from pipeline.config import RunConfig
 from pipeline.job import run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def bucket_manifest(s3_server, tmp_path):
-    """Three images and a manifest with relative guide paths, uploaded to a new bucket."""
-    import s3fs
-
-    bucket = s3_server.new_bucket()
-    fs = s3fs.S3FileSystem(**s3_server.storage_options)
-    names = write_images(tmp_path, 3)
-    for name in names:
-        fs.put_file(str(tmp_path / name), f"{bucket}/inputs/{name}")
-    buffer = io.BytesIO()
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "guide": names,
-                             "split": ["train", "train", "val"]}), buffer)
-    fs.pipe_file(f"{bucket}/inputs/manifest.parquet", buffer.getvalue())
-    return bucket, fs
 
 
 def test_run_reads_and_writes_the_bucket(s3_server, bucket_manifest, ray_local):

@@ -1,0 +1,92 @@
+"""Storage failures outside a row (refused credentials, unreachable endpoints, workers without
+credentials) stop the run with one StorageError naming what could not be used. Ray is started
+by the runs here, not by the module-wide `ray_local` runtime, so workers see this environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from run_helpers import write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import StorageError, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def signed_out():
+    """No s3fs client cached from earlier (as in a new process), and none left behind: one
+    signed with a wrong secret must not serve later tests."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_refused_credentials_stop_the_run_with_one_clear_error(s3_server, bucket_manifest,
+                                                                monkeypatch, tmp_path,
+                                                                signed_out):
+    bucket, _ = bucket_manifest
+    wrong = "not-the-secret-" + os.environ["AWS_SECRET_ACCESS_KEY"][:8]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    config = RunConfig(manifest=f"{bucket}/inputs/manifest.parquet", output=str(tmp_path / "out"),
+                       model="builtin:tiny", storage_options=s3_server.storage_options)
+    with pytest.raises(StorageError) as error:
+        run(config)
+    message = str(error.value)
+    assert message.startswith(f"cannot read manifest {bucket}/inputs/manifest.parquet: ")
+    assert wrong not in message
+    assert not (tmp_path / "out").exists()  # stopped before OUTPUT was touched
+
+
+def test_workers_without_credentials_stop_the_run_with_one_clear_error(
+        s3_server, bucket_manifest, monkeypatch, tmp_path):
+    import ray
+
+    bucket, _ = bucket_manifest
+    assert not ray.is_initialized()  # run() starts Ray, so its workers get the environment below
+    # The driver's client signed in before the secret changed (fsspec keeps it), as on a
+    # driver node with credentials; Ray workers start with a wrong one, as on worker nodes
+    # without them.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    config = RunConfig(manifest=f"{bucket}/inputs/manifest.parquet", output=str(tmp_path / "out"),
+                       model="builtin:tiny", steps=2, t0=(0.4,), batch_size=4, model_batch=4,
+                       storage_options=s3_server.storage_options)
+    with pytest.raises(StorageError) as error:
+        run(config)
+    message = str(error.value)
+    assert message.startswith("the run stopped when a task could not use storage (manifest "
+                              f"{bucket}/inputs/manifest.parquet, OUTPUT {tmp_path / 'out'}); "
+                              "rerun to resume: PermissionError: ")
+    assert "not-the-secret" not in message and "Traceback" not in message
+
+
+def test_unreachable_endpoint_is_one_line_from_the_cli(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sdedit-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sdedit-test-secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    closed = _closed_port()
+    manifest = write_manifest(tmp_path / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
+    result = CliRunner().invoke(main, [
+        "run", str(manifest), "s3://bucket/out", "--model", "builtin:tiny",
+        "--storage-option", f"endpoint_url=http://127.0.0.1:{closed}"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: cannot prepare OUTPUT s3://bucket/out: ")
+    assert f"127.0.0.1:{closed}" in result.output and "Traceback" not in result.output
+    assert "sdedit-test-secret" not in result.output
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
