@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import NamedTuple
@@ -37,12 +36,10 @@ from pipeline.resume import (
     read_committed,
     write_index,
 )
+from tasks.images import storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
-# Client libraries under fsspec filesystems whose own exception types mean "the store failed".
-STORAGE_CLIENTS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google",
-                             "adlfs", "azure", "fsspec"})
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
 
@@ -104,26 +101,6 @@ def run(config: RunConfig) -> dict:
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
     return summary
-
-
-class StorageError(RuntimeError):
-    """The driver could not read or write the manifest, the model or OUTPUT (an unreachable
-    endpoint, refused credentials...); the message says which and what the store answered."""
-
-
-@contextmanager
-def storage_step(failure: str) -> Iterator[None]:
-    """Re-raise a storage failure inside the block, or inside a Ray task it runs, as one
-    StorageError starting `failure`: OSError (what fsspec filesystems raise) or an error of a
-    storage client library (botocore raises connection failures as its own types)."""
-    try:
-        yield
-    except Exception as error:
-        cause = getattr(error, "cause", None) or error  # a Ray task's error wraps the original
-        client = type(cause).__module__.split(".")[0] in STORAGE_CLIENTS
-        if not (client or isinstance(cause, OSError)):
-            raise
-        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}") from error
 
 
 def probe_model(config: RunConfig) -> ModelInfo:

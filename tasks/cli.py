@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from tasks.images import MAX_PIXELS
+from tasks.images import MAX_PIXELS, StorageError, storage_step
 from tasks.regions import Box
 
 
@@ -69,12 +69,16 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     from tasks.sources import source_rows
 
     storage = parse_storage_options(settings["storage_options"])
-    rows = source_rows(source, storage)
-    if not ray.is_initialized():
-        ray.init(address=settings["address"], include_dashboard=False)
-    job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
-                   settings["num_cpus"], settings["max_pixels"])
-    report = build_guides(rows, job)
+    try:
+        with storage_step(f"cannot build {task} guides from {source} into {output}"):
+            rows = source_rows(source, storage)
+            if not ray.is_initialized():
+                ray.init(address=settings["address"], include_dashboard=False)
+            job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
+                           settings["num_cpus"], settings["max_pixels"])
+            report = build_guides(rows, job)
+    except StorageError as error:
+        raise click.ClickException(str(error)) from error
     click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
     for error in list(report.errors.values())[:10]:
         click.echo(f"failed: {error}", err=True)
@@ -174,10 +178,11 @@ def manifest(source, output, task, masks, labels, storage_options) -> None:
     from tasks.manifests import write_manifest
 
     try:
-        count = write_manifest(
-            source, output, task, masks, labels, parse_storage_options(storage_options)
-        )
-    except (ValueError, FileNotFoundError) as error:
+        with storage_step(f"cannot write a manifest of {source} to {output}"):
+            count = write_manifest(
+                source, output, task, masks, labels, parse_storage_options(storage_options)
+            )
+    except (ValueError, StorageError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {count} rows to {output} (task {task})")
 
@@ -215,12 +220,13 @@ def inspect(output, count, ids, sample, cell, destination, manifest_uri, storage
     """Summarize an OUTPUT folder and write a contact sheet (PNG + self-contained HTML)."""
     from tasks.inspect import write_contact_sheet
 
-    folder = output_folder(output, storage_options, manifest_uri)
     try:
-        png, page, summary = write_contact_sheet(
-            folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell
-        )
-    except (FileNotFoundError, ValueError) as error:
+        with storage_step(f"cannot inspect {output}"):
+            folder = output_folder(output, storage_options, manifest_uri)
+            png, page, summary = write_contact_sheet(
+                folder, destination or folder.path("inspect"), count, list(ids) or None, sample,
+                cell)
+    except (ValueError, StorageError) as error:
         raise click.ClickException(str(error)) from error
     click.echo("\n".join(summary))
     click.echo(f"contact sheet: {png}\n               {page}")
@@ -238,12 +244,13 @@ def evaluate(output, json_uri, manifest_uri, storage_options) -> None:
     from tasks.evaluate import evaluate as evaluate_folder
     from tasks.evaluate import format_report, write_report
 
-    folder = output_folder(output, storage_options, manifest_uri)
     try:
-        report = evaluate_folder(folder)
-    except (FileNotFoundError, ValueError) as error:
+        with storage_step(f"cannot evaluate {output}"):
+            folder = output_folder(output, storage_options, manifest_uri)
+            report = evaluate_folder(folder)
+            destination = json_uri or folder.path("evaluation.json")
+            write_report(report, destination, folder.storage_options)
+    except (ValueError, StorageError) as error:
         raise click.ClickException(str(error)) from error
-    destination = json_uri or folder.path("evaluation.json")
-    write_report(report, destination, folder.storage_options)
     click.echo(format_report(report))
     click.echo(f"report: {destination}")

@@ -10,14 +10,17 @@ other modes (32-bit float, LAB, HSV) are decode errors. Masks become 8-bit grays
 scaled like guides, alpha is ignored. Images larger than `max_pixels` (width x height, default
 `MAX_PIXELS`) are rejected before their pixels are decoded (decompression-bomb guard). Every
 failure is an `InputError` whose `stage` says where it failed and whose message names the URI.
-Pillow, NumPy and fsspec are imported inside the functions, so importing this module is cheap.
+Storage failures that are not one row's become a `StorageError` naming what could not be used
+(`storage_step`). Pillow, NumPy and fsspec are imported inside the functions, so importing this
+module is cheap.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,6 +31,9 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
 READ_ATTEMPTS = 4
 MAX_PIXELS = 40_000_000  # default size limit (width x height) of every decoded image
+# Client libraries under fsspec filesystems whose own exception types mean "the store failed".
+STORAGE_CLIENTS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google",
+                             "adlfs", "azure", "fsspec"})
 
 
 class InputError(Exception):
@@ -36,6 +42,27 @@ class InputError(Exception):
     def __init__(self, stage: Stage, message: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class StorageError(RuntimeError):
+    """A command could not read or write a manifest, a model, images or an OUTPUT folder (an
+    unreachable endpoint, refused credentials...); the message says which and what the store
+    answered. Per-row reads are `InputError`s instead."""
+
+
+@contextmanager
+def storage_step(failure: str) -> Iterator[None]:
+    """Re-raise a storage failure inside the block, or inside a Ray task it runs, as one
+    StorageError starting `failure`: OSError (what fsspec filesystems raise) or an error of a
+    storage client library (botocore raises connection failures as its own types)."""
+    try:
+        yield
+    except Exception as error:
+        cause = getattr(error, "cause", None) or error  # a Ray task's error wraps the original
+        client = type(cause).__module__.split(".")[0] in STORAGE_CLIENTS
+        if not (client or isinstance(cause, OSError)):
+            raise
+        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}") from error
 
 
 def is_local(uri: str) -> bool:

@@ -10,7 +10,8 @@ import pytest
 from run_helpers import write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import StorageError, run
+from pipeline.job import run
+from tasks.images import StorageError
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,15 @@ def test_workers_without_credentials_stop_the_run_with_one_clear_error(
     assert "not-the-secret" not in message and "Traceback" not in message
 
 
-def test_unreachable_endpoint_is_one_line_from_the_cli(monkeypatch, tmp_path):
+@pytest.mark.parametrize("command, failure", [
+    (["run", "MANIFEST", "s3://bucket/out", "--model", "builtin:tiny"],
+     "cannot prepare OUTPUT s3://bucket/out: "),
+    (["inspect", "s3://bucket/out"], "cannot inspect s3://bucket/out: "),
+    (["evaluate", "s3://bucket/out"], "cannot evaluate s3://bucket/out: "),
+    (["manifest", "s3://bucket/images", "MANIFEST"],
+     "cannot write a manifest of s3://bucket/images to "),
+])
+def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -74,11 +83,11 @@ def test_unreachable_endpoint_is_one_line_from_the_cli(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     closed = _closed_port()
     manifest = write_manifest(tmp_path / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
+    arguments = [str(manifest) if word == "MANIFEST" else word for word in command]
     result = CliRunner().invoke(main, [
-        "run", str(manifest), "s3://bucket/out", "--model", "builtin:tiny",
-        "--storage-option", f"endpoint_url=http://127.0.0.1:{closed}"])
+        *arguments, "--storage-option", f"endpoint_url=http://127.0.0.1:{closed}"])
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: cannot prepare OUTPUT s3://bucket/out: ")
+    assert result.output.startswith(f"Error: {failure}")
     assert f"127.0.0.1:{closed}" in result.output and "Traceback" not in result.output
     assert "sdedit-test-secret" not in result.output
 
