@@ -123,7 +123,7 @@ def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
         raise ConfigError(f"unknown task {config.task!r}; see `tasks.presets` for the known ones")
     return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
                 repeats=config.repeats, task=config.task, presets=presets,
-                duplicates=duplicate_ids(plan_columns["id"]))
+                duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None)
 
 
 def _preset(name: str) -> TaskDefaults | None:

@@ -73,6 +73,10 @@ class Plan:
     task: str | None = None
     presets: Mapping[str, TaskDefaults] = field(default_factory=dict)
     duplicates: frozenset[str] = frozenset()
+    # Work rows ordered by t0 (full-schedule runs, whose model calls differ per t0, so actor
+    # batches share them) or as expanded: each row's t0 x samples rows side by side, so a
+    # source image is read once per block (`--steps` runs, where every t0 calls as often).
+    order_by_t0: bool = True
 
 
 @dataclass(frozen=True)
@@ -373,8 +377,8 @@ def align(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
-    """One output row per work key not in `committed` (a key table), ordered by t0 so model
-    batches share it.
+    """One output row per work key not in `committed` (a key table), in `plan.order_by_t0`'s
+    order.
 
     Manifest `t0` and `seed` columns are replaced by the key's t0 and the per-sample seed;
     `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
@@ -391,7 +395,8 @@ def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
     works = [work for _, work in indexed]
     out = table.take(pa.array([index for index, _ in indexed], pa.int64()))
     out = out.drop_columns([c for c in ("t0", "seed") if c in out.column_names])
-    return _add_work_columns(out, works, plan.base).sort_by([("t0", "ascending")])
+    out = _add_work_columns(out, works, plan.base)
+    return out.sort_by([("t0", "ascending")]) if plan.order_by_t0 else out
 
 
 def _add_work_columns(table: pa.Table, works: list[Work], base: str) -> pa.Table:

@@ -113,6 +113,32 @@ def test_expand_table_skips_committed_keys_and_keeps_passthrough_columns():
     assert out["seed"].to_pylist()[0] == stable_seed(0, 6, "b", 0.3, 0)
 
 
+def test_steps_runs_keep_each_rows_work_side_by_side():
+    table = pa.table({"id": ["a", "b", "c"], "guide": ["a.png", "b.png", "c.png"]})
+    plan = Plan(base="/d", seed=0, t0=(0.6, 0.3), samples=2, order_by_t0=False)
+    out = expand_table(table, plan, committed=keys_table([("b", 0.3, 1)]))
+    keys = list(zip(*(out[c].to_pylist() for c in ("id", "t0", "sample")), strict=True))
+    assert keys == [("a", 0.6, 0), ("a", 0.6, 1), ("a", 0.3, 0), ("a", 0.3, 1),
+                    ("b", 0.6, 0), ("b", 0.6, 1), ("b", 0.3, 0),
+                    ("c", 0.6, 0), ("c", 0.6, 1), ("c", 0.3, 0), ("c", 0.3, 1)]
+    ordered = expand_table(table, Plan(base="/d", seed=0, t0=(0.6, 0.3), samples=2),
+                           committed=keys_table([("b", 0.3, 1)]))
+    assert ordered["t0"].to_pylist() == [0.3] * 5 + [0.6] * 6  # full-schedule runs
+    assert sorted(ordered["seed"].to_pylist()) == sorted(out["seed"].to_pylist())
+
+
+def test_the_job_orders_by_t0_only_for_full_schedule_runs(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.job import make_plan
+
+    path = write_manifest(tmp_path / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
+    files = find_files(str(path), {})
+    columns = pa.table({"id": ["a"]})
+    for steps, order_by_t0 in ((None, True), (20, False)):
+        config = RunConfig(manifest=str(path), output=str(tmp_path / "out"), steps=steps)
+        assert make_plan(config, files, columns).order_by_t0 is order_by_t0
+
+
 def test_integer_ids_are_read_as_strings():
     out = expand_table(pa.table({"id": [1, 2], "guide": ["a", "b"]}), Plan(base="/", seed=0),
                        committed=keys_table([]))
