@@ -73,12 +73,7 @@ def run(config: RunConfig) -> dict:
     plan = make_plan(config, manifest, plan_columns)
     with storage_step(f"cannot read model {config.model}"):
         model = probe_model(config)
-    with storage_step(f"cannot prepare OUTPUT {config.output}"):
-        claim_output(config.output, config.output_record(model.digest), config.overwrite,
-                     config.storage_options)
-        clean_temporaries(config.output, config.storage_options)
-        retried = forget_errors(config.output, config.retry_errors, config.storage_options)
-        committed = read_committed(config.output, config.format, config.storage_options)
+    retried, committed = open_output(config, model)
     rows = plan_columns.num_rows
     expected, todo = count_work(plan_columns, plan, committed.keys)
     del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
@@ -89,17 +84,36 @@ def run(config: RunConfig) -> dict:
                  "retried_errors": retried}
     finished = time.time()
     del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-    with storage_step(f"cannot recount OUTPUT {config.output} after the run"):
-        final = read_committed(config.output, config.format, config.storage_options)
-        write_index(config.output, final, config.storage_options)
-        summary = build_summary(config, model, rows, expected, todo, final, stats,
-                                (started, pipeline_started, finished))
-        write_summary(config, summary)
+    summary = close_output(config, model, (rows, expected, todo), stats,
+                           (started, pipeline_started, finished))
     if summary["errors"] > config.max_error_rate * max(expected, 1):
         raise ErrorRateExceeded(
             f"{summary['errors']} of {expected} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
+    return summary
+
+
+def open_output(config: RunConfig, model: ModelInfo) -> tuple[int, Committed]:
+    """Claim OUTPUT for this configuration, remove what killed runs left, turn committed
+    failures of the --retry-errors stages back into work; (failures retried, committed keys)."""
+    with storage_step(f"cannot prepare OUTPUT {config.output}"):
+        claim_output(config.output, config.output_record(model.digest), config.overwrite,
+                     config.storage_options)
+        clean_temporaries(config.output, config.storage_options)
+        retried = forget_errors(config.output, config.retry_errors, config.storage_options)
+        return retried, read_committed(config.output, config.format, config.storage_options)
+
+
+def close_output(config: RunConfig, model: ModelInfo, counts: tuple[int, int, int],
+                 stats: Mapping, times: tuple[float, float, float]) -> dict:
+    """Recount what OUTPUT holds, index it for the next run and write summary.json; `counts`
+    is (manifest rows, expected outputs, outputs to do at the start)."""
+    with storage_step(f"cannot recount OUTPUT {config.output} after the run"):
+        final = read_committed(config.output, config.format, config.storage_options)
+        write_index(config.output, final, config.storage_options)
+        summary = build_summary(config, model, *counts, final, stats, times)
+        write_summary(config, summary)
     return summary
 
 
