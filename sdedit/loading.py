@@ -28,6 +28,8 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler"}
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+_LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # model cache folder names of earlier releases
+DAY_SECONDS = 24 * 3600
 
 
 class ModelLoadError(RuntimeError):
@@ -167,9 +169,6 @@ def _age_seconds(path: Path) -> float:
     except FileNotFoundError:  # another process finished or removed it meanwhile
         return 0.0
 
-
-_LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # cache folder names of earlier releases
-DAY_SECONDS = 24 * 3600
 
 # Listing fields that change when an object's content does (S3/GCS/Azure/local spellings).
 _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "LastModified",
