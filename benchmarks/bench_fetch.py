@@ -1,7 +1,7 @@
 """The fetch step's cost per work row: how often each source image is read and decoded.
 
     python benchmarks/bench_fetch.py [--rows 256] [--t0 3] [--samples 1] [--source-size 512]
-        [--resolution 256] [--batch-size 32] [--steps 20] [--workdir DIR]
+        [--resolution 256] [--batch-size 32] [--steps 20] [--fast-decode] [--workdir DIR]
 
 Writes `--rows` JPEG photos-like images of `--source-size` pixels and a manifest, expands it
 as a read task does (`--t0` values and `--samples` per row; `--steps 0` stands for the full
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="0: the full schedule")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="JPEGs decode at a reduced scale, as `sdedit run --fast-decode`")
     parser.add_argument("--workdir", help="keep the images here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdedit-fetch-") as scratch:
@@ -77,9 +79,10 @@ def measure(folder: Path, names: list[str], args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     for start in range(0, work.num_rows, args.batch_size):
         block = work.slice(start, args.batch_size)
-        pipeline.fetch.fetch_batch(block, args.resolution, {}, 10**9)
+        pipeline.fetch.fetch_batch(block, args.resolution, {}, 10**9, args.fast_decode)
     seconds = time.perf_counter() - started
     return {"sources": len(names), "work_rows": work.num_rows, "steps": args.steps or None,
+            "source_size": args.source_size, "fast_decode": args.fast_decode,
             "reads": reads, "reads_per_source": round(reads / len(names), 2),
             "fetch_seconds": round(seconds, 2),
             "work_rows_per_s": round(work.num_rows / seconds, 1)}

@@ -27,9 +27,10 @@ SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNO
 # Fields that change what the images are: a different value into the same OUTPUT is refused.
 OUTPUT_FIELDS = ("model", "t0", "samples", "steps", "repeats", "seed", "task", "format",
                  "image_format", "dtype")
-# Switches that can move rare pixels by one grey level; recorded only when on, so OUTPUTs made
-# before they existed still resume.
-OUTPUT_SWITCHES = ("compile", "channels_last")
+# Switches that change pixels slightly (compile, channels_last: rare pixels by one grey level;
+# fast_decode: guides by about one level); recorded only when on, so OUTPUTs made before they
+# existed still resume.
+OUTPUT_SWITCHES = ("compile", "channels_last", "fast_decode")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class RunConfig:
     dtype: DType = "float32"
     compile: bool = False  # torch.compile the network in each actor (compiles on first batch)
     channels_last: bool = False  # channels-last memory format for the network
+    fast_decode: bool = False  # JPEG guides decoded at a reduced scale (tasks.images.open_image)
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     address: str | None = None
     actors: tuple[int, int] | None = None  # None: one per GPU of the cluster, else 1

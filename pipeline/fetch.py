@@ -18,9 +18,11 @@ from pipeline.manifest import INTERNAL
 from tasks.images import InputError, fit, open_image, read_bytes, to_mask, to_rgb
 
 
-def load_guide(uri: str, options: Mapping, max_pixels: int) -> Image.Image:
-    """Read and decode a guide to 8-bit RGB at its own size."""
-    return to_rgb(open_image(read_bytes(uri, options), uri, max_pixels), uri)
+def load_guide(uri: str, options: Mapping, max_pixels: int,
+               draft_to: int | None = None) -> Image.Image:
+    """Read and decode a guide to 8-bit RGB at its own size (a JPEG with `draft_to`: at the
+    smallest DCT scale whose shorter side is at least `draft_to`)."""
+    return to_rgb(open_image(read_bytes(uri, options), uri, max_pixels, draft_to), uri)
 
 
 def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
@@ -34,9 +36,12 @@ def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
 
 
 def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapping,
-            max_pixels: int) -> tuple[bytes, bytes | None]:
-    """Guide (RGB) and mask (L) pixels at the model resolution, as raw uint8 bytes."""
-    guide = load_guide(guide_uri, options, max_pixels)
+            max_pixels: int, fast_decode: bool = False) -> tuple[bytes, bytes | None]:
+    """Guide (RGB) and mask (L) pixels at the model resolution, as raw uint8 bytes. With
+    `fast_decode`, a JPEG guide without a mask decodes at a reduced scale (a mask must match
+    the guide's full size, so masked rows decode fully)."""
+    draft_to = resolution if fast_decode and not mask_uri else None
+    guide = load_guide(guide_uri, options, max_pixels, draft_to)
     mask = None
     if mask_uri:
         mask = load_mask(mask_uri, guide_uri, guide.size, options, max_pixels)
@@ -45,7 +50,7 @@ def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapp
 
 
 def fetch_batch(table: pa.Table, resolution: int, storage_options: Mapping,
-                max_pixels: int) -> pa.Table:
+                max_pixels: int, fast_decode: bool = False) -> pa.Table:
     """Ray Data step: add guide and mask pixels; failures become the row's error."""
     guides, masks = [], []
     stages = table[INTERNAL + "stage"].to_pylist()
@@ -58,7 +63,7 @@ def fetch_batch(table: pa.Table, resolution: int, storage_options: Mapping,
         if stages[index] is None:
             if (guide_uri, mask_uri) not in cache:
                 cache[(guide_uri, mask_uri)] = _prepare_or_error(
-                    guide_uri, mask_uri, resolution, storage_options, max_pixels)
+                    guide_uri, mask_uri, resolution, storage_options, max_pixels, fast_decode)
             pixels, failure = cache[(guide_uri, mask_uri)]
             if failure:
                 stages[index], errors[index] = failure
@@ -67,9 +72,9 @@ def fetch_batch(table: pa.Table, resolution: int, storage_options: Mapping,
     return _with_pixels(table, guides, masks, stages, errors)
 
 
-def _prepare_or_error(guide_uri, mask_uri, resolution, options, max_pixels) -> tuple:
+def _prepare_or_error(guide_uri, mask_uri, resolution, options, max_pixels, fast_decode) -> tuple:
     try:
-        return prepare(guide_uri, mask_uri, resolution, options, max_pixels), None
+        return prepare(guide_uri, mask_uri, resolution, options, max_pixels, fast_decode), None
     except InputError as error:
         return (None, None), (error.stage, str(error))
 

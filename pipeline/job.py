@@ -212,7 +212,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
         fetch_batch, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=CPU_STEP,
         compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(resolution=model.resolution, storage_options=options,
-                       max_pixels=config.max_pixels))
+                       max_pixels=config.max_pixels, fast_decode=config.fast_decode))
     edited = fetched.map_batches(
         SDEditActor, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),

@@ -18,6 +18,7 @@ module is cheap.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -98,8 +99,11 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
-    """Decode an image fully, refusing oversized and truncated files."""
+def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = None
+               ) -> Image.Image:
+    """Decode an image, refusing oversized and truncated files. With `draft_to`, a JPEG decodes
+    at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) whose shorter side is still at
+    least `draft_to` pixels; other formats decode fully."""
     from PIL import Image, ImageOps
 
     try:
@@ -109,6 +113,9 @@ def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
             raise InputError("decode", f"{uri} is {width}x{height} = {width * height} pixels, "
                              f"over the limit of {max_pixels} (decompression-bomb guard; "
                              "raise --max-pixels to allow it)")
+        if draft_to and image.format == "JPEG":
+            scale = draft_to / min(width, height)
+            image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
         return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as error:

@@ -91,17 +91,21 @@ def test_output_record_holds_only_output_deciding_fields():
     assert "batch_size" not in record and "actors" not in record
 
 
-def test_compile_and_channels_last_are_recorded_only_when_on(tmp_path):
+def test_compile_channels_last_and_fast_decode_are_recorded_only_when_on(tmp_path):
     plain = RunConfig(manifest="m", output=str(tmp_path))
-    assert not {"compile", "channels_last"} & set(plain.output_record("d"))  # old OUTPUTs resume
+    switches = {"compile", "channels_last", "fast_decode"}
+    assert not switches & set(plain.output_record("d"))  # old OUTPUTs resume
     fast = build_config({"manifest": "m", "output": str(tmp_path)},
-                        {"compile": True, "channels_last": True})
+                        {"compile": True, "channels_last": True, "fast_decode": True})
     assert fast.output_record("d") == {**plain.output_record("d"), "compile": True,
-                                       "channels_last": True}
+                                       "channels_last": True, "fast_decode": True}
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
     with pytest.raises(ConfigMismatchError, match=r"compile: None -> True"):
         claim_output(str(tmp_path), fast.output_record("d"), False, {})
+    decode_only = build_config({"manifest": "m", "output": str(tmp_path)}, {"fast_decode": True})
+    with pytest.raises(ConfigMismatchError, match=r"fast_decode: None -> True"):
+        claim_output(str(tmp_path), decode_only.output_record("d"), False, {})
 
 
 def test_retry_errors_take_a_comma_list_or_all():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,34 @@ def test_prepare_center_crops_and_resizes_guide_and_mask(tmp_path):
     alpha = np.frombuffer(mask_pixels, np.uint8).reshape(16, 16)
     assert rgb[:, 1].tolist() == [[255, 0, 0]] * 16
     assert alpha[:, 0].max() == 0 and alpha[:, -1].min() == 255
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """A smooth photo-like RGB image."""
+    coarse = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_fast_decode_reads_a_jpeg_at_the_smallest_scale_that_covers_the_resolution(tmp_path):
+    from tasks.images import open_image
+
+    path = save(_photo(800, 600), tmp_path / "p.jpg", quality=92)
+    data = Path(path).read_bytes()
+    assert open_image(data, path, LIMIT).size == (800, 600)
+    assert open_image(data, path, LIMIT, draft_to=64).size == (100, 75)  # 1/8: 75 >= 64
+    assert open_image(data, path, LIMIT, draft_to=100).size == (200, 150)  # 1/4: 1/8 too small
+    assert open_image(data, path, LIMIT, draft_to=600).size == (800, 600)  # no smaller scale
+    png = save(_photo(800, 600), tmp_path / "p.png")
+    assert open_image(Path(png).read_bytes(), png, LIMIT, draft_to=64).size == (800, 600)
+
+
+def test_fast_decode_guides_are_within_a_grey_level_and_masked_rows_decode_fully(tmp_path):
+    guide = save(_photo(1600, 1200), tmp_path / "g.jpg", quality=92)
+    full, _ = prepare(guide, None, 128, {}, LIMIT)
+    fast, _ = prepare(guide, None, 128, {}, LIMIT, fast_decode=True)
+    difference = np.abs(np.frombuffer(full, np.uint8).astype(int)
+                        - np.frombuffer(fast, np.uint8).astype(int))
+    assert 0 < difference.mean() < 1.0 and difference.max() <= 8
+    mask = save(Image.new("L", (1600, 1200), 255), tmp_path / "m.png")
+    assert prepare(guide, mask, 128, {}, LIMIT, fast_decode=True) == prepare(guide, mask, 128,
+                                                                               {}, LIMIT)

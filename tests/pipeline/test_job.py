@@ -111,6 +111,29 @@ def test_outputs_are_identical_across_batch_sizes_and_actor_counts(tmp_path):
     assert a["seed"].to_pylist() == b["seed"].to_pylist()
 
 
+def test_fast_decode_reaches_the_workers_and_is_recorded(tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(3):  # photos 8x the model resolution: decoded at 1/8 scale
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        photo = Image.fromarray(coarse).resize((683, 512), Image.Resampling.BICUBIC)
+        photo.save(inputs / f"p{index}.jpg", quality=92)
+    manifest = write_manifest(inputs / "m.parquet", {
+        "id": ["p0", "p1", "p2"], "guide": [f"p{i}.jpg" for i in range(3)]})
+    run(config(manifest, tmp_path / "full", t0=(0.3,)))
+    run(config(manifest, tmp_path / "fast", t0=(0.3,), fast_decode=True))
+    full, fast = read_dataset(tmp_path / "full"), read_dataset(tmp_path / "fast")
+    assert full["id"].to_pylist() == fast["id"].to_pylist() == ["p0", "p1", "p2"]
+    pixels = [[np.asarray(Image.open(io.BytesIO(b)), dtype=int) for b in t["image"].to_pylist()]
+              for t in (full, fast)]
+    differences = [np.abs(a - b).mean() for a, b in zip(*pixels, strict=True)]
+    assert all(0 < d < 2 for d in differences), differences  # the guides differ by ~1 level
+    record = json.loads((tmp_path / "fast" / "_run_config.json").read_text())
+    assert record["fast_decode"] is True
+    assert "fast_decode" not in json.loads((tmp_path / "full" / "_run_config.json").read_text())
+
+
 def test_mask_keeps_the_guide_exactly_where_black(tmp_path):
     inputs = tmp_path / "inputs"
     names = write_images(inputs, 1, size=(64, 64))
