@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -59,6 +60,17 @@ def ray_options(command: Callable) -> Callable:
         storage_option,
     ]
     return functools.reduce(lambda wrapped, option: option(wrapped), reversed(options), command)
+
+
+@contextmanager
+def reported(failure: str) -> Iterator[None]:
+    """End the command with one clear line on a bad value or a storage failure in the block
+    (the latter prefixed with `failure`, see `tasks.images.storage_step`)."""
+    try:
+        with storage_step(failure):
+            yield
+    except (ValueError, StorageError) as error:
+        raise click.ClickException(str(error)) from error
 
 
 def run_builder(task: str, source: str, output: str, options, settings: dict) -> None:
@@ -177,13 +189,10 @@ def manifest(source, output, task, masks, labels, storage_options) -> None:
     """Write a manifest (OUTPUT, a .parquet file) for the images in a folder or glob."""
     from tasks.manifests import write_manifest
 
-    try:
-        with storage_step(f"cannot write a manifest of {source} to {output}"):
-            count = write_manifest(
-                source, output, task, masks, labels, parse_storage_options(storage_options)
-            )
-    except (ValueError, StorageError) as error:
-        raise click.ClickException(str(error)) from error
+    with reported(f"cannot write a manifest of {source} to {output}"):
+        count = write_manifest(
+            source, output, task, masks, labels, parse_storage_options(storage_options)
+        )
     click.echo(f"wrote {count} rows to {output} (task {task})")
 
 
@@ -220,14 +229,11 @@ def inspect(output, count, ids, sample, cell, destination, manifest_uri, storage
     """Summarize an OUTPUT folder and write a contact sheet (PNG + self-contained HTML)."""
     from tasks.inspect import write_contact_sheet
 
-    try:
-        with storage_step(f"cannot inspect {output}"):
-            folder = output_folder(output, storage_options, manifest_uri)
-            png, page, summary = write_contact_sheet(
-                folder, destination or folder.path("inspect"), count, list(ids) or None, sample,
-                cell)
-    except (ValueError, StorageError) as error:
-        raise click.ClickException(str(error)) from error
+    with reported(f"cannot inspect {output}"):
+        folder = output_folder(output, storage_options, manifest_uri)
+        png, page, summary = write_contact_sheet(
+            folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell
+        )
     click.echo("\n".join(summary))
     click.echo(f"contact sheet: {png}\n               {page}")
 
@@ -244,13 +250,10 @@ def evaluate(output, json_uri, manifest_uri, storage_options) -> None:
     from tasks.evaluate import evaluate as evaluate_folder
     from tasks.evaluate import format_report, write_report
 
-    try:
-        with storage_step(f"cannot evaluate {output}"):
-            folder = output_folder(output, storage_options, manifest_uri)
-            report = evaluate_folder(folder)
-            destination = json_uri or folder.path("evaluation.json")
-            write_report(report, destination, folder.storage_options)
-    except (ValueError, StorageError) as error:
-        raise click.ClickException(str(error)) from error
+    with reported(f"cannot evaluate {output}"):
+        folder = output_folder(output, storage_options, manifest_uri)
+        report = evaluate_folder(folder)
+        destination = json_uri or folder.path("evaluation.json")
+        write_report(report, destination, folder.storage_options)
     click.echo(format_report(report))
     click.echo(f"report: {destination}")
