@@ -15,14 +15,31 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.manifest import INTERNAL
-from tasks.images import InputError, fit, open_image, read_bytes, to_mask, to_rgb
+from tasks.images import (
+    InputError,
+    fit,
+    open_image,
+    oriented_size,
+    read_bytes,
+    to_mask,
+    to_rgb,
+)
 
 
 def load_guide(uri: str, options: Mapping, max_pixels: int,
                draft_to: int | None = None) -> Image.Image:
     """Read and decode a guide to 8-bit RGB at its own size (a JPEG with `draft_to`: at the
     smallest DCT scale whose shorter side is at least `draft_to`)."""
-    return to_rgb(open_image(read_bytes(uri, options), uri, max_pixels, draft_to), uri)
+    return load_guide_sized(uri, options, max_pixels, draft_to)[0]
+
+
+def load_guide_sized(uri: str, options: Mapping, max_pixels: int, draft_to: int | None = None
+                     ) -> tuple[Image.Image, tuple[int, int]]:
+    """The guide as `load_guide` gives it, and its size at full scale (EXIF orientation
+    applied), which its mask must have."""
+    data = read_bytes(uri, options)
+    guide = to_rgb(open_image(data, uri, max_pixels, draft_to), uri)
+    return guide, oriented_size(data) if draft_to else guide.size
 
 
 def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
@@ -38,13 +55,13 @@ def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
 def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapping,
             max_pixels: int, fast_decode: bool = False) -> tuple[bytes, bytes | None]:
     """Guide (RGB) and mask (L) pixels at the model resolution, as raw uint8 bytes. With
-    `fast_decode`, a JPEG guide without a mask decodes at a reduced scale (a mask must match
-    the guide's full size, so masked rows decode fully)."""
-    draft_to = resolution if fast_decode and not mask_uri else None
-    guide = load_guide(guide_uri, options, max_pixels, draft_to)
+    `fast_decode`, a JPEG guide decodes at a reduced scale; its mask still has to match the
+    guide's full size, and both are cropped and resized to the resolution on their own."""
+    guide, full_size = load_guide_sized(guide_uri, options, max_pixels,
+                                        resolution if fast_decode else None)
     mask = None
     if mask_uri:
-        mask = load_mask(mask_uri, guide_uri, guide.size, options, max_pixels)
+        mask = load_mask(mask_uri, guide_uri, full_size, options, max_pixels)
         mask = fit(mask, resolution, Image.Resampling.BILINEAR).tobytes()
     return fit(guide, resolution, Image.Resampling.BICUBIC).tobytes(), mask
 

@@ -38,8 +38,8 @@ EXIT_ERROR_RATE = 3
 @click.option("--fast-decode", is_flag=True, default=None,
               help="Decode JPEG guides at a reduced scale (1/2 to 1/8, never below the model "
                    "resolution): 3-12x less fetch CPU for photos of 0.25-16 megapixels; "
-                   "guides differ from a full decode by about one grey level. Rows with a mask "
-                   "decode fully.")
+                   "guides differ from a full decode by about one grey level. Masks decode "
+                   "fully.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for every read and write, e.g. endpoint_url=...")
 @click.option("--address", help="Ray cluster address; default: a local runtime.")

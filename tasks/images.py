@@ -125,6 +125,17 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
                          "expected a complete PNG, JPEG, WebP or other Pillow format") from error
 
 
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image that `open_image` decoded in full, read from its header:
+    swapped when its EXIF orientation turns it by 90 degrees."""
+    from PIL import ExifTags, Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def to_rgb(image: Image.Image, uri: str) -> Image.Image:
     """8-bit RGB following the conversions in the module docstring."""
     from PIL import Image

@@ -122,13 +122,34 @@ def test_fast_decode_reads_a_jpeg_at_the_smallest_scale_that_covers_the_resoluti
     assert open_image(Path(png).read_bytes(), png, LIMIT, draft_to=64).size == (800, 600)
 
 
-def test_fast_decode_guides_are_within_a_grey_level_and_masked_rows_decode_fully(tmp_path):
+def _grey_levels(a: bytes, b: bytes) -> np.ndarray:
+    return np.abs(np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(b, np.uint8).astype(int))
+
+
+def test_fast_decode_guides_are_within_a_grey_level_and_masks_match_the_full_size(tmp_path):
     guide = save(_photo(1600, 1200), tmp_path / "g.jpg", quality=92)
     full, _ = prepare(guide, None, 128, {}, LIMIT)
     fast, _ = prepare(guide, None, 128, {}, LIMIT, fast_decode=True)
-    difference = np.abs(np.frombuffer(full, np.uint8).astype(int)
-                        - np.frombuffer(fast, np.uint8).astype(int))
+    difference = _grey_levels(full, fast)
     assert 0 < difference.mean() < 1.0 and difference.max() <= 8
-    mask = save(Image.new("L", (1600, 1200), 255), tmp_path / "m.png")
-    assert prepare(guide, mask, 128, {}, LIMIT, fast_decode=True) == prepare(guide, mask, 128,
-                                                                               {}, LIMIT)
+    box = Image.new("L", (1600, 1200), 0)
+    box.paste(255, (700, 400, 1100, 800))  # a square in the middle to synthesize
+    mask = save(box, tmp_path / "m.png")
+    (full_guide, full_mask), (fast_guide, fast_mask) = (
+        prepare(guide, mask, 128, {}, LIMIT, fast_decode=fast) for fast in (False, True))
+    assert fast_mask == full_mask  # the mask decodes fully either way
+    assert _grey_levels(full_guide, fast_guide).mean() < 1.0
+    small = save(Image.new("L", (200, 150), 255), tmp_path / "small.png")  # the 1/8 size
+    with pytest.raises(InputError, match="is 200x150 but guide .*g.jpg is 1600x1200"):
+        prepare(guide, small, 128, {}, LIMIT, fast_decode=True)
+
+
+def test_fast_decode_masks_match_the_guide_as_its_exif_orientation_turns_it(tmp_path):
+    photo = _photo(1600, 1200)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored landscape, shown rotated: 1200 wide, 1600 high
+    guide = save(photo, tmp_path / "turned.jpg", quality=92, exif=exif.tobytes())
+    mask = save(Image.new("L", (1200, 1600), 255), tmp_path / "m.png")
+    full_guide, full_mask = prepare(guide, mask, 128, {}, LIMIT)
+    fast_guide, fast_mask = prepare(guide, mask, 128, {}, LIMIT, fast_decode=True)
+    assert fast_mask == full_mask and _grey_levels(full_guide, fast_guide).mean() < 1.0
