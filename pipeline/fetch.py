@@ -30,16 +30,13 @@ def load_guide(uri: str, options: Mapping, max_pixels: int,
                draft_to: int | None = None) -> Image.Image:
     """Read and decode a guide to 8-bit RGB at its own size (a JPEG with `draft_to`: at the
     smallest DCT scale whose shorter side is at least `draft_to`)."""
-    return load_guide_sized(uri, options, max_pixels, draft_to)[0]
+    return decode_guide(read_bytes(uri, options), uri, max_pixels, draft_to)
 
 
-def load_guide_sized(uri: str, options: Mapping, max_pixels: int, draft_to: int | None = None
-                     ) -> tuple[Image.Image, tuple[int, int]]:
-    """The guide as `load_guide` gives it, and its size at full scale (EXIF orientation
-    applied), which its mask must have."""
-    data = read_bytes(uri, options)
-    guide = to_rgb(open_image(data, uri, max_pixels, draft_to), uri)
-    return guide, oriented_size(data) if draft_to else guide.size
+def decode_guide(data: bytes, uri: str, max_pixels: int,
+                 draft_to: int | None = None) -> Image.Image:
+    """`load_guide` for bytes already read."""
+    return to_rgb(open_image(data, uri, max_pixels, draft_to), uri)
 
 
 def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
@@ -57,10 +54,12 @@ def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapp
     """Guide (RGB) and mask (L) pixels at the model resolution, as raw uint8 bytes. With
     `fast_decode`, a JPEG guide decodes at a reduced scale; its mask still has to match the
     guide's full size, and both are cropped and resized to the resolution on their own."""
-    guide, full_size = load_guide_sized(guide_uri, options, max_pixels,
-                                        resolution if fast_decode else None)
+    draft_to = resolution if fast_decode else None
+    data = read_bytes(guide_uri, options)
+    guide = decode_guide(data, guide_uri, max_pixels, draft_to)
     mask = None
-    if mask_uri:
+    if mask_uri:  # the guide's size at full scale, EXIF orientation applied
+        full_size = oriented_size(data) if draft_to else guide.size
         mask = load_mask(mask_uri, guide_uri, full_size, options, max_pixels)
         mask = fit(mask, resolution, Image.Resampling.BILINEAR).tobytes()
     return fit(guide, resolution, Image.Resampling.BICUBIC).tobytes(), mask
