@@ -8,12 +8,17 @@ averaged, because other work on the machine changes its speed. The ratio says ho
 stages and scheduling cost. The run's time is split into start-up (pipeline start to the first
 edit: Ray workers, actor imports and model load, first fetch), editing and drain (last edit to
 the end); `steady_state_ratio` compares the editing window alone with model-only, which is
-what CPU stages that keep the actors fed should reach.
+what CPU stages that keep the actors fed should reach. `actor_start_seconds` is what no
+scheduling can remove from start-up: a fresh process with Ray imported (as Ray's prestarted
+workers are) importing Ray Data and building the actor (torch, diffusers, model), on a quiet
+machine; `best_case_ratio` is the ratio the run would reach if that were its only overhead.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +46,7 @@ def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: 
         root = Path(workdir or scratch)
         manifest = write_inputs(root / "inputs", count, size)
         measure = (root / "inputs", model, count, t0, steps, model_batch, actors, compile)
+        actor_start = actor_start_seconds(model, steps, model_batch, actors, compile)
         before = model_throughput(*measure)
         pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps, batch_size,
                                        model_batch, actors, compile)
@@ -51,7 +57,9 @@ def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: 
               "model_only_images_per_s": round(model_only, 3),
               "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
               "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3),
-              "steady_state_ratio": steady_state_ratio(pipeline, model_only)}
+              "steady_state_ratio": steady_state_ratio(pipeline, model_only),
+              "actor_start_seconds": actor_start,
+              "best_case_ratio": best_case_ratio(count, model_only, actor_start)}
     click.echo(json.dumps(result, indent=2))
 
 
@@ -61,6 +69,46 @@ def steady_state_ratio(pipeline: dict, model_only: float) -> float | None:
     if not pipeline.get("editing_seconds"):
         return None
     return round(pipeline["written"] / pipeline["editing_seconds"] / model_only, 3)
+
+
+def best_case_ratio(count: int, model_only: float, actor_start: float) -> float:
+    """The ratio of a run whose only overhead is the actor's own start-up: model time over
+    model time plus `actor_start` seconds."""
+    model_seconds = count / model_only
+    return round(model_seconds / (model_seconds + actor_start), 3)
+
+
+def actor_start_seconds(model: str, steps: int, model_batch: int, actors: int,
+                        compile: bool = False) -> float:
+    """Seconds a fresh process with Ray already imported takes to import Ray Data and build the
+    SDEdit actor as the pipeline does (torch, diffusers, model load; a compile happens later,
+    on the first batch)."""
+    settings = dict(model=model, steps=steps, model_batch=model_batch, actors=actors,
+                    compile=compile)
+    code = "from pipeline.bench_cli import _time_actor_start; _time_actor_start()"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise click.ClickException(f"the actor could not start for {model}: {reason}")
+    return round(float(done.stdout.split()[-1]), 3)
+
+
+def _time_actor_start() -> None:
+    import os
+
+    import ray  # noqa: F401  (a Ray worker has it before it is given the actor)
+
+    settings = json.loads(sys.argv[1])
+    started = time.perf_counter()
+    import ray.data  # noqa: F401  (Ray Data's actor wrapper imports it)
+
+    from pipeline.actor import SDEditActor
+
+    SDEditActor(settings["model"], "float32", {}, settings["model_batch"], settings["steps"],
+                threads=max(1, (os.cpu_count() or 1) // settings["actors"]),
+                compile=settings["compile"])
+    print(time.perf_counter() - started)
 
 
 def write_inputs(folder: Path, count: int, size: int) -> Path:

@@ -1,10 +1,12 @@
-"""`sdedit bench` arithmetic: the steady-state ratio over the actors' editing window."""
+"""`sdedit bench` arithmetic (the steady-state ratio over the actors' editing window, the
+best case left by the actor's start-up) and the actor start-up measurement."""
 
 from __future__ import annotations
 
+import click
 import pytest
 
-from pipeline.bench_cli import steady_state_ratio
+from pipeline.bench_cli import actor_start_seconds, best_case_ratio, steady_state_ratio
 
 
 def test_steady_state_ratio_uses_the_editing_window_only():
@@ -16,3 +18,18 @@ def test_steady_state_ratio_uses_the_editing_window_only():
 def test_steady_state_ratio_is_none_without_an_editing_window():
     assert steady_state_ratio({"written": 0, "editing_seconds": None}, model_only=5.0) is None
     assert steady_state_ratio({"written": 0}, model_only=5.0) is None
+
+
+def test_best_case_ratio_charges_only_the_actor_start():
+    # 256 images at 5 images/s are 51.2 s of model time; 5.12 s of start-up on top
+    assert best_case_ratio(256, model_only=5.0, actor_start=5.12) == pytest.approx(51.2 / 56.32,
+                                                                                   abs=1e-3)
+    assert best_case_ratio(256, model_only=5.0, actor_start=0.0) == 1.0
+    assert best_case_ratio(512, 5.0, 5.12) > best_case_ratio(256, 5.0, 5.12)
+
+
+def test_actor_start_builds_the_actor_in_a_fresh_process():
+    seconds = actor_start_seconds("builtin:tiny", steps=20, model_batch=8, actors=1)
+    assert 0.1 < seconds < 120  # it imports torch and diffusers: never instant
+    with pytest.raises(click.ClickException, match="builtin:nope.*unknown builtin model 'nope'"):
+        actor_start_seconds("builtin:nope", steps=20, model_batch=8, actors=1)
