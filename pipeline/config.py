@@ -67,6 +67,7 @@ class RunConfig:
     cpus_per_actor: float | None = None
     max_pixels: int = MAX_PIXELS
     max_error_rate: float = 1.0
+    progress_interval: float = 30.0  # seconds between progress lines on stderr; 0: none
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models
     retry_errors: tuple[ErrorStage, ...] = ()  # committed failures of these stages are redone
@@ -132,6 +133,8 @@ def _check_actors(config: RunConfig) -> None:
 def _check_rates(config: RunConfig) -> None:
     if not 0.0 <= config.max_error_rate <= 1.0:
         raise ConfigError(f"max_error_rate must lie in [0, 1], got {config.max_error_rate}")
+    if not config.progress_interval >= 0:
+        raise ConfigError(f"progress_interval must be >= 0 seconds, got {config.progress_interval}")
 
 
 def _check_retry(config: RunConfig) -> None:

@@ -26,6 +26,7 @@ from pipeline.manifest import (
     find_files,
     read_plan_columns,
 )
+from pipeline.progress import Progress, Report
 from pipeline.resume import (
     SUMMARY,
     Committed,
@@ -64,8 +65,9 @@ class ModelInfo:
     resolution: int
 
 
-def run(config: RunConfig) -> dict:
-    """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json."""
+def run(config: RunConfig, report: Report = lambda line: None) -> dict:
+    """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json.
+    `report` receives progress lines (the CLI prints them on stderr)."""
     started = time.time()
     with storage_step(f"cannot read manifest {config.manifest}"):
         manifest = find_files(config.manifest, config.storage_options)
@@ -77,10 +79,13 @@ def run(config: RunConfig) -> dict:
     rows = plan_columns.num_rows
     expected, todo = count_work(plan_columns, plan, committed.keys)
     del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
+    report(f"{rows:,} manifest rows make {expected:,} outputs: {todo:,} to do, "
+           f"{expected - todo:,} already in {config.output}")
     pipeline_started = time.time()
+    progress = Progress(todo, report, config.progress_interval)
     with storage_step(f"the run stopped when a task could not use storage (manifest "
                       f"{config.manifest}, OUTPUT {config.output}); rerun to resume"):
-        stats = {**(execute(config, manifest, plan, committed, model) if todo else {}),
+        stats = {**(execute(config, manifest, plan, committed, model, progress) if todo else {}),
                  "retried_errors": retried}
     finished = time.time()
     del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
@@ -153,22 +158,24 @@ def _preset(name: str) -> TaskDefaults | None:
 
 
 def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
-            model: ModelInfo) -> dict:
+            model: ModelInfo, progress: Progress) -> dict:
     """Stream the uncommitted work through Ray Data; returns this run's counts."""
     import ray
 
     started_ray = init_ray(config.address)
     try:
         resources = actor_resources(config)
+        progress.report(f"starting {describe_actors(resources)}, each loading {config.model}")
         dataset = build_dataset(config, manifest, plan, committed, model, resources)
-        totals = {"written": 0, "failed": 0, "edit_seconds": 0.0}
-        edit_times: list[float] = []
+        edit_seconds, edit_times = 0.0, []
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for name in totals:
-                totals[name] += sum(batch[name].to_pylist())
+            progress.add(sum(batch["written"].to_pylist()), sum(batch["failed"].to_pylist()))
+            edit_seconds += sum(batch["edit_seconds"].to_pylist())
             edit_times += [t for name in ("edit_started_at", "edit_finished_at")
                            for t in batch[name].to_pylist() if t is not None]
-        return {**totals, "first_edit_at": min(edit_times, default=None),
+        progress.finish()
+        return {"written": progress.written, "failed": progress.failed,
+                "edit_seconds": edit_seconds, "first_edit_at": min(edit_times, default=None),
                 "last_edit_at": max(edit_times, default=None), "actors": resources.actors}
     finally:
         if started_ray:
@@ -237,6 +244,16 @@ def cpu_task_concurrency() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
+
+
+def describe_actors(resources: ActorResources) -> str:
+    """e.g. `2 SDEdit actors (1 GPU, 1 CPU each)` or `1-4 SDEdit actors (0.5 CPU, 2 threads
+    each)`."""
+    low, high = resources.actors
+    count = f"{low}" if low == high else f"{low}-{high}"
+    each = (f"{resources.gpus:g} GPU, {resources.cpus:g} CPU" if resources.gpus else
+            f"{resources.cpus:g} CPU, {resources.threads} thread{'s' * (resources.threads != 1)}")
+    return f"{count} SDEdit actor{'s' * (high > 1)} ({each} each)"
 
 
 def actor_resources(config: RunConfig) -> ActorResources:

@@ -49,6 +49,9 @@ EXIT_ERROR_RATE = 3
 @click.option("--cpus-per-actor", type=float, help="Default 1 with GPUs, else 0.5.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
 @click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
+@click.option("--progress-interval", type=float, metavar="SECONDS",
+              help="Seconds between progress lines on stderr (outputs done, rate, time left); "
+                   "0 for none. Default 30.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUTPUT.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
@@ -71,13 +74,19 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
     try:
-        summary = run_job(config)
+        summary = run_job(config, report=_reporter(config.progress_interval))
     except ErrorRateExceeded as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_ERROR_RATE)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(json.dumps(_headline(summary, config.output), indent=2))
+
+
+def _reporter(interval: float):
+    if not interval:
+        return lambda line: None
+    return lambda line: click.echo(f"sdedit: {line}", err=True)
 
 
 def _headline(summary: dict, output: str) -> dict:

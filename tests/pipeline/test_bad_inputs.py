@@ -106,6 +106,10 @@ def test_cli_exits_non_zero_above_max_error_rate_after_writing(tmp_path):
         "--batch-size", "2", "--model-batch", "2", "--max-error-rate", "0.25"])
     assert result.exit_code == EXIT_ERROR_RATE, result.output
     assert "1 of 2 outputs failed" in result.output
+    # progress on stderr: the plan, the actors, the totals
+    assert "sdedit: 2 manifest rows make 2 outputs: 2 to do, 0 already in " in result.stderr
+    assert "sdedit: starting 1 SDEdit actor (0.5 CPU, " in result.stderr
+    assert "sdedit: 2 of 2 outputs (100.0%): 1 written, 1 failed; " in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["written"], summary["errors"]) == (1, 1)
     image = Image.open(io.BytesIO(read_dataset(output)["image"][0].as_py()))
@@ -115,7 +119,9 @@ def test_cli_exits_non_zero_above_max_error_rate_after_writing(tmp_path):
 def test_cli_refuses_a_changed_configuration_with_a_clear_message(small_manifest, tmp_path):
     common = [str(small_manifest), str(tmp_path / "out"), "--model", "builtin:tiny",
               "--steps", "2", "--batch-size", "4", "--model-batch", "4"]
-    assert CliRunner().invoke(run_command, common).exit_code == 0
+    quiet = CliRunner().invoke(run_command, [*common, "--progress-interval", "0"])
+    assert quiet.exit_code == 0
+    assert "sdedit:" not in quiet.stderr and '"written"' in quiet.stdout
     result = CliRunner().invoke(run_command, [*common, "--t0", "0.3"])
     assert result.exit_code == 1
     assert "different configuration (t0: None -> [0.3])" in result.output

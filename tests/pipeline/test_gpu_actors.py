@@ -7,7 +7,7 @@ import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import actor_resources, run
+from pipeline.job import actor_resources, describe_actors, run
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,11 @@ def test_gpus_per_actor_and_explicit_counts_decide_the_pool(ray_two_gpus):
     assert actor_resources(config(gpus_per_actor=2.0)).actors == (1, 1)
     assert actor_resources(config(actors=(1, 3))).actors == (1, 3)
     assert actor_resources(config(gpus_per_actor=0.0)) == (0.0, 0.5, 2, (1, 1))  # CPU actors
+
+
+def test_the_progress_line_names_the_pool(ray_two_gpus):
+    assert describe_actors(actor_resources(config())) == "2 SDEdit actors (1 GPU, 1 CPU each)"
+    assert describe_actors(actor_resources(config(gpus_per_actor=0.0, actors=(1, 4)))) == (
+        "1-4 SDEdit actors (0.5 CPU, 1 thread each)")
+    assert describe_actors(actor_resources(config(gpus_per_actor=0.0))) == (
+        "1 SDEdit actor (0.5 CPU, 2 threads each)")

@@ -1,0 +1,68 @@
+"""Progress of a run in its own units: outputs done of those to do, failures, rate and time left.
+
+Ray Data reports blocks per operator; a user watching a long or scheduled job wants to know how
+many outputs are committed and when the job will end. The driver learns both from the shards
+the write step commits, so a line is due, at most every `interval` seconds, when a shard lands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Progress:
+    """Counts this run's outputs as shards commit and reports them every `interval` seconds
+    (0: never); the rate is over the whole run so far, start-up included."""
+
+    todo: int
+    report: Report
+    interval: float
+    clock: Callable[[], float] = time.monotonic
+    written: int = 0
+    failed: int = 0
+    started: float = field(init=False)
+    last_report: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.last_report = self.clock()
+
+    def add(self, written: int, failed: int) -> None:
+        """Count one committed shard's outputs; report if a line is due."""
+        self.written += written
+        self.failed += failed
+        now = self.clock()
+        due = self.interval > 0 and now - self.last_report >= self.interval
+        if due and self.written + self.failed < self.todo:  # the last line is finish()'s
+            self.last_report = now
+            self.report(self.line(now))
+
+    def finish(self) -> None:
+        """Report the run's totals and how long it took."""
+        now = self.clock()
+        self.report(f"{self.line(now)}; done in {duration(now - self.started)}")
+
+    def line(self, now: float) -> str:
+        """e.g. `1,536 of 20,000 outputs (7.7%): 1,530 written, 6 failed; 41.2/s; about 7 min
+        28 s left`."""
+        done = self.written + self.failed
+        rate = done / (now - self.started) if now > self.started else 0.0
+        share = f" ({100 * done / self.todo:.1f}%)" if self.todo else ""
+        more = self.todo - done
+        left = f"; about {duration(more / rate)} left" if rate > 0 and more > 0 else ""
+        return (f"{done:,} of {self.todo:,} outputs{share}: {self.written:,} written, "
+                f"{self.failed:,} failed; {rate:.1f}/s{left}")
+
+
+def duration(seconds: float) -> str:
+    """Seconds as `2 h 5 min`, `7 min 28 s` or `12 s`."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"

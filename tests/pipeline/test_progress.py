@@ -1,0 +1,62 @@
+"""Progress lines: outputs done of those to do, failures, rate and time left, every interval."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.progress import Progress, duration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def progress(todo: int, interval: float) -> tuple[Progress, Clock, list[str]]:
+    clock, lines = Clock(), []
+    return Progress(todo, lines.append, interval, clock=clock), clock, lines
+
+
+def test_a_line_is_due_every_interval_with_rate_and_time_left():
+    run, clock, lines = progress(todo=100, interval=30)
+    clock.now += 10
+    run.add(written=20, failed=0)
+    assert lines == []  # 10 s < 30 s
+    clock.now += 30  # 40 s in: 35 outputs, 0.875/s, 65 to go
+    run.add(written=14, failed=1)
+    assert lines == ["35 of 100 outputs (35.0%): 34 written, 1 failed; 0.9/s; "
+                     "about 1 min 14 s left"]
+    clock.now += 29
+    run.add(written=5, failed=0)
+    assert len(lines) == 1  # the next one is due 30 s after the last
+    assert (run.written, run.failed) == (39, 1)
+
+
+def test_the_last_shard_leaves_the_last_line_to_finish():
+    run, clock, lines = progress(todo=10, interval=1)
+    clock.now += 5
+    run.add(written=8, failed=2)
+    assert lines == []
+    clock.now += 0.5
+    run.finish()
+    assert lines == ["10 of 10 outputs (100.0%): 8 written, 2 failed; 1.8/s; done in 6 s"]
+
+
+def test_interval_zero_reports_only_the_end():
+    run, clock, lines = progress(todo=1000, interval=0)
+    for _ in range(100):
+        clock.now += 100
+        run.add(written=10, failed=0)
+    assert lines == []
+    run.finish()
+    assert lines == ["1,000 of 1,000 outputs (100.0%): 1,000 written, 0 failed; 0.1/s; "
+                     "done in 2 h 46 min"]
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0 s"), (12.4, "12 s"), (448, "7 min 28 s"),
+                                            (7500, "2 h 5 min"), (-3, "0 s")])
+def test_duration_reads_in_hours_minutes_or_seconds(seconds, text):
+    assert duration(seconds) == text
