@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import NamedTuple
 
+import pyarrow as pa
+
 from pipeline.config import ConfigError, RunConfig
 from pipeline.manifest import (
     ManifestFiles,
@@ -35,6 +37,7 @@ from pipeline.resume import (
     forget_errors,
     output_fs,
     read_committed,
+    recorded,
     write_index,
 )
 from tasks.images import storage_step
@@ -69,12 +72,7 @@ def run(config: RunConfig, report: Report = lambda line: None) -> dict:
     """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json.
     `report` receives progress lines (the CLI prints them on stderr)."""
     started = time.time()
-    with storage_step(f"cannot read manifest {config.manifest}"):
-        manifest = find_files(config.manifest, config.storage_options)
-        plan_columns = read_plan_columns(manifest, config.storage_options)
-    plan = make_plan(config, manifest, plan_columns)
-    with storage_step(f"cannot read model {config.model}"):
-        model = probe_model(config)
+    manifest, plan_columns, plan, model = plan_job(config)
     retried, committed = open_output(config, model)
     rows = plan_columns.num_rows
     expected, todo = count_work(plan_columns, plan, committed.keys)
@@ -97,6 +95,37 @@ def run(config: RunConfig, report: Report = lambda line: None) -> dict:
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
     return summary
+
+
+def preview(config: RunConfig) -> dict:
+    """What `run` would do now, without starting Ray or changing OUTPUT: the counts, the model,
+    and whether OUTPUT accepts this configuration (ConfigMismatchError if it does not)."""
+    _, plan_columns, plan, model = plan_job(config)
+    with storage_step(f"cannot read OUTPUT {config.output}"):
+        if config.overwrite:
+            committed, retried = Committed(), 0
+        else:  # refused as `run` would refuse it, then read as `run` would find it
+            recorded(config.output, config.output_record(model.digest), config.storage_options)
+            committed, retried = read_committed(config.output, config.format,
+                                                config.storage_options
+                                                ).without_failures(config.retry_errors)
+    expected, todo = count_work(plan_columns, plan, committed.keys)
+    return {"manifest_rows": plan_columns.num_rows, "expected_outputs": expected, "todo": todo,
+            "already_committed": expected - todo, "errors_to_retry": retried,
+            "model": {"name": model.name, "digest": model.digest,
+                      "resolution": model.resolution},
+            "output": config.output, "overwrite": config.overwrite}
+
+
+def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInfo]:
+    """Read the manifest's plan columns and the model's description on the driver."""
+    with storage_step(f"cannot read manifest {config.manifest}"):
+        manifest = find_files(config.manifest, config.storage_options)
+        plan_columns = read_plan_columns(manifest, config.storage_options)
+    plan = make_plan(config, manifest, plan_columns)
+    with storage_step(f"cannot read model {config.model}"):
+        model = probe_model(config)
+    return manifest, plan_columns, plan, model
 
 
 def open_output(config: RunConfig, model: ModelInfo) -> tuple[int, Committed]:

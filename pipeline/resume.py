@@ -78,6 +78,15 @@ class Committed:
         """Rows in error shards (duplicate manifest ids give several for one key)."""
         return self.failed.num_rows
 
+    def without_failures(self, stages: tuple[str, ...]) -> tuple[Committed, int]:
+        """These keys as `forget_errors(stages)` would leave them, and how many error rows it
+        would remove."""
+        import pyarrow.compute as pc
+
+        retry = pc.is_in(self.failed["stage"], value_set=pa.array(stages, pa.string()))
+        kept = self.failed.filter(pc.invert(retry))
+        return Committed(self.written, kept), self.failed.num_rows - kept.num_rows
+
     @property
     def errors_by_stage(self) -> dict[str, int]:
         """Error rows per stage."""
@@ -219,19 +228,28 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     With `overwrite`, everything a previous run left (shards, errors, summary) is deleted first.
     """
     fs, root = output_fs(output, storage_options)
-    path = f"{root}/{RUN_CONFIG}"
     if overwrite:
         for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values()):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
-    elif fs.exists(path):
-        stored = json.loads(fs.cat_file(path))
-        changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {stored.get(k)!r} -> {record.get(k)!r}" for k in changed)
-            raise ConfigMismatchError(
-                f"{output} holds a run with a different configuration ({details}). Use the "
-                "same options to resume, another OUTPUT, or --overwrite to replace it")
+    elif recorded(output, record, storage_options):
         return
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(path, json.dumps(record, indent=2, sort_keys=True).encode())
+    fs.pipe_file(f"{root}/{RUN_CONFIG}", json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
+    """Whether OUTPUT records this configuration (False: it records none); a different one
+    raises ConfigMismatchError naming what changed."""
+    fs, root = output_fs(output, storage_options)
+    path = f"{root}/{RUN_CONFIG}"
+    if not fs.exists(path):
+        return False
+    stored = json.loads(fs.cat_file(path))
+    changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {stored.get(k)!r} -> {record.get(k)!r}" for k in changed)
+        raise ConfigMismatchError(
+            f"{output} holds a run with a different configuration ({details}). Use the "
+            "same options to resume, another OUTPUT, or --overwrite to replace it")
+    return True

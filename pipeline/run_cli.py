@@ -58,12 +58,16 @@ EXIT_ERROR_RATE = 3
 @click.option("--retry-errors", metavar="STAGES",
               help="Redo committed failures of these stages (comma list, or all), e.g. read "
                    "after an object-store outage. Other failures stay committed.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan only: print the counts (outputs to do, already committed, errors to "
+                   "retry) and the model, and check that OUTPUT accepts this configuration, "
+                   "without starting Ray or writing anything.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML or TOML file with these options; flags override it.")
 def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[float, ...],
-        **flags) -> None:
+        dry_run: bool, **flags) -> None:
     """Edit every row of MANIFEST with SDEdit and write sharded outputs to OUTPUT."""
-    from pipeline.job import ErrorRateExceeded
+    from pipeline.job import ErrorRateExceeded, preview
     from pipeline.job import run as run_job
 
     try:
@@ -74,6 +78,9 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
     try:
+        if dry_run:
+            click.echo(json.dumps(preview(config), indent=2))
+            return
         summary = run_job(config, report=_reporter(config.progress_interval))
     except ErrorRateExceeded as error:
         click.echo(f"error: {error}", err=True)

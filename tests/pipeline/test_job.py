@@ -13,7 +13,7 @@ from PIL import Image
 from run_helpers import read_dataset, read_errors, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import run
+from pipeline.job import preview, run
 from pipeline.resume import ConfigMismatchError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -64,11 +64,15 @@ def test_rerun_does_nothing_and_append_does_only_new_rows(tmp_path):
     manifest = inputs / "manifest.parquet"
     write_manifest(manifest, {"id": ["a", "b", "c", "d"], "guide": names[:4]})
     output = tmp_path / "out"
+    assert preview(config(manifest, output))["todo"] == 4 and not output.exists()
     first = run(config(manifest, output))
     before = shard_state(output)
     again = run(config(manifest, output, batch_size=2))  # execution knobs may change
     assert again["this_run"]["todo"] == 0 and shard_state(output) == before
     write_manifest(manifest, {"id": ["a", "b", "c", "d", "e", "f"], "guide": names})
+    planned = preview(config(manifest, output))  # a dry run: counts, nothing changes
+    assert (planned["expected_outputs"], planned["todo"], planned["already_committed"]) == (6, 2, 4)
+    assert shard_state(output) == before
     appended = run(config(manifest, output))
     after = shard_state(output)
     assert (first["written"], appended["this_run"]["todo"], appended["written"]) == (4, 2, 6)
@@ -81,6 +85,11 @@ def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp
     run(config(small_manifest, output))
     with pytest.raises(ConfigMismatchError, match=r"steps: 2 -> 3.*--overwrite"):
         run(config(small_manifest, output, steps=3))
+    with pytest.raises(ConfigMismatchError, match=r"steps: 2 -> 3.*--overwrite"):
+        preview(config(small_manifest, output, steps=3))
+    replacing = preview(config(small_manifest, output, steps=3, overwrite=True))
+    assert (replacing["todo"], replacing["already_committed"]) == (4, 0)
+    assert len(read_dataset(output)) == 4  # a dry run removes nothing
     summary = run(config(small_manifest, output, steps=3, overwrite=True))
     assert summary["written"] == 4
     eager = read_dataset(output)
@@ -217,6 +226,10 @@ def test_retry_errors_redoes_only_the_named_stages(tmp_path):
     (inputs / "later.png").write_bytes((inputs / names[1]).read_bytes())  # the outage is over
     unchanged = run(config(manifest, output))
     assert unchanged["this_run"]["todo"] == 0 and unchanged["errors"] == 2
+    errors_before = sorted(p.name for p in (output / "errors").iterdir())
+    planned = preview(config(manifest, output, retry_errors=("read",)))
+    assert (planned["errors_to_retry"], planned["todo"]) == (1, 1)
+    assert sorted(p.name for p in (output / "errors").iterdir()) == errors_before
     retried = run(config(manifest, output, retry_errors=("read",)))
     assert retried["this_run"]["retried_errors"] == 1 and retried["this_run"]["todo"] == 1
     assert retried["written"] == 3 and retried["errors_by_stage"] == {"validate": 1}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import ray
 from click.testing import CliRunner
+from run_helpers import write_images, write_manifest
 
 from pipeline.cli import main
 
@@ -12,7 +16,7 @@ def test_run_is_registered_and_documents_its_options():
     assert result.exit_code == 0
     for option in ("--t0", "--samples", "--storage-option", "--actors", "--config",
                    "--max-error-rate", "--overwrite", "--format", "--image-format",
-                   "--compile", "--channels-last"):
+                   "--compile", "--channels-last", "--dry-run", "--progress-interval"):
         assert option in result.output
 
 
@@ -41,3 +45,18 @@ def test_manifest_and_output_may_come_from_a_config_file(tmp_path):
 def test_missing_manifest_and_output_are_named(tmp_path):
     result = CliRunner().invoke(main, ["run"])
     assert result.exit_code == 2 and "missing required option(s): manifest, output" in result.output
+
+
+def test_dry_run_prints_the_plan_without_ray_or_output(tmp_path):
+    names = write_images(tmp_path / "inputs", 3)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": ["a", "b", "c"], "guide": names})
+    result = CliRunner().invoke(main, ["run", str(manifest), str(tmp_path / "out"), "--model",
+                                       "builtin:tiny", "--t0", "0.3", "--t0", "0.6",
+                                       "--samples", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert (plan["manifest_rows"], plan["expected_outputs"], plan["todo"]) == (3, 12, 12)
+    assert (plan["already_committed"], plan["errors_to_retry"]) == (0, 0)
+    assert plan["model"]["resolution"] == 64 and plan["model"]["digest"].startswith("sha256:")
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
