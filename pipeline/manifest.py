@@ -192,7 +192,7 @@ def duplicate_ids(ids: pa.ChunkedArray) -> frozenset[str]:
 
 def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
     """The work keys of one manifest row, each with its seed, or with the reason it fails."""
-    from sdedit import stable_seed
+    from sdedit.seeds import stable_seed  # torch-free: read tasks and the driver need no torch
 
     t0s, samples, repeats, problem = _row_settings(row, plan)
     row_id = row.get("id")

@@ -3,24 +3,29 @@
     import sdedit
     prior = sdedit.load("builtin:tiny")
     out = sdedit.edit(prior.model, prior.schedule, guide, t0=0.5, mask=mask)
+
+Names are imported on first use: torch with the first of them that needs it, diffusers with
+`load`. `import sdedit` alone, `sdedit.stable_seed` and `sdedit.loading.describe` of a model
+folder import neither, so a pipeline's driver and read tasks stay light.
 """
 
-from sdedit.edit import edit, model_calls
-from sdedit.noise import generators, stable_seed
-from sdedit.schedules import VESchedule, VPSchedule
+from importlib import import_module
 
-__all__ = ["VESchedule", "VPSchedule", "edit", "generators", "load", "model_calls", "stable_seed",
-           "Prior"]
+_HOMES = {"edit": "sdedit.editing", "model_calls": "sdedit.editing",
+          "generators": "sdedit.noise", "stable_seed": "sdedit.seeds",
+          "VESchedule": "sdedit.schedules", "VPSchedule": "sdedit.schedules",
+          "load": "sdedit.loading", "Prior": "sdedit.models"}
+
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    # Model loading pulls in diffusers; import it only when asked for.
-    if name == "load":
-        from sdedit.loading import load
+    if name not in _HOMES:
+        raise AttributeError(f"module 'sdedit' has no attribute {name!r}")
+    value = getattr(import_module(_HOMES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return load
-    if name == "Prior":
-        from sdedit.models import Prior
 
-        return Prior
-    raise AttributeError(f"module 'sdedit' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

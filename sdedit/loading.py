@@ -3,7 +3,8 @@
 A prior folder holds a UNet2DModel (config.json + weights) and a scheduler config, either side
 by side at the root or in `unet/` and `scheduler/` subfolders (a pipeline folder). DDPM and DDIM
 schedulers give a VP schedule, ScoreSdeVe gives a VE schedule. Weights load from safetensors
-only, unless the caller opts in to pickle checkpoints.
+only, unless the caller opts in to pickle checkpoints. torch and diffusers are imported where a
+network or schedule is built: `describe` of a folder reads configs and hashes a file only.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from sdedit.models import Prior, UNetAdapter, resolve_dtype
-from sdedit.schedules import Schedule, VESchedule, VPSchedule
+    from sdedit.models import Prior
+    from sdedit.schedules import Schedule
 
 PRIORS_DIR = Path(__file__).parent / "priors"
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -46,6 +49,10 @@ def load(
     storage_options: dict | None = None,
 ) -> Prior:
     """Load a prior from "default", "builtin:tiny[-ve]", a folder, an fsspec URI or a hub id."""
+    import torch
+
+    from sdedit.models import Prior, UNetAdapter, resolve_dtype
+
     uri = "default" if uri is None else str(uri)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype)
@@ -268,6 +275,8 @@ def check_scheduler(config: dict, uri: str = "<config>") -> str:
 
 def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:
     """Build the VP or VE schedule a diffusers scheduler config describes."""
+    from sdedit.schedules import VESchedule, VPSchedule
+
     if check_scheduler(config, uri) in VP_SCHEDULERS:
         from diffusers import DDPMScheduler
 
@@ -285,6 +294,8 @@ def _file_digest(path: Path) -> str:
 
 
 def _state_digest(module: torch.nn.Module) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())

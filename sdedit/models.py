@@ -79,6 +79,6 @@ class Prior:
 
     def edit(self, guide: torch.Tensor, **options) -> torch.Tensor:
         """Shorthand for `sdedit.edit(self.model, self.schedule, guide, **options)`."""
-        from sdedit.edit import edit
+        from sdedit.editing import edit
 
         return edit(self.model, self.schedule, guide, **options)

@@ -8,7 +8,6 @@ fixed, as the pipeline's actor does (--model-batch).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -19,12 +18,6 @@ GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 def generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One seeded torch.Generator per sample, for batch-invariant `edit` calls."""
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts, stable across processes (unlike `hash`)."""
-    text = "\x1f".join(repr(part) for part in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
 class SampleNoise:

@@ -131,7 +131,7 @@ class GuideReport:
 
 def image_seed(seed: int, row_id: str) -> int:
     """A per-image seed from the run seed and the row id (stable across processes)."""
-    from sdedit.noise import stable_seed
+    from sdedit.seeds import stable_seed
 
     return stable_seed("guides", seed, row_id) % (2**32)
 
