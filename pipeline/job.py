@@ -28,7 +28,7 @@ from pipeline.manifest import (
     find_files,
     read_plan_columns,
 )
-from pipeline.progress import Progress, Report
+from pipeline.progress import Progress, Report, quiet
 from pipeline.resume import (
     SUMMARY,
     Committed,
@@ -68,7 +68,7 @@ class ModelInfo:
     resolution: int
 
 
-def run(config: RunConfig, report: Report = lambda line: None) -> dict:
+def run(config: RunConfig, report: Report = quiet) -> dict:
     """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json.
     `report` receives progress lines (the CLI prints them on stderr)."""
     started = time.time()

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 Report = Callable[[str], None]
 
 
+def quiet(line: str) -> None:
+    """A Report that drops every line."""
+
+
 @dataclass
 class Progress:
     """Counts this run's outputs as shards commit and reports them every `interval` seconds

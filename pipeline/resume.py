@@ -83,8 +83,7 @@ class Committed:
         would remove."""
         import pyarrow.compute as pc
 
-        retry = pc.is_in(self.failed["stage"], value_set=pa.array(stages, pa.string()))
-        kept = self.failed.filter(pc.invert(retry))
+        kept = self.failed.filter(pc.invert(in_stages(self.failed["stage"], stages)))
         return Committed(self.written, kept), self.failed.num_rows - kept.num_rows
 
     @property
@@ -197,7 +196,7 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
     for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
         with fs.open(path, "rb") as stream:
             rows = pq.read_table(stream)
-        retry = pc.is_in(rows["stage"], value_set=pa.array(stages, pa.string()))
+        retry = in_stages(rows["stage"], stages)
         count = pc.sum(retry).as_py() or 0
         if count:
             fs.rm(path)
@@ -206,6 +205,13 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
             kept.close()
             forgotten += count
     return forgotten
+
+
+def in_stages(stage: pa.ChunkedArray, stages: tuple[str, ...]) -> pa.ChunkedArray:
+    """Which error rows failed at one of `stages` (those --retry-errors redoes)."""
+    import pyarrow.compute as pc
+
+    return pc.is_in(stage, value_set=pa.array(stages, pa.string()))
 
 
 def clean_temporaries(output: str, storage_options: Mapping) -> int:

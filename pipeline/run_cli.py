@@ -91,8 +91,10 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
 
 
 def _reporter(interval: float):
+    from pipeline.progress import quiet
+
     if not interval:
-        return lambda line: None
+        return quiet
     return lambda line: click.echo(f"sdedit: {line}", err=True)
 
 
