@@ -95,8 +95,6 @@ def actor_start_seconds(model: str, steps: int, model_batch: int, actors: int,
 
 
 def _time_actor_start() -> None:
-    import os
-
     import ray  # noqa: F401  (a Ray worker has it before it is given the actor)
 
     settings = json.loads(sys.argv[1])
@@ -106,9 +104,16 @@ def _time_actor_start() -> None:
     from pipeline.actor import SDEditActor
 
     SDEditActor(settings["model"], "float32", {}, settings["model_batch"], settings["steps"],
-                threads=max(1, (os.cpu_count() or 1) // settings["actors"]),
+                threads=actor_threads(settings["actors"]),
                 compile=settings["compile"])
     print(time.perf_counter() - started)
+
+
+def actor_threads(actors: int) -> int:
+    """torch threads of each of `actors` CPU actors sharing this machine's cores."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // actors)
 
 
 def write_inputs(folder: Path, count: int, size: int) -> Path:
@@ -135,7 +140,6 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
                      model_batch: int, actors: int, compile: bool = False) -> float:
     """Images/s through `sdedit.edit` alone, guides decoded beforehand (a compiled network
     compiles on an untimed first chunk)."""
-    import os
 
     import torch
 
@@ -143,7 +147,7 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
     from pipeline.actor import to_tensor
     from pipeline.fetch import prepare
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // actors))
+    torch.set_num_threads(actor_threads(actors))
     prior = sdedit.load(model, compile=compile)
     guides = [prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
               for i in range(count)]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def fresh(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
@@ -47,8 +49,6 @@ def test_names_load_on_first_use_and_edit_stays_the_function():
 
 
 def test_unknown_names_are_attribute_errors():
-    import pytest
-
     import sdedit
 
     with pytest.raises(AttributeError, match="no attribute 'sample'"):
