@@ -19,6 +19,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.lease import holding, live_holder
 from pipeline.manifest import (
     ManifestFiles,
     Plan,
@@ -70,25 +71,27 @@ class ModelInfo:
 
 def run(config: RunConfig, report: Report = quiet) -> dict:
     """Run (or resume) a job; returns the summary also written to OUTPUT/summary.json.
-    `report` receives progress lines (the CLI prints them on stderr)."""
+    `report` receives progress lines (the CLI prints them on stderr). OUTPUT is leased to this
+    run from before it is touched until the summary is written (`pipeline.lease`)."""
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
-    retried, committed = open_output(config, model)
-    rows = plan_columns.num_rows
-    expected, todo = count_work(plan_columns, plan, committed.keys)
-    del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
-    report(f"{rows:,} manifest rows make {expected:,} outputs: {todo:,} to do, "
-           f"{expected - todo:,} already in {config.output}")
-    pipeline_started = time.time()
-    progress = Progress(todo, report, config.progress_interval)
-    with storage_step(f"the run stopped when a task could not use storage (manifest "
-                      f"{config.manifest}, OUTPUT {config.output}); rerun to resume"):
-        stats = {**(execute(config, manifest, plan, committed, model, progress) if todo else {}),
-                 "retried_errors": retried}
-    finished = time.time()
-    del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-    summary = close_output(config, model, (rows, expected, todo), stats,
-                           (started, pipeline_started, finished))
+    with holding(config.output, config.storage_options, report):
+        retried, committed = open_output(config, model)
+        rows = plan_columns.num_rows
+        expected, todo = count_work(plan_columns, plan, committed.keys)
+        del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
+        report(f"{rows:,} manifest rows make {expected:,} outputs: {todo:,} to do, "
+               f"{expected - todo:,} already in {config.output}")
+        pipeline_started = time.time()
+        progress = Progress(todo, report, config.progress_interval)
+        with storage_step(f"the run stopped when a task could not use storage (manifest "
+                          f"{config.manifest}, OUTPUT {config.output}); rerun to resume"):
+            stats = {**(execute(config, manifest, plan, committed, model, progress)
+                        if todo else {}), "retried_errors": retried}
+        finished = time.time()
+        del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
+        summary = close_output(config, model, (rows, expected, todo), stats,
+                               (started, pipeline_started, finished))
     if summary["errors"] > config.max_error_rate * max(expected, 1):
         raise ErrorRateExceeded(
             f"{summary['errors']} of {expected} outputs failed (rate "
@@ -99,7 +102,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
 
 def preview(config: RunConfig) -> dict:
     """What `run` would do now, without starting Ray or changing OUTPUT: the counts, the model,
-    and whether OUTPUT accepts this configuration (ConfigMismatchError if it does not)."""
+    whether OUTPUT accepts this configuration (ConfigMismatchError if it does not) and which
+    live run holds it, if any (`run` would refuse to start)."""
     _, plan_columns, plan, model = plan_job(config)
     with storage_step(f"cannot read OUTPUT {config.output}"):
         if config.overwrite:
@@ -109,12 +113,15 @@ def preview(config: RunConfig) -> dict:
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
                                                 ).without_failures(config.retry_errors)
+        now = time.time()
+        holder = live_holder(config.output, config.storage_options, now)
     expected, todo = count_work(plan_columns, plan, committed.keys)
     return {"manifest_rows": plan_columns.num_rows, "expected_outputs": expected, "todo": todo,
             "already_committed": expected - todo, "errors_to_retry": retried,
             "model": {"name": model.name, "digest": model.digest,
                       "resolution": model.resolution},
-            "output": config.output, "overwrite": config.overwrite}
+            "output": config.output, "overwrite": config.overwrite,
+            "in_use_by": holder.describe(now) if holder else None}
 
 
 def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInfo]:

@@ -1,0 +1,173 @@
+"""One run at a time per OUTPUT: a lease the running driver holds and renews.
+
+Two runs writing one OUTPUT at once (a scheduled run starting while yesterday's is still going)
+would break exactly-once: each start deletes the temporary files the other is writing, and the
+same key can be committed by both in differently composed shards. So `sdedit run` holds
+`OUTPUT/_run_lease.json` (run id, host, pid, when it was renewed) from before it touches OUTPUT
+until its summary is written, renewing it every `RENEW_SECONDS`, and another run refuses to
+start while it is live. A lease is stale once it has not been renewed for `EXPIRE_SECONDS`, or at
+once when it names a process on this host that no longer exists, so a killed driver rerun on
+its machine resumes without waiting. The lease is written whole (temp + rename, one PUT) and
+read back: object stores have no atomic create, so two runs started within one round trip of
+each other could both proceed; a run started while another is running cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+from tasks.images import StorageError, storage_step
+
+LEASE = "_run_lease.json"
+RENEW_SECONDS = 30.0
+EXPIRE_SECONDS = 120.0
+
+
+class OutputInUseError(RuntimeError):
+    """Another live run holds OUTPUT's lease."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds OUTPUT: a run id, its driver's host and pid, and wall-clock times."""
+
+    run: str
+    host: str
+    pid: int
+    started_at: float
+    renewed_at: float
+
+    def stale_reason(self, now: float) -> str | None:
+        """Why this lease no longer protects a run (None while it does)."""
+        if now - self.renewed_at > EXPIRE_SECONDS:
+            return f"not renewed for {now - self.renewed_at:.0f} s"
+        if self.host == socket.gethostname() and not _process_exists(self.pid):
+            return f"its process {self.pid} on this host is gone"
+        return None
+
+    def same_run(self, other: Lease | None) -> bool:
+        """Whether `other` is this run's lease (at any renewal)."""
+        return other is not None and other.run == self.run
+
+    def describe(self, now: float) -> str:
+        return (f"run {self.run} (host {self.host}, pid {self.pid}), started "
+                f"{now - self.started_at:.0f} s ago, renewed {now - self.renewed_at:.0f} s ago")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def read_lease(output: str, storage_options: Mapping) -> Lease | None:
+    """The lease OUTPUT holds, or None (no lease file, or one no run could have written)."""
+    from pipeline.resume import output_fs
+
+    fs, root = output_fs(output, storage_options)
+    try:
+        return Lease(**json.loads(fs.cat_file(f"{root}/{LEASE}")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError):  # not JSON, or not a lease's fields
+        return None
+
+
+def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | None:
+    """OUTPUT's lease if a run holds it now (a run started now would be refused)."""
+    lease = read_lease(output, storage_options)
+    return lease if lease and lease.stale_reason(now) is None else None
+
+
+def acquire(output: str, storage_options: Mapping, clock: Callable[[], float] = time.time
+            ) -> tuple[Lease, Lease | None]:
+    """Take OUTPUT's lease for this process: (the new lease, the stale one it replaced).
+    OutputInUseError when another run holds a live one."""
+    now = clock()
+    holder = read_lease(output, storage_options)
+    if holder and holder.stale_reason(now) is None:
+        raise _in_use(output, holder, now)
+    lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
+    _write(output, lease, storage_options)
+    claimed = read_lease(output, storage_options)
+    if not lease.same_run(claimed):  # another run wrote between our read and our write
+        raise _in_use(output, claimed, clock()) if claimed else OutputInUseError(
+            f"cannot hold the lease on {output}: it vanished after it was written")
+    return lease, holder
+
+
+def _in_use(output: str, holder: Lease, now: float) -> OutputInUseError:
+    wait = max(0.0, EXPIRE_SECONDS - (now - holder.renewed_at))
+    return OutputInUseError(
+        f"{output} is in use by {holder.describe(now)}. Two runs into one OUTPUT would delete "
+        "each other's temporary files and could commit outputs twice. Wait for it to finish; if "
+        f"it is gone (killed on another machine), its lease expires in {wait:.0f} s, or delete "
+        f"{output.rstrip('/')}/{LEASE}")
+
+
+def _write(output: str, lease: Lease, storage_options: Mapping) -> None:
+    from pipeline.writers import commit
+
+    commit(output, LEASE, json.dumps(asdict(lease), indent=2).encode(), storage_options)
+
+
+def release(output: str, lease: Lease, storage_options: Mapping) -> None:
+    """Delete OUTPUT's lease if it is still this run's."""
+    from pipeline.resume import output_fs
+
+    if lease.same_run(read_lease(output, storage_options)):
+        fs, root = output_fs(output, storage_options)
+        fs.rm(f"{root}/{LEASE}")
+
+
+@contextmanager
+def holding(output: str, storage_options: Mapping, report: Callable[[str], None],
+            renew_seconds: float = RENEW_SECONDS) -> Iterator[Lease]:
+    """Hold OUTPUT's lease for the block, renewing it from a background thread."""
+    with storage_step(f"cannot prepare OUTPUT {output}"):  # as open_output says
+        lease, replaced = acquire(output, storage_options)
+    if replaced:
+        report(f"taking over {output} from {replaced.describe(lease.started_at)}: "
+               f"{replaced.stale_reason(lease.started_at)}")
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(output, lease, storage_options, report,
+                                                    renew_seconds, stop),
+                               name="sdedit-lease", daemon=True)
+    renewer.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            with storage_step(f"could not release the lease on {output}"):
+                release(output, lease, storage_options)
+        except StorageError as error:  # the next run takes it over when it expires
+            report(str(error))
+
+
+def _renew(output: str, lease: Lease, storage_options: Mapping, report: Callable[[str], None],
+           every: float, stop: threading.Event) -> None:
+    """Rewrite the lease with a new renewal time until `stop`; give up if another run took it."""
+    while not stop.wait(every):
+        try:
+            with storage_step(f"could not renew the lease on {output}"):
+                if not lease.same_run(read_lease(output, storage_options)):
+                    report(f"another run took over the lease on {output}; this run goes on, "
+                           "but the two may duplicate work: see summary.json's duplicate_rows")
+                    return
+                _write(output, replace(lease, renewed_at=time.time()), storage_options)
+        except StorageError as error:  # a store hiccup: try again at the next renewal
+            report(str(error))

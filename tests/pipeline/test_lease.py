@@ -1,0 +1,146 @@
+"""One run at a time per OUTPUT: the lease a running driver holds, renews and releases."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import pytest
+import ray
+from run_helpers import write_images, write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import preview, run
+from pipeline.lease import (
+    EXPIRE_SECONDS,
+    LEASE,
+    Lease,
+    OutputInUseError,
+    acquire,
+    holding,
+    read_lease,
+)
+
+
+def put_lease(output, host: str, pid: int, renewed_ago: float, run_id: str = "other") -> Lease:
+    """Write the lease another run would have left in OUTPUT."""
+    now = time.time()
+    lease = Lease(run_id, host, pid, now - renewed_ago - 60, now - renewed_ago)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / LEASE).write_text(json.dumps(asdict(lease)))
+    return lease
+
+
+def gone_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_holds_the_lease_and_releases_it(tmp_path):
+    output = tmp_path / "out"
+    lines = []
+    with holding(str(output), {}, lines.append) as lease:
+        stored = read_lease(str(output), {})
+        assert stored == lease
+        assert (stored.host, stored.pid) == (socket.gethostname(), os.getpid())
+        assert stored.renewed_at == stored.started_at == pytest.approx(time.time(), abs=5)
+    assert not (output / LEASE).exists()
+    assert lines == []
+
+
+def test_a_live_lease_refuses_a_second_run_with_who_holds_it(tmp_path):
+    output = tmp_path / "out"
+    with holding(str(output), {}, print), pytest.raises(OutputInUseError) as refused:
+        acquire(str(output), {})
+    message = str(refused.value)
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in message
+    assert re.search(rf"its lease expires in ({EXPIRE_SECONDS:.0f}|{EXPIRE_SECONDS - 1:.0f}) s",
+                     message) and LEASE in message
+    put_lease(output, "node-7", 4242, renewed_ago=30)
+    with pytest.raises(OutputInUseError, match=r"host node-7, pid 4242\).*renewed 3[01] s ago.*"
+                                               r"expires in (90|89) s"):
+        acquire(str(output), {})
+    assert read_lease(str(output), {}).host == "node-7"  # left as it was
+
+
+def test_a_killed_driver_on_this_host_is_taken_over_at_once(tmp_path):
+    output = tmp_path / "out"
+    dead = put_lease(output, socket.gethostname(), gone_pid(), renewed_ago=1)
+    lines = []
+    with holding(str(output), {}, lines.append) as lease:
+        assert lease.run != dead.run and read_lease(str(output), {}) == lease
+    assert len(lines) == 1 and lines[0].startswith(f"taking over {output} from run other")
+    assert lines[0].endswith(f"its process {dead.pid} on this host is gone")
+
+
+def test_a_lease_from_another_host_expires(tmp_path):
+    output = tmp_path / "out"
+    put_lease(output, "node-7", 4242, renewed_ago=EXPIRE_SECONDS + 80)
+    lease, replaced = acquire(str(output), {})
+    assert replaced.host == "node-7"
+    assert replaced.stale_reason(lease.started_at) == f"not renewed for {EXPIRE_SECONDS + 80:.0f} s"
+    assert read_lease(str(output), {}) == lease
+
+
+def test_the_holder_renews_and_never_deletes_a_lease_it_lost(tmp_path):
+    output = tmp_path / "out"
+    lines = []
+    with holding(str(output), {}, lines.append, renew_seconds=0.05) as lease:
+        time.sleep(0.5)
+        renewed = read_lease(str(output), {})
+        assert renewed.run == lease.run and renewed.renewed_at > lease.renewed_at + 0.2
+        assert renewed.started_at == lease.started_at
+        usurper = put_lease(output, "node-7", 4242, renewed_ago=0, run_id="usurper")
+        time.sleep(0.3)
+    assert read_lease(str(output), {}) == usurper  # not renewed over, not released
+    assert len(lines) == 1 and lines[0].startswith(f"another run took over the lease on {output}")
+
+
+def test_a_lease_no_run_could_have_written_is_replaced(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / LEASE).write_text('{"run": "x"}')
+    lease, replaced = acquire(str(output), {})
+    assert replaced is None and read_lease(str(output), {}) == lease
+
+
+@pytest.mark.slow
+def test_the_lease_works_on_an_object_store(s3_server):
+    output = f"{s3_server.new_bucket()}/out"
+    options = s3_server.storage_options
+    with holding(output, options, print, renew_seconds=0.1) as lease:
+        time.sleep(0.5)
+        assert read_lease(output, options).renewed_at > lease.renewed_at
+        with pytest.raises(OutputInUseError, match=f"in use by run {lease.run}"):
+            acquire(output, options)
+    assert read_lease(output, options) is None
+
+
+def test_run_refuses_an_output_in_use_and_touches_nothing(tmp_path):
+    names = write_images(tmp_path / "inputs", 2)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a", "b"],
+                                                                  "guide": names})
+    output = tmp_path / "out"
+    holder = put_lease(output, "node-7", 4242, renewed_ago=10)
+    (output / "data").mkdir()
+    in_flight = output / "data" / ".tmp-part-0.parquet.0123"  # the holder writing a shard
+    in_flight.write_bytes(b"half a shard")
+    config = RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
+                       steps=2, t0=(0.5,))
+    planned = preview(config)
+    assert planned["todo"] == 2
+    assert planned["in_use_by"].startswith("run other (host node-7, pid 4242)")
+    for overwrite in (False, True):
+        with pytest.raises(OutputInUseError, match="in use by run other"):
+            run(replace(config, overwrite=overwrite))
+    assert sorted(p.name for p in output.rglob("*")) == sorted([LEASE, "data", in_flight.name])
+    assert in_flight.read_bytes() == b"half a shard"
+    assert read_lease(str(output), {}) == holder and not ray.is_initialized()
