@@ -1,0 +1,87 @@
+"""Two `sdedit run`s into one OUTPUT at once, as when a scheduled run starts before the last ends.
+
+    python benchmarks/two_runs.py [--rows 40] [--work DIR] [-- OPTIONS FOR THE SECOND RUN]
+
+Starts `sdedit run` on `--rows` generated images (builtin:tiny, 10 steps, 2 rows per shard),
+starts the same command again once the first has committed a shard (with any options given
+after `--`, e.g. `-- --rows-per-shard 3`: not an output-deciding option, so a second run is not
+refused for it), waits for both and prints as JSON their exit codes, how long the second ran,
+and what OUTPUT holds: data rows, distinct ids, summary.json's duplicate_rows and reconciled.
+With the OUTPUT lease the second run stops at once and OUTPUT holds every id exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pipeline"))
+from run_helpers import write_images, write_manifest  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--work", type=Path, help="folder for inputs, OUTPUT and logs")
+    parser.add_argument("second", nargs="*", help="extra options of the second run (after --)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="two-runs-"))
+    command = run_command(work, args.rows)
+    output = work / "out"
+    first = start(command, work / "first.log")
+    wait_for_a_shard(first, output / "data")
+    started = time.monotonic()
+    second = start(command + args.second, work / "second.log")
+    second_exit = second.wait()
+    second_seconds = time.monotonic() - started
+    print(json.dumps({"first_exit": first.wait(), "second_exit": second_exit,
+                      "second_seconds": round(second_seconds, 1), **held(output),
+                      "second_error": last_error(work / "second.log")}, indent=2))
+
+
+def run_command(work: Path, rows: int) -> list[str]:
+    names = write_images(work / "inputs", rows)
+    manifest = write_manifest(work / "inputs" / "m.parquet",
+                              {"id": [f"r{i:03d}" for i in range(rows)], "guide": names})
+    return [sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(manifest),
+            str(work / "out"), "--model", "builtin:tiny", "--steps", "10", "--t0", "0.5",
+            "--batch-size", "2", "--model-batch", "2", "--rows-per-shard", "2",
+            "--progress-interval", "0"]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as stream:
+        return subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def wait_for_a_shard(run: subprocess.Popen, data: Path) -> None:
+    while not (data.exists() and any(data.glob("part-*"))):
+        if run.poll() is not None:
+            sys.exit(f"the first run ended ({run.returncode}) before it committed a shard")
+        time.sleep(0.2)
+
+
+def held(output: Path) -> dict:
+    """Data rows, distinct ids and the summary's duplicate count in OUTPUT."""
+    shards = sorted((output / "data").glob("part-*.parquet"))
+    ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards])["id"].to_pylist()
+    summary = json.loads((output / "summary.json").read_text())
+    return {"data_rows": len(ids), "distinct_ids": len(set(ids)),
+            "duplicate_rows": summary["duplicate_rows"], "reconciled": summary["reconciled"]}
+
+
+def last_error(log: Path) -> str | None:
+    errors = [line for line in log.read_text().splitlines() if line.startswith("Error:")]
+    return errors[-1] if errors else None
+
+
+if __name__ == "__main__":
+    main()
