@@ -1,7 +1,8 @@
 """How every command reads an image: the decoding contract `sdedit run`, `edit`, `train` and
 `guides` share, so a file is accepted, rejected and converted the same way everywhere.
 
-Bytes come from any fsspec URI, transient I/O errors retried with backoff. Guides become 8-bit
+Bytes come from any fsspec URI, transient I/O errors retried with backoff (for http(s) URIs:
+no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final). Guides become 8-bit
 RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
 (value / 257); CMYK and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
 PA, palette with a transparent colour) are composited over white; EXIF orientation is applied;
@@ -86,16 +87,38 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
             with fsspec.open(uri, "rb", **options) as stream:
                 return stream.read()
         except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
-            raise InputError("read", f"cannot read {uri}: {_reason(error)}") from error
+            failed = _http_failure(error)
+            if failed is None or not _transient(failed):
+                raise InputError("read", f"cannot read {uri}: {_reason(failed or error)}"
+                                 ) from error
+            last = failed
         except OSError as error:  # network and object-store hiccups
-            if attempt == attempts - 1:
-                raise InputError("read", f"cannot read {uri} after {attempts} attempts: "
-                                 f"{_reason(error)}") from error
-            time.sleep(0.2 * 2**attempt)
+            last = error
+        if attempt == attempts - 1:
+            raise InputError("read", f"cannot read {uri} after {attempts} attempts: "
+                             f"{_reason(last)}") from last
+        time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
 
 
+def _http_failure(error: OSError) -> Exception | None:
+    """The request failure behind fsspec's HTTP file system, which reports every failed request
+    (a 503, a refused connection) as FileNotFoundError(url); None for other file systems."""
+    cause = error.__cause__
+    return cause if type(cause).__module__.split(".")[0] == "aiohttp" else None
+
+
+def _transient(failure: Exception) -> bool:
+    """Whether an HTTP request may succeed if tried again: no answer, a timeout, throttling
+    (408, 429) or a server error (5xx); other statuses (404, 403...) are final."""
+    status = getattr(failure, "status", None)
+    return status is None or status in (408, 429) or status >= 500
+
+
 def _reason(error: BaseException) -> str:
+    status = getattr(error, "status", None)
+    if isinstance(status, int):  # an HTTP answer: its status says it all
+        return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 

@@ -1,0 +1,100 @@
+"""Guides and masks over http(s): a real HTTP server on loopback answers with what servers do
+(200, 404, 403, 5xx, 429 then 200, a dropped connection), and `read_bytes` retries only what
+may succeed when tried again, and names the status it got."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import socket
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.fetch import prepare
+from tasks.images import READ_ATTEMPTS, InputError, read_bytes
+
+PNG = io.BytesIO()
+Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(PNG, "PNG")
+
+
+class Answers(http.server.BaseHTTPRequestHandler):
+    """/ok.png, /404, /403, /500, /drop, and /busy: 429 for the first two GETs, then the PNG."""
+
+    gets: Counter = Counter()
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.command == "GET":
+            self.gets[self.path] += 1
+        if self.path == "/drop":
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        status = {"/404": 404, "/403": 403, "/500": 500}.get(self.path, 200)
+        if self.path == "/busy" and self.gets[self.path] <= 2:
+            status = 429
+        body = PNG.getvalue() if status == 200 else b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    Answers.gets = Counter()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_an_image_over_http_is_read(server):
+    assert read_bytes(f"{server}/ok.png", {}) == PNG.getvalue()
+
+
+@pytest.mark.parametrize("path, status", [("/404", "HTTP 404 Not Found"),
+                                          ("/403", "HTTP 403 Forbidden")])
+def test_final_statuses_are_not_retried_and_are_named(server, path, status):
+    with pytest.raises(InputError) as failed:
+        read_bytes(f"{server}{path}", {})
+    assert str(failed.value) == f"cannot read {server}{path}: {status}"
+    assert failed.value.stage == "read" and Answers.gets[path] <= 1  # fsspec: HEAD, then GET
+
+
+def test_server_errors_and_dropped_connections_are_retried_then_named(server):
+    for path, reason in (("/500", "HTTP 500 Internal Server Error"),
+                         ("/drop", "ServerDisconnectedError: Server disconnected")):
+        with pytest.raises(InputError) as failed:
+            read_bytes(f"{server}{path}", {})
+        assert str(failed.value) == (f"cannot read {server}{path} after {READ_ATTEMPTS} "
+                                     f"attempts: {reason}")
+    assert Answers.gets["/500"] == READ_ATTEMPTS
+
+
+def test_throttling_is_waited_out(server):
+    assert read_bytes(f"{server}/busy", {}) == PNG.getvalue()
+    assert Answers.gets["/busy"] >= 3  # the first two GETs were answered 429
+
+
+def test_a_host_that_does_not_answer_is_one_rows_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with pytest.raises(InputError, match=rf"after {READ_ATTEMPTS} attempts: ClientConnectorError: "
+                                         rf"Cannot connect to host 127.0.0.1:{closed}"):
+        read_bytes(f"http://127.0.0.1:{closed}/a.png", {})
+
+
+def test_the_fetch_step_decodes_guides_over_http(server):
+    guide, mask = prepare(f"{server}/ok.png", None, 8, {}, max_pixels=10**6)
+    assert guide == bytes([90]) * (8 * 8 * 3) and mask is None
