@@ -68,6 +68,7 @@ class RunConfig:
     max_pixels: int = MAX_PIXELS
     max_error_rate: float = 1.0
     progress_interval: float = 30.0  # seconds between progress lines on stderr; 0: none
+    wait_for_output: float = 0.0  # seconds to wait for another run's lease on OUTPUT to end
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models
     retry_errors: tuple[ErrorStage, ...] = ()  # committed failures of these stages are redone
@@ -133,8 +134,9 @@ def _check_actors(config: RunConfig) -> None:
 def _check_rates(config: RunConfig) -> None:
     if not 0.0 <= config.max_error_rate <= 1.0:
         raise ConfigError(f"max_error_rate must lie in [0, 1], got {config.max_error_rate}")
-    if not config.progress_interval >= 0:
-        raise ConfigError(f"progress_interval must be >= 0 seconds, got {config.progress_interval}")
+    for name in ("progress_interval", "wait_for_output"):
+        if not getattr(config, name) >= 0:
+            raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(config, name)}")
 
 
 def _check_retry(config: RunConfig) -> None:

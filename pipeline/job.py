@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +77,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     run from before it is touched until the summary is written (`pipeline.lease`)."""
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
-    with holding(config.output, config.storage_options, report):
+    with holding(config.output, config.storage_options, report, config.wait_for_output):
         retried, committed = open_output(config, model)
         rows = plan_columns.num_rows
         expected, todo = count_work(plan_columns, plan, committed.keys)
@@ -219,15 +221,20 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
 
 
 def init_ray(address: str | None) -> bool:
-    """Connect to a cluster (address) or start a local runtime; True when this call started it."""
+    """Connect to a cluster (address) or start a local runtime; True when this call started it.
+    A SIGTERM handler the caller installed (the CLI's) stays in force."""
     import ray
 
     if ray.is_initialized():
         return False
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
     else:
         ray.init(address="local", include_dashboard=False)
+    if (caller_sigterm not in (signal.SIG_DFL, None)  # ray.init put sys.exit(15) in its place
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGTERM, caller_sigterm)
     return True
 
 

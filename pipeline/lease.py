@@ -20,15 +20,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
+from pipeline.progress import Report, quiet
 from tasks.images import StorageError, storage_step
 
 LEASE = "_run_lease.json"
 RENEW_SECONDS = 30.0
 EXPIRE_SECONDS = 120.0
+POLL_SECONDS = 5.0  # how often a waiting run looks at the lease again
 
 
 class OutputInUseError(RuntimeError):
@@ -91,30 +93,43 @@ def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | No
     return lease if lease and lease.stale_reason(now) is None else None
 
 
-def acquire(output: str, storage_options: Mapping, clock: Callable[[], float] = time.time
-            ) -> tuple[Lease, Lease | None]:
+def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
+            report: Report = quiet) -> tuple[Lease, Lease | None]:
     """Take OUTPUT's lease for this process: (the new lease, the stale one it replaced).
-    OutputInUseError when another run holds a live one."""
-    now = clock()
-    holder = read_lease(output, storage_options)
-    if holder and holder.stale_reason(now) is None:
-        raise _in_use(output, holder, now)
+    While another run holds a live one, wait up to `wait_seconds` (saying so once through
+    `report`) for it to be released or expire, then OutputInUseError."""
+    deadline = time.time() + wait_seconds
+    waiting = False
+    while (holder := read_lease(output, storage_options)) and holder.stale_reason(
+            now := time.time()) is None:
+        if now >= deadline:
+            raise _in_use(output, holder, now)
+        if not waiting:
+            report(f"{output} is in use by {holder.describe(now)}; waiting up to "
+                   f"{deadline - now:.0f} s for it to end")
+            waiting = True
+        time.sleep(min(POLL_SECONDS, deadline - now, _expires_in(holder, now) + 0.05))
+    now = time.time()
     lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
     _write(output, lease, storage_options)
     claimed = read_lease(output, storage_options)
     if not lease.same_run(claimed):  # another run wrote between our read and our write
-        raise _in_use(output, claimed, clock()) if claimed else OutputInUseError(
+        raise _in_use(output, claimed, time.time()) if claimed else OutputInUseError(
             f"cannot hold the lease on {output}: it vanished after it was written")
     return lease, holder
 
 
+def _expires_in(holder: Lease, now: float) -> float:
+    return max(0.0, EXPIRE_SECONDS - (now - holder.renewed_at))
+
+
 def _in_use(output: str, holder: Lease, now: float) -> OutputInUseError:
-    wait = max(0.0, EXPIRE_SECONDS - (now - holder.renewed_at))
+    wait = _expires_in(holder, now)
     return OutputInUseError(
         f"{output} is in use by {holder.describe(now)}. Two runs into one OUTPUT would delete "
-        "each other's temporary files and could commit outputs twice. Wait for it to finish; if "
-        f"it is gone (killed on another machine), its lease expires in {wait:.0f} s, or delete "
-        f"{output.rstrip('/')}/{LEASE}")
+        "each other's temporary files and could commit outputs twice. Wait for it to finish "
+        "(--wait-for-output SECONDS waits); if it is gone (killed on another machine), its lease "
+        f"expires in {wait:.0f} s, or delete {output.rstrip('/')}/{LEASE}")
 
 
 def _write(output: str, lease: Lease, storage_options: Mapping) -> None:
@@ -133,11 +148,12 @@ def release(output: str, lease: Lease, storage_options: Mapping) -> None:
 
 
 @contextmanager
-def holding(output: str, storage_options: Mapping, report: Callable[[str], None],
-            renew_seconds: float = RENEW_SECONDS) -> Iterator[Lease]:
-    """Hold OUTPUT's lease for the block, renewing it from a background thread."""
+def holding(output: str, storage_options: Mapping, report: Report,
+            wait_seconds: float = 0.0, renew_seconds: float = RENEW_SECONDS) -> Iterator[Lease]:
+    """Hold OUTPUT's lease for the block (waiting up to `wait_seconds` for another run's to
+    end), renewing it from a background thread."""
     with storage_step(f"cannot prepare OUTPUT {output}"):  # as open_output says
-        lease, replaced = acquire(output, storage_options)
+        lease, replaced = acquire(output, storage_options, wait_seconds, report)
     if replaced:
         report(f"taking over {output} from {replaced.describe(lease.started_at)}: "
                f"{replaced.stale_reason(lease.started_at)}")
@@ -158,7 +174,7 @@ def holding(output: str, storage_options: Mapping, report: Callable[[str], None]
             report(str(error))
 
 
-def _renew(output: str, lease: Lease, storage_options: Mapping, report: Callable[[str], None],
+def _renew(output: str, lease: Lease, storage_options: Mapping, report: Report,
            every: float, stop: threading.Event) -> None:
     """Rewrite the lease with a new renewal time until `stop`; give up if another run took it."""
     while not stop.wait(every):

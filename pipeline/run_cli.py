@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from pipeline.config import ConfigError, build_config, load_config_file, parse_storage_options
 
 EXIT_ERROR_RATE = 3
+EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
 
 
 @click.command()
@@ -52,6 +56,10 @@ EXIT_ERROR_RATE = 3
 @click.option("--progress-interval", type=float, metavar="SECONDS",
               help="Seconds between progress lines on stderr (outputs done, rate, time left); "
                    "0 for none. Default 30.")
+@click.option("--wait-for-output", type=float, metavar="SECONDS",
+              help="If another run holds OUTPUT, wait up to SECONDS for it to end or its lease "
+                   "to expire (120 s after a killed run's last renewal) instead of stopping at "
+                   "once; for retried cluster jobs. Default 0.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUTPUT.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
@@ -81,13 +89,37 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
         if dry_run:
             click.echo(json.dumps(preview(config), indent=2))
             return
-        summary = run_job(config, report=_reporter(config.progress_interval))
+        with stopping_on_sigterm():
+            summary = run_job(config, report=_reporter(config.progress_interval))
+    except Terminated:
+        click.echo(f"sdedit: stopped by SIGTERM; what was committed stays in {config.output}, "
+                   "rerun to resume", err=True)
+        sys.exit(EXIT_TERMINATED)
     except ErrorRateExceeded as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_ERROR_RATE)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(json.dumps(_headline(summary, config.output), indent=2))
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a pod stopped, `ray job stop`): unwind like Ctrl-C."""
+
+
+@contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` for the block, so a stopped run unwinds: Ray is shut down
+    and OUTPUT's lease released (the next run need not wait for it to expire), while committed
+    shards stay for the rerun. Without it Python dies on SIGTERM without running any of that."""
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _reporter(interval: float):

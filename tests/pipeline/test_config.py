@@ -35,13 +35,13 @@ def test_actors_parse(text, expected):
 def test_flags_override_a_yaml_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("manifest: m.parquet\noutput: out\nt0: [0.3, 0.6]\nbatch-size: 8\n"
-                    "steps: 20\nprogress-interval: 300\n"
+                    "steps: 20\nprogress-interval: 300\nwait-for-output: 150\n"
                     "storage_options:\n  endpoint_url: http://s3:1\n")
     config = build_config(load_config_file(str(path)), {"steps": 5, "seed": None})
     assert config.t0 == (0.3, 0.6)
     assert config.batch_size == 8
     assert config.steps == 5
-    assert config.progress_interval == 300
+    assert config.progress_interval == 300 and config.wait_for_output == 150
     assert config.storage_options == {"endpoint_url": "http://s3:1"}
 
 
@@ -62,6 +62,7 @@ def test_toml_file_is_read(tmp_path):
     ("max_error_rate", 2.0, "max_error_rate"),
     ("progress_interval", -1.0, "progress_interval must be >= 0 seconds, got -1.0"),
     ("progress_interval", float("nan"), "progress_interval must be >= 0 seconds, got nan"),
+    ("wait_for_output", -5.0, "wait_for_output must be >= 0 seconds, got -5.0"),
     ("retry_errors", ("read", "network"), "retry_errors must name stages.*'network'"),
 ])
 def test_invalid_values_are_refused_with_the_option_name(field, value, message):

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
+from pipeline.lease import LEASE
+
 pytestmark = pytest.mark.slow
 
 ROWS = 40
@@ -76,6 +78,38 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
     assert {name: after[name] for name in survivors} == survivors  # not recomputed
     assert not list((output / "data").glob(".tmp-*"))
+
+
+def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
+    """SIGTERM (a pod stopped, `ray job stop`): Ray shut down and the lease released, so a run
+    from another host need not wait for it to expire; committed shards stay."""
+    run, _, output = start_run(tmp_path, "run.log")
+    run.send_signal(signal.SIGTERM)
+    try:
+        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while session_processes(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_processes(run.pid) == []  # Ray's processes are gone too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    assert f"sdedit: stopped by SIGTERM; what was committed stays in {output}, rerun" in log
+    assert not (output / LEASE).exists()
+    assert list((output / "data").glob("part-*")) and not list((output / "data").glob(".tmp-*"))
+
+
+def session_processes(session: int) -> list[int]:
+    """Pids of live processes in a session (zombies excluded)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            if os.getsid(int(entry)) == session and state != "Z":
+                pids.append(int(entry))
+    return pids
 
 
 def actor_processes(session: int) -> list[int]:

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 
@@ -25,6 +26,7 @@ from pipeline.lease import (
     acquire,
     holding,
     read_lease,
+    release,
 )
 
 
@@ -88,6 +90,28 @@ def test_a_lease_from_another_host_expires(tmp_path):
     assert replaced.host == "node-7"
     assert replaced.stale_reason(lease.started_at) == f"not renewed for {EXPIRE_SECONDS + 80:.0f} s"
     assert read_lease(str(output), {}) == lease
+
+
+def test_a_run_may_wait_for_a_lease_to_expire_or_be_released(tmp_path):
+    output = tmp_path / "out"
+    put_lease(output, "node-7", 4242, renewed_ago=EXPIRE_SECONDS - 1)
+    lines = []
+    started = time.monotonic()
+    lease, replaced = acquire(str(output), {}, wait_seconds=10, report=lines.append)
+    assert 0.9 < time.monotonic() - started < 3 and replaced.host == "node-7"
+    assert len(lines) == 1 and re.search(r"in use by run other \(host node-7, pid 4242\).*; "
+                                         r"waiting up to (10|9) s for it to end", lines[0])
+    release(str(output), lease, {})
+    with holding(str(output), {}, print, renew_seconds=0.05) as holder:
+        started = time.monotonic()
+        with pytest.raises(OutputInUseError, match=f"in use by run {holder.run}"):
+            acquire(str(output), {}, wait_seconds=0.5)
+        assert time.monotonic() - started >= 0.5  # it waited, then refused a live lease
+    released = threading.Timer(0.5, (output / LEASE).unlink)
+    put_lease(output, "node-7", 4242, renewed_ago=0)
+    released.start()
+    lease, replaced = acquire(str(output), {}, wait_seconds=10)  # sees it go within a poll
+    assert replaced is None and read_lease(str(output), {}) == lease
 
 
 def test_the_holder_renews_and_never_deletes_a_lease_it_lost(tmp_path):

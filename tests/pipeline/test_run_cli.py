@@ -16,7 +16,8 @@ def test_run_is_registered_and_documents_its_options():
     assert result.exit_code == 0
     for option in ("--t0", "--samples", "--storage-option", "--actors", "--config",
                    "--max-error-rate", "--overwrite", "--format", "--image-format",
-                   "--compile", "--channels-last", "--dry-run", "--progress-interval"):
+                   "--compile", "--channels-last", "--dry-run", "--progress-interval",
+                   "--wait-for-output"):
         assert option in result.output
 
 
