@@ -94,12 +94,18 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
         summary = close_output(config, model, (rows, expected, todo), stats,
                                (started, pipeline_started, finished))
+    check_error_rate(config, summary)
+    return summary
+
+
+def check_error_rate(config: RunConfig, summary: Mapping) -> None:
+    """ErrorRateExceeded when more outputs failed than --max-error-rate allows."""
+    expected = summary["expected_outputs"]
     if summary["errors"] > config.max_error_rate * max(expected, 1):
         raise ErrorRateExceeded(
             f"{summary['errors']} of {expected} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
             f"{config.output.rstrip('/')}/errors/")
-    return summary
 
 
 def preview(config: RunConfig) -> dict:

@@ -100,8 +100,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     `report`) for it to be released or expire, then OutputInUseError."""
     deadline = time.time() + wait_seconds
     waiting = False
-    while (holder := read_lease(output, storage_options)) and holder.stale_reason(
-            now := time.time()) is None:
+    while holder := live_holder(output, storage_options, now := time.time()):
         if now >= deadline:
             raise _in_use(output, holder, now)
         if not waiting:
@@ -109,6 +108,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
                    f"{deadline - now:.0f} s for it to end")
             waiting = True
         time.sleep(min(POLL_SECONDS, deadline - now, _expires_in(holder, now) + 0.05))
+    stale = read_lease(output, storage_options)  # what this run replaces, if anything
     now = time.time()
     lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
     _write(output, lease, storage_options)
@@ -116,7 +116,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     if not lease.same_run(claimed):  # another run wrote between our read and our write
         raise _in_use(output, claimed, time.time()) if claimed else OutputInUseError(
             f"cannot hold the lease on {output}: it vanished after it was written")
-    return lease, holder
+    return lease, stale
 
 
 def _expires_in(holder: Lease, now: float) -> float:
