@@ -55,6 +55,9 @@ class Lease:
             return f"its process {self.pid} on this host is gone"
         return None
 
+    def is_live(self, now: float) -> bool:
+        return self.stale_reason(now) is None
+
     def same_run(self, other: Lease | None) -> bool:
         """Whether `other` is this run's lease (at any renewal)."""
         return other is not None and other.run == self.run
@@ -90,7 +93,7 @@ def read_lease(output: str, storage_options: Mapping) -> Lease | None:
 def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | None:
     """OUTPUT's lease if a run holds it now (a run started now would be refused)."""
     lease = read_lease(output, storage_options)
-    return lease if lease and lease.stale_reason(now) is None else None
+    return lease if lease and lease.is_live(now) else None
 
 
 def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
@@ -100,7 +103,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     `report`) for it to be released or expire, then OutputInUseError."""
     deadline = time.time() + wait_seconds
     waiting = False
-    while holder := live_holder(output, storage_options, now := time.time()):
+    while (holder := read_lease(output, storage_options)) and holder.is_live(now := time.time()):
         if now >= deadline:
             raise _in_use(output, holder, now)
         if not waiting:
@@ -108,7 +111,6 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
                    f"{deadline - now:.0f} s for it to end")
             waiting = True
         time.sleep(min(POLL_SECONDS, deadline - now, _expires_in(holder, now) + 0.05))
-    stale = read_lease(output, storage_options)  # what this run replaces, if anything
     now = time.time()
     lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
     _write(output, lease, storage_options)
@@ -116,7 +118,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     if not lease.same_run(claimed):  # another run wrote between our read and our write
         raise _in_use(output, claimed, time.time()) if claimed else OutputInUseError(
             f"cannot hold the lease on {output}: it vanished after it was written")
-    return lease, stale
+    return lease, holder  # None, or the stale lease this run replaced
 
 
 def _expires_in(holder: Lease, now: float) -> float:
