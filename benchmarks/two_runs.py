@@ -23,8 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pipeline"))
-from run_helpers import write_images, write_manifest  # noqa: E402
+from pipeline.bench_cli import write_inputs
 
 
 def main() -> None:
@@ -48,9 +47,7 @@ def main() -> None:
 
 
 def run_command(work: Path, rows: int) -> list[str]:
-    names = write_images(work / "inputs", rows)
-    manifest = write_manifest(work / "inputs" / "m.parquet",
-                              {"id": [f"r{i:03d}" for i in range(rows)], "guide": names})
+    manifest = write_inputs(work / "inputs", rows, size=40)
     return [sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(manifest),
             str(work / "out"), "--model", "builtin:tiny", "--steps", "10", "--t0", "0.5",
             "--batch-size", "2", "--model-batch", "2", "--rows-per-shard", "2",
