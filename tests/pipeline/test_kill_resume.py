@@ -115,15 +115,10 @@ def session_processes(session: int) -> list[int]:
 def actor_processes(session: int) -> list[int]:
     """Pids of the run's SDEdit actors (Ray titles them after the callable class)."""
     pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if os.getsid(int(entry)) != session:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if b"SDEditActor" in cmdline.read():
-                    pids.append(int(entry))
+    for pid in session_processes(session):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"SDEditActor" in cmdline.read():
+                pids.append(pid)
     return pids
 
 
