@@ -82,7 +82,7 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
 
 def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
     """SIGTERM (a pod stopped, `ray job stop`): Ray shut down and the lease released, so a run
-    from another host need not wait for it to expire; committed shards stay."""
+    from another host need not wait for it to expire; committed shards stay, and are whole."""
     run, _, output = start_run(tmp_path, "run.log")
     run.send_signal(signal.SIGTERM)
     try:
@@ -97,7 +97,9 @@ def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
     log = (tmp_path / "run.log").read_text()
     assert f"sdedit: stopped by SIGTERM; what was committed stays in {output}, rerun" in log
     assert not (output / LEASE).exists()
-    assert list((output / "data").glob("part-*")) and not list((output / "data").glob(".tmp-*"))
+    shards = list((output / "data").glob("part-*.parquet"))
+    assert shards and all(pq.read_table(shard).num_rows >= 1 for shard in shards)  # whole
+    # A write cut short may leave a hidden .tmp- file: readers skip it, the next run removes it.
 
 
 def session_processes(session: int) -> list[int]:
