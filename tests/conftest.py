@@ -64,6 +64,14 @@ class S3Server:
         return f"s3://{name}"
 
 
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _free_port() -> int:
     """A port that is free together with port + 10000 (SeaweedFS puts gRPC there)."""
     for _ in range(200):

@@ -73,7 +73,8 @@ def test_workers_without_credentials_stop_the_run_with_one_clear_error(
     (["manifest", "s3://bucket/images", "MANIFEST"],
      "cannot write a manifest of s3://bucket/images to "),
 ])
-def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeypatch, tmp_path):
+def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeypatch, tmp_path,
+                                                       closed_port):
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -81,7 +82,7 @@ def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeyp
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sdedit-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sdedit-test-secret")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    closed = _closed_port()
+    closed = closed_port
     manifest = write_manifest(tmp_path / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
     arguments = [str(manifest) if word == "MANIFEST" else word for word in command]
     result = CliRunner().invoke(main, [
@@ -91,11 +92,3 @@ def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeyp
     assert f"127.0.0.1:{closed}" in result.output and "Traceback" not in result.output
     assert "sdedit-test-secret" not in result.output
 
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -86,13 +86,10 @@ def test_throttling_is_waited_out(server):
     assert Answers.gets["/busy"] >= 3  # the first two GETs were answered 429
 
 
-def test_a_host_that_does_not_answer_is_one_rows_error():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+def test_a_host_that_does_not_answer_is_one_rows_error(closed_port):
     with pytest.raises(InputError, match=rf"after {READ_ATTEMPTS} attempts: ClientConnectorError: "
-                                         rf"Cannot connect to host 127.0.0.1:{closed}"):
-        read_bytes(f"http://127.0.0.1:{closed}/a.png", {})
+                                         rf"Cannot connect to host 127.0.0.1:{closed_port}"):
+        read_bytes(f"http://127.0.0.1:{closed_port}/a.png", {})
 
 
 def test_the_fetch_step_decodes_guides_over_http(server):
