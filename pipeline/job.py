@@ -21,7 +21,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.lease import holding, live_holder
+from pipeline.lease import fenced, holding, live_holder
 from pipeline.manifest import (
     ManifestFiles,
     Plan,
@@ -77,7 +77,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     run from before it is touched until the summary is written (`pipeline.lease`)."""
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
-    with holding(config.output, config.storage_options, report, config.wait_for_output):
+    with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
         retried, committed = open_output(config, model)
         rows = plan_columns.num_rows
         expected, todo = count_work(plan_columns, plan, committed.keys)
@@ -87,8 +87,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         pipeline_started = time.time()
         progress = Progress(todo, report, config.progress_interval)
         with storage_step(f"the run stopped when a task could not use storage (manifest "
-                          f"{config.manifest}, OUTPUT {config.output}); rerun to resume"):
-            stats = {**(execute(config, manifest, plan, committed, model, progress)
+                          f"{config.manifest}, OUTPUT {config.output}); rerun to resume"), fenced():
+            stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)
                         if todo else {}), "retried_errors": retried}
         finished = time.time()
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
@@ -202,15 +202,16 @@ def _preset(name: str) -> TaskDefaults | None:
 
 
 def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
-            model: ModelInfo, progress: Progress) -> dict:
-    """Stream the uncommitted work through Ray Data; returns this run's counts."""
+            model: ModelInfo, progress: Progress, run_id: str) -> dict:
+    """Stream the uncommitted work through Ray Data, committing as run `run_id` (the holder of
+    OUTPUT's lease); returns this run's counts."""
     import ray
 
     started_ray = init_ray(config.address)
     try:
         resources = actor_resources(config)
         progress.report(f"starting {describe_actors(resources)}, each loading {config.model}")
-        dataset = build_dataset(config, manifest, plan, committed, model, resources)
+        dataset = build_dataset(config, manifest, plan, committed, model, resources, run_id)
         edit_seconds, edit_times = 0.0, []
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.add(sum(batch["written"].to_pylist()), sum(batch["failed"].to_pylist()))
@@ -245,7 +246,7 @@ def init_ray(address: str | None) -> bool:
 
 
 def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
-                  model: ModelInfo, resources: ActorResources):
+                  model: ModelInfo, resources: ActorResources, run_id: str):
     """The Ray Data plan: read/expand -> fetch -> SDEdit actors -> encode/write."""
     import ray
 
@@ -258,6 +259,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     low, high = resources.actors
     tasks = cpu_task_concurrency()
     files = ray.data.from_items([{"file": file} for file in manifest.files])
+    files.context.raise_original_map_exception = True  # a task's own error, e.g. LeaseLostError
     rows = files.map_batches(
         read_and_expand, batch_size=1, batch_format="pyarrow", num_cpus=CPU_READ,
         fn_kwargs=dict(plan=plan, schema=manifest.schema, committed=committed.keys,
@@ -282,7 +284,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
         write_step, batch_size=config.rows_per_shard, batch_format="pyarrow", num_cpus=CPU_STEP,
         compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(output=config.output, data_format=config.format,
-                       image_format=config.image_format, storage_options=options))
+                       image_format=config.image_format, storage_options=options, run=run_id))
 
 
 def cpu_task_concurrency() -> int:

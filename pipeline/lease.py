@@ -10,6 +10,12 @@ once when it names a process on this host that no longer exists, so a killed dri
 its machine resumes without waiting. The lease is written whole (temp + rename, one PUT) and
 read back: object stores have no atomic create, so two runs started within one round trip of
 each other could both proceed; a run started while another is running cannot.
+
+The lease also fences the run's workers: every shard commit first checks that OUTPUT's lease
+still names its run (`confirm_held`). A driver killed alone leaves Ray workers that can go on
+for a moment, and a run whose lease expired (its driver stalled) still has work in flight; once
+another run has taken OUTPUT over, their commits are refused instead of adding a second copy
+of keys the new run redoes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ POLL_SECONDS = 5.0  # how often a waiting run looks at the lease again
 
 class OutputInUseError(RuntimeError):
     """Another live run holds OUTPUT's lease."""
+
+
+class LeaseLostError(RuntimeError):
+    """This run no longer holds OUTPUT's lease: another run took OUTPUT over."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,32 @@ def read_lease(output: str, storage_options: Mapping) -> Lease | None:
         return None
     except (ValueError, TypeError):  # not JSON, or not a lease's fields
         return None
+
+
+def confirm_held(output: str, run: str, storage_options: Mapping) -> None:
+    """LeaseLostError unless OUTPUT's lease still names run `run` (called before each commit)."""
+    holder = read_lease(output, storage_options)
+    if holder is None or holder.run != run:
+        now = time.time()
+        raise LeaseLostError(
+            f"run {run} no longer holds {output}: "
+            f"{f'{holder.describe(now)} holds it now' if holder else 'its lease is gone'}. "
+            "This run stopped committing, so that no output is written twice; what it "
+            "committed stays in OUTPUT")
+
+
+@contextmanager
+def fenced() -> Iterator[None]:
+    """Re-raise the LeaseLostError of a Ray task in the block as itself: a run that lost OUTPUT
+    stops with that one message instead of Ray's wrapped traceback (the dataset must raise its
+    tasks' original errors, `raise_original_map_exception`)."""
+    try:
+        yield
+    except Exception as error:
+        cause = getattr(error, "cause", None)  # a Ray task's error wraps the original
+        if isinstance(cause, LeaseLostError):  # one line; Ray Data appends retry advice
+            raise LeaseLostError(str(cause).splitlines()[0]) from None
+        raise
 
 
 def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | None:
@@ -183,8 +219,8 @@ def _renew(output: str, lease: Lease, storage_options: Mapping, report: Report,
         try:
             with storage_step(f"could not renew the lease on {output}"):
                 if not lease.same_run(read_lease(output, storage_options)):
-                    report(f"another run took over the lease on {output}; this run goes on, "
-                           "but the two may duplicate work: see summary.json's duplicate_rows")
+                    report(f"another run took over the lease on {output}; this run commits "
+                           "nothing more")
                     return
                 _write(output, replace(lease, renewed_at=time.time()), storage_options)
         except StorageError as error:  # a store hiccup: try again at the next renewal

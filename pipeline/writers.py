@@ -195,17 +195,20 @@ def error_rows(table: pa.Table) -> pa.Table:
 
 
 def write_step(table: pa.Table, output: str, data_format: str, image_format: str,
-               storage_options: Mapping) -> pa.Table:
-    """Ray Data step: encode, then commit one data shard and one error shard; returns counts."""
+               storage_options: Mapping, run: str) -> pa.Table:
+    """Ray Data step: encode, then commit one data shard and one error shard while run `run`
+    still holds OUTPUT's lease (LeaseLostError otherwise); returns counts."""
     import pyarrow.compute as pc
 
     from pipeline.encode import encode_batch
+    from pipeline.lease import confirm_held
 
     table = encode_batch(table, image_format)
     failed = pc.is_valid(table["_sd_stage"])
     good, bad = table.filter(pc.invert(failed)), table.filter(failed)
     data = WRITERS[data_format](f"{output.rstrip('/')}/{DATA_DIR}", storage_options)
     data.write(data_rows(good))
+    confirm_held(output, run, storage_options)
     data.close()
     errors = ParquetShardWriter(f"{output.rstrip('/')}/{ERRORS_DIR}", storage_options)
     errors.write(error_rows(bad))

@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
-from pipeline.lease import LEASE
+from pipeline.lease import LEASE, Lease, read_lease
+from pipeline.writers import commit
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +102,32 @@ def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
     shards = list((output / "data").glob("part-*.parquet"))
     assert shards and all(pq.read_table(shard).num_rows >= 1 for shard in shards)  # whole
     # A write cut short may leave a hidden .tmp- file: readers skip it, the next run removes it.
+
+
+def test_a_run_whose_output_was_taken_over_commits_nothing_more(tmp_path):
+    """Another run takes OUTPUT over (as a rerun does once this driver is gone or its lease
+    expired): this run's workers stop committing and the run stops, naming the new holder."""
+    run, _, output = start_run(tmp_path, "run.log")
+    ours = read_lease(str(output), {})
+    now = time.time()
+    other = Lease("otherrun", "node-7", 4242, now, now)
+    commit(str(output), LEASE, json.dumps(asdict(other)).encode(), {})
+    try:
+        assert run.wait(timeout=600) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    last = log.splitlines()[-1]
+    assert last.startswith(f"Error: run {ours.run} no longer holds {output}: run otherrun (host "
+                           "node-7, pid 4242), started ")
+    assert last.endswith("This run stopped committing, so that no output is written twice; what "
+                         "it committed stays in OUTPUT")
+    assert read_lease(str(output), {}) == other  # neither renewed over nor released
+    shards = list((output / "data").glob("part-*.parquet"))
+    assert sum(pq.read_table(shard).num_rows for shard in shards) < ROWS
+    late = [s.name for s in shards if s.stat().st_mtime > now + 1]  # 1 s: a commit in flight
+    assert late == []
 
 
 def session_processes(session: int) -> list[int]:

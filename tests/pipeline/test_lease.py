@@ -22,8 +22,10 @@ from pipeline.lease import (
     EXPIRE_SECONDS,
     LEASE,
     Lease,
+    LeaseLostError,
     OutputInUseError,
     acquire,
+    confirm_held,
     holding,
     read_lease,
     release,
@@ -126,6 +128,21 @@ def test_the_holder_renews_and_never_deletes_a_lease_it_lost(tmp_path):
         time.sleep(0.3)
     assert read_lease(str(output), {}) == usurper  # not renewed over, not released
     assert len(lines) == 1 and lines[0].startswith(f"another run took over the lease on {output}")
+
+
+def test_a_run_that_lost_the_lease_may_not_commit(tmp_path):
+    """What every shard commit checks first (the run's own workers are fenced off)."""
+    output = tmp_path / "out"
+    with holding(str(output), {}, print) as lease:
+        confirm_held(str(output), lease.run, {})
+        put_lease(output, "node-7", 4242, renewed_ago=0, run_id="usurper")
+        with pytest.raises(LeaseLostError, match=(
+                rf"^run {lease.run} no longer holds {output}: run usurper \(host node-7, pid "
+                r"4242\), started 60 s ago, renewed 0 s ago holds it now\. This run stopped")):
+            confirm_held(str(output), lease.run, {})
+    (output / LEASE).unlink()
+    with pytest.raises(LeaseLostError, match=f"no longer holds {output}: its lease is gone"):
+        confirm_held(str(output), lease.run, {})
 
 
 def test_a_lease_no_run_could_have_written_is_replaced(tmp_path):
