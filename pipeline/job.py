@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -53,6 +54,10 @@ PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec",
 
 class ErrorRateExceeded(RuntimeError):
     """More outputs failed than --max-error-rate allows; everything possible was written."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """`--address` names a Ray cluster this driver cannot join."""
 
 
 class ActorResources(NamedTuple):
@@ -236,13 +241,33 @@ def init_ray(address: str | None) -> bool:
         return False
     caller_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address)
+        try:
+            check_listening(address)
+            ray.init(address=address)
+        except (ConnectionError, ray.exceptions.RayError) as error:  # not a storage failure
+            raise ClusterUnreachable(
+                f"cannot join the Ray cluster at {address} (--address): {type(error).__name__}: "
+                f"{error}. Is it running (`ray status --address {address}`)? A cluster with "
+                "token authentication also needs RAY_AUTH_MODE=token and its token here; what "
+                "was committed stays in OUTPUT, rerun to resume") from error
     else:
         ray.init(address="local", include_dashboard=False)
     if (caller_sigterm not in (signal.SIG_DFL, None)  # ray.init put sys.exit(15) in its place
             and threading.current_thread() is threading.main_thread()):
         signal.signal(signal.SIGTERM, caller_sigterm)
     return True
+
+
+def check_listening(address: str, timeout: float = 10.0) -> None:
+    """ConnectionError unless something accepts connections at a `host:port` address (Ray
+    itself waits minutes for a cluster that is not there); "auto" and ray:// pass."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()) or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing accepts connections at {address}: {error}") from error
 
 
 def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,

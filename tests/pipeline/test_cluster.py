@@ -1,0 +1,103 @@
+"""`sdedit run --address`: the job on a Ray cluster started apart from the driver (`ray start
+--head`, on loopback), as cluster jobs run it, and a clear error when no cluster answers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+from run_helpers import read_dataset, write_images, write_manifest
+
+from pipeline.config import RunConfig
+from pipeline.job import ClusterUnreachable, run
+
+pytestmark = pytest.mark.slow
+START_SECONDS = 120
+
+
+@pytest.fixture
+def ray_head(closed_port, tmp_path):
+    """GCS address of a one-node Ray cluster (2 CPUs) in its own session, stopped afterwards.
+    Token authentication is off on both sides, as on a machine without a Ray token."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               "--port", str(closed_port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+               "--include-dashboard=false", "--disable-usage-stats"]
+    with open(tmp_path / "head.log", "wb") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until_listening(head, closed_port)
+        yield f"127.0.0.1:{closed_port}", env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def wait_until_listening(head: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited with {head.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail("the Ray head did not start in time")
+
+
+def sdedit_run(manifest, output, *extra: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(manifest),
+         str(output), "--model", "builtin:tiny", "--steps", "4", "--t0", "0.3", "--t0", "0.6",
+         "--batch-size", "3", "--model-batch", "3", "--progress-interval", "0", *extra],
+        capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_a_run_on_a_ray_cluster_writes_what_a_local_run_writes(ray_head, tmp_path,
+                                                               monkeypatch):
+    address, env = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    names = write_images(tmp_path / "inputs", 5)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": [f"r{i}" for i in range(5)], "guide": names})
+    on_cluster = sdedit_run(manifest, tmp_path / "cluster", "--address", address, env=env)
+    assert on_cluster.returncode == 0, on_cluster.stderr[-3000:]
+    assert '"written": 10' in on_cluster.stdout and '"reconciled": true' in on_cluster.stdout
+    local = sdedit_run(manifest, tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster_rows, local_rows = read_dataset(tmp_path / "cluster"), read_dataset(tmp_path / "local")
+    assert cluster_rows.num_rows == 10
+    for column in ("id", "t0", "sample", "seed", "image", "l2_to_guide"):
+        assert cluster_rows[column].to_pylist() == local_rows[column].to_pylist(), column
+    # The driver only disconnected: the cluster still runs and takes new work.
+    ray.init(address=address)
+    try:
+        assert ray.cluster_resources()["CPU"] == 2
+    finally:
+        ray.shutdown()
+
+
+def test_a_cluster_that_does_not_answer_is_one_clear_error(closed_port, tmp_path):
+    names = write_images(tmp_path / "inputs", 1)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a"], "guide": names})
+    address = f"127.0.0.1:{closed_port}"
+    config = RunConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                       model="builtin:tiny", steps=2, address=address)
+    with pytest.raises(ClusterUnreachable) as error:
+        run(config)
+    assert str(error.value).startswith(
+        f"cannot join the Ray cluster at {address} (--address): ConnectionError: nothing "
+        f"accepts connections at {address}: [Errno 111] Connection refused. Is it running "
+        f"(`ray status --address {address}`)?")
+    assert not ray.is_initialized()
