@@ -259,13 +259,13 @@ def init_ray(address: str | None) -> bool:
 
 
 def check_listening(address: str, timeout: float = 10.0) -> None:
-    """ConnectionError unless something accepts connections at a `host:port` address (Ray
-    itself waits minutes for a cluster that is not there); "auto" and ray:// pass."""
+    """ConnectionError unless something accepts connections at a `host:port` (or `[v6]:port`)
+    address (Ray itself waits minutes for a cluster that is not there); "auto" and ray:// pass."""
     host, _, port = address.rpartition(":")
     if not (host and port.isdigit()) or "://" in address:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as error:
         raise ConnectionError(f"nothing accepts connections at {address}: {error}") from error
 

@@ -16,7 +16,7 @@ import ray
 from run_helpers import read_dataset, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import ClusterUnreachable, run
+from pipeline.job import ClusterUnreachable, check_listening, run
 
 pytestmark = pytest.mark.slow
 START_SECONDS = 120
@@ -101,3 +101,18 @@ def test_a_cluster_that_does_not_answer_is_one_clear_error(closed_port, tmp_path
         f"accepts connections at {address}: [Errno 111] Connection refused. Is it running "
         f"(`ray status --address {address}`)?")
     assert not ray.is_initialized()
+
+
+def test_the_address_check_sees_listeners_and_passes_what_it_cannot_probe(closed_port):
+    with socket.socket(socket.AF_INET6) as v6, socket.socket() as v4:
+        v6.bind(("::1", 0))
+        v4.bind(("127.0.0.1", 0))
+        v6.listen()
+        v4.listen()
+        check_listening(f"[::1]:{v6.getsockname()[1]}")
+        check_listening(f"127.0.0.1:{v4.getsockname()[1]}")
+    for unprobed in ("auto", "ray://127.0.0.1:1", "head-without-port"):
+        check_listening(unprobed)
+    with pytest.raises(ConnectionError, match=f"^nothing accepts connections at 127.0.0.1:"
+                                              f"{closed_port}: "):
+        check_listening(f"127.0.0.1:{closed_port}")
