@@ -75,8 +75,7 @@ def reported(failure: str) -> Iterator[None]:
 
 def run_builder(task: str, source: str, output: str, options, settings: dict) -> None:
     """Read the sources, run the Ray Data guide job, report what was written."""
-    import ray
-
+    from pipeline.job import ClusterUnreachable, init_ray
     from tasks.guides import GuideJob, build_guides
     from tasks.sources import source_rows
 
@@ -84,12 +83,11 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     try:
         with storage_step(f"cannot build {task} guides from {source} into {output}"):
             rows = source_rows(source, storage)
-            if not ray.is_initialized():
-                ray.init(address=settings["address"], include_dashboard=False)
+            init_ray(settings["address"])  # as `sdedit run`: no --address, a local runtime
             job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
                            settings["num_cpus"], settings["max_pixels"])
             report = build_guides(rows, job)
-    except StorageError as error:
+    except (StorageError, ClusterUnreachable) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
     for error in list(report.errors.values())[:10]:

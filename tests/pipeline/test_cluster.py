@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -25,11 +27,14 @@ START_SECONDS = 120
 @pytest.fixture
 def ray_head(closed_port, tmp_path):
     """GCS address of a one-node Ray cluster (2 CPUs) in its own session, stopped afterwards.
-    Token authentication is off on both sides, as on a machine without a Ray token."""
+    Token authentication is off on both sides, as on a machine without a Ray token. Its files,
+    and the address `ray start` records for `ray.init()` to find, stay in a temporary folder
+    (short: Ray's socket paths must fit 107 bytes), not in /tmp/ray."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--port", str(closed_port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-               "--include-dashboard=false", "--disable-usage-stats"]
+               "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir]
     with open(tmp_path / "head.log", "wb") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -42,6 +47,7 @@ def ray_head(closed_port, tmp_path):
         head.wait(timeout=60)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_until_listening(head: subprocess.Popen, port: int) -> None:

@@ -68,3 +68,17 @@ def test_photos_to_contact_sheet(photo_folder, tmp_path):
     report = json.loads((output / "evaluation.json").read_text())
     assert [group["t0"] for group in report["by_t0"]] == [0.3, 0.6]
     assert report["outputs_scored"] == 8
+
+
+@pytest.mark.slow
+def test_guides_without_an_address_run_locally_whatever_ray_address_says(photo_folder, tmp_path,
+                                                                         closed_port):
+    """As `sdedit run`: no --address is a local runtime. Ray alone would join the cluster in
+    RAY_ADDRESS (or the last one `ray start` recorded) and wait minutes for one that is gone."""
+    command = [sys.executable, "-c", "from pipeline.cli import main; main()", "guides", "strokes",
+               str(photo_folder), str(tmp_path / "guides"), "--palette-size", "8"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "RAY_ADDRESS": f"127.0.0.1:{closed_port}"}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote 4 synthesis guides" in done.stdout
