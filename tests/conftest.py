@@ -31,11 +31,12 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A 2-CPU local Ray runtime with a small object store, shut down after the module."""
+    """A 2-CPU local Ray runtime with a small object store, shut down after the module (a new
+    one: not a cluster that RAY_ADDRESS or `ray start` names)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=256 * 1024**2, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     try:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def ray_two_gpus():
     import ray
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              object_store_memory=256 * 1024**2, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
