@@ -12,6 +12,9 @@ what CPU stages that keep the actors fed should reach. `actor_start_seconds` is 
 scheduling can remove from start-up: a fresh process with Ray imported (as Ray's prestarted
 workers are) importing Ray Data and building the actor (torch, diffusers, model), on a quiet
 machine; `best_case_ratio` is the ratio the run would reach if that were its only overhead.
+One run's ratio moves by several points with this machine's load: `--repeat N` makes N runs,
+each on a new Ray runtime (as every `sdedit run` without `--address` starts one), with model-only
+measured before, between and after them, and reports every ratio and their median.
 """
 
 from __future__ import annotations
@@ -39,28 +42,50 @@ import click
               help="torch.compile the network (model-only compiles before timing; the "
                    "pipeline's start-up includes the compile).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep inputs/outputs here.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Pipeline runs, each on a new Ray runtime; prints each ratio and the median.")
 def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
-          model_batch: int, actors: int, compile: bool, workdir: str | None) -> None:
+          model_batch: int, actors: int, compile: bool, workdir: str | None, repeat: int) -> None:
     """Print model-only and end-to-end images/s for COUNT generated images, and their ratio."""
     with tempfile.TemporaryDirectory(prefix="sdedit-bench-") as scratch:
         root = Path(workdir or scratch)
         manifest = write_inputs(root / "inputs", count, size)
         measure = (root / "inputs", model, count, t0, steps, model_batch, actors, compile)
         actor_start = actor_start_seconds(model, steps, model_batch, actors, compile)
-        before = model_throughput(*measure)
-        pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps, batch_size,
-                                       model_batch, actors, compile)
-        after = model_throughput(*measure)
-    model_only = (before + after) / 2  # measured on both sides: the machine's load drifts
+        model_runs, runs = [model_throughput(*measure)], []
+        for _ in range(repeat):
+            pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps,
+                                           batch_size, model_batch, actors, compile)
+            model_runs.append(model_throughput(*measure))
+            runs.append(compare(pipeline, model_runs[-2], model_runs[-1]))
     result = {"images": count, "size": size, "t0": t0, "steps": steps, "model": model,
-              "compile": compile,
-              "model_only_images_per_s": round(model_only, 3),
-              "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
-              "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3),
-              "steady_state_ratio": steady_state_ratio(pipeline, model_only),
+              "compile": compile, "runs": runs,
+              "ratios": [run["ratio"] for run in runs],
+              "ratio": median(run["ratio"] for run in runs),
+              "steady_state_ratio": median(run["steady_state_ratio"] for run in runs
+                                           if run["steady_state_ratio"] is not None),
               "actor_start_seconds": actor_start,
-              "best_case_ratio": best_case_ratio(count, model_only, actor_start)}
+              "best_case_ratio": best_case_ratio(count, median(model_runs), actor_start)}
     click.echo(json.dumps(result, indent=2))
+
+
+def compare(pipeline: dict, before: float, after: float) -> dict:
+    """One pipeline run against model-only measured just before and just after it (averaged:
+    other work on the machine changes its speed)."""
+    model_only = (before + after) / 2
+    return {"model_only_images_per_s": round(model_only, 3),
+            "model_only_before_after": [round(before, 3), round(after, 3)], **pipeline,
+            "ratio": round(pipeline["pipeline_images_per_s"] / model_only, 3),
+            "steady_state_ratio": steady_state_ratio(pipeline, model_only)}
+
+
+def median(values) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return round(ordered[middle] if len(ordered) % 2 else
+                 (ordered[middle - 1] + ordered[middle]) / 2, 3)
 
 
 def steady_state_ratio(pipeline: dict, model_only: float) -> float | None:
@@ -169,7 +194,10 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
 def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, steps: int,
                         batch_size: int, model_batch: int, actors: int,
                         compile: bool = False) -> dict:
-    """Images/s of a full `sdedit run` (Ray start excluded, actor start-up included)."""
+    """Images/s of a full `sdedit run` on a new local Ray runtime, shut down after it (Ray
+    start excluded, actor start-up included)."""
+    import ray
+
     from pipeline.config import RunConfig
     from pipeline.job import init_ray, run
 
@@ -177,8 +205,12 @@ def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, ste
                        steps=steps, batch_size=batch_size, model_batch=model_batch,
                        actors=(actors, actors), rows_per_shard=max(batch_size, 64),
                        compile=compile, overwrite=True)
-    init_ray(None)
-    summary = run(config)
+    started_ray = init_ray(None)
+    try:
+        summary = run(config)
+    finally:
+        if started_ray:
+            ray.shutdown()
     run_stats = summary["this_run"]
     return {
         "pipeline_images_per_s": run_stats["images_per_second"],

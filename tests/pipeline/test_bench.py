@@ -6,7 +6,13 @@ from __future__ import annotations
 import click
 import pytest
 
-from pipeline.bench_cli import actor_start_seconds, best_case_ratio, steady_state_ratio
+from pipeline.bench_cli import (
+    actor_start_seconds,
+    best_case_ratio,
+    compare,
+    median,
+    steady_state_ratio,
+)
 
 
 def test_steady_state_ratio_uses_the_editing_window_only():
@@ -33,3 +39,20 @@ def test_actor_start_builds_the_actor_in_a_fresh_process():
     assert 0.1 < seconds < 120  # it imports torch and diffusers: never instant
     with pytest.raises(click.ClickException, match="builtin:nope.*unknown builtin model 'nope'"):
         actor_start_seconds("builtin:nope", steps=20, model_batch=8, actors=1)
+
+
+def test_each_run_is_compared_with_model_only_around_it():
+    run = {"pipeline_images_per_s": 4.5, "written": 256, "editing_seconds": 45.0}
+    compared = compare(run, before=5.2, after=4.8)
+    assert compared["model_only_images_per_s"] == 5.0
+    assert compared["model_only_before_after"] == [5.2, 4.8]
+    assert compared["ratio"] == 0.9
+    assert compared["steady_state_ratio"] == round(256 / 45.0 / 5.0, 3)
+    assert compared["pipeline_images_per_s"] == 4.5  # the run's own figures are kept
+
+
+def test_median_of_odd_and_even_counts():
+    assert median([0.91, 0.85, 0.88]) == 0.88
+    assert median([0.91, 0.85, 0.88, 0.86]) == 0.87
+    assert median(iter([0.9])) == 0.9
+    assert median([]) is None
