@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -48,6 +49,7 @@ from tasks.images import storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
+JOB_ENTRYPOINT_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
 
@@ -214,6 +216,8 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
 
     started_ray = init_ray(config.address)
     try:
+        runtime = ray_runtime(started_ray, cluster_address(config.address)[0])
+        progress.report(describe_runtime(runtime))
         resources = actor_resources(config)
         progress.report(f"starting {describe_actors(resources)}, each loading {config.model}")
         dataset = build_dataset(config, manifest, plan, committed, model, resources, run_id)
@@ -226,27 +230,30 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
         progress.finish()
         return {"written": progress.written, "failed": progress.failed,
                 "edit_seconds": edit_seconds, "first_edit_at": min(edit_times, default=None),
-                "last_edit_at": max(edit_times, default=None), "actors": resources.actors}
+                "last_edit_at": max(edit_times, default=None), "actors": resources.actors,
+                "ray": runtime}
     finally:
         if started_ray:
             ray.shutdown()
 
 
 def init_ray(address: str | None) -> bool:
-    """Connect to a cluster (address) or start a local runtime; True when this call started it.
-    A SIGTERM handler the caller installed (the CLI's) stays in force."""
+    """Connect to a cluster (`address`, else the cluster of the Ray job this process is the
+    entrypoint of) or start a local runtime; True when this call started it. A SIGTERM handler
+    the caller installed (the CLI's) stays in force."""
     import ray
 
     if ray.is_initialized():
         return False
     caller_sigterm = signal.getsignal(signal.SIGTERM)
+    address, source = cluster_address(address)
     if address:
         try:
             check_listening(address)
             ray.init(address=address)
         except (ConnectionError, ray.exceptions.RayError) as error:  # not a storage failure
             raise ClusterUnreachable(
-                f"cannot join the Ray cluster at {address} (--address): {type(error).__name__}: "
+                f"cannot join the Ray cluster at {address} ({source}): {type(error).__name__}: "
                 f"{error}. Is it running (`ray status --address {address}`)? A cluster with "
                 "token authentication also needs RAY_AUTH_MODE=token and its token here; what "
                 "was committed stays in OUTPUT, rerun to resume") from error
@@ -256,6 +263,48 @@ def init_ray(address: str | None) -> bool:
             and threading.current_thread() is threading.main_thread()):
         signal.signal(signal.SIGTERM, caller_sigterm)
     return True
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster to join and what named it: `--address`, else the cluster of the Ray job this
+    process is the entrypoint of; (None, "") for a new local runtime."""
+    if address:
+        return address, "--address"
+    if address := job_cluster():
+        return address, "RAY_ADDRESS of this Ray job"
+    return None, ""
+
+
+def job_cluster() -> str | None:
+    """The cluster's address when this process is a Ray job's entrypoint (`ray job submit`, a
+    KubeRay RayJob): Ray's job supervisor gives it RAY_ADDRESS and the job's config. Without
+    `--address` such a run joins that cluster, as `ray.init()` would, instead of starting a
+    runtime of its own on the head node. Elsewhere RAY_ADDRESS is not followed: it often names
+    a dashboard for `ray job submit`, or a cluster long gone."""
+    if JOB_ENTRYPOINT_VARIABLE not in os.environ:
+        return None
+    return os.environ.get("RAY_ADDRESS") or "auto"
+
+
+def ray_runtime(started: bool, joined: str | None) -> dict:
+    """The Ray runtime this driver uses: the address it joined (as given; else Ray's GCS
+    address), whether this run started it, and its live nodes, CPUs and GPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    address = joined if joined and joined != "auto" else ray.get_runtime_context().gcs_address
+    return {"address": address, "started_by_this_run": started and not joined,
+            "nodes": sum(1 for node in ray.nodes() if node.get("Alive")),
+            "cpus": resources.get("CPU", 0.0), "gpus": resources.get("GPU", 0.0)}
+
+
+def describe_runtime(runtime: Mapping) -> str:
+    """e.g. `Ray: the cluster at 10.0.0.2:6379 (3 nodes, 48 CPUs, 8 GPUs)`."""
+    where = ("a local runtime started for this run" if runtime["started_by_this_run"] else
+             f"the cluster at {runtime['address']}")
+    counts = ", ".join(f"{runtime[key]:g} {name}{'s' * (runtime[key] != 1)}"
+                       for key, name in (("nodes", "node"), ("cpus", "CPU"), ("gpus", "GPU")))
+    return f"Ray: {where} ({counts})"
 
 
 def check_listening(address: str, timeout: float = 10.0) -> None:
@@ -379,6 +428,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
             "images_per_second": round(run_written / seconds, 3) if seconds > 0 else None,
             "actor_edit_seconds": round(float(stats.get("edit_seconds", 0.0)), 3),
             "actors": list(stats["actors"]) if stats.get("actors") else None,
+            "ray": stats.get("ray"),
             **edit_window(stats, pipeline_started, finished),
         },
         "timings": {"started_at": started, "finished_at": finished,

@@ -46,7 +46,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
                    "fully.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option for every read and write, e.g. endpoint_url=...")
-@click.option("--address", help="Ray cluster address; default: a local runtime.")
+@click.option("--address", help="Ray cluster address; default: the cluster of the Ray job this "
+                                 "runs in (`ray job submit`), else a new local runtime.")
 @click.option("--actors", help="Actor count N or MIN-MAX. Default: one per GPU of the cluster "
                                "(GPUs / --gpus-per-actor), or 1 without GPUs.")
 @click.option("--gpus-per-actor", type=float, help="Default 1 when the cluster has GPUs, else 0.")

@@ -50,7 +50,8 @@ def ray_options(command: Callable) -> Callable:
         click.argument("source"),
         click.argument("output"),
         click.option("--seed", default=0, show_default=True, help="Run seed; per image derived."),
-        click.option("--address", default=None, help="Ray cluster address; default: local."),
+        click.option("--address", default=None,
+                     help="Ray cluster address; default: the Ray job's cluster, else local."),
         click.option("--batch-size", default=8, show_default=True, help="Images per Ray task."),
         click.option(
             "--num-cpus", default=0.5, show_default=True, help="CPUs per Ray task (fractional)."
@@ -83,7 +84,7 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     try:
         with storage_step(f"cannot build {task} guides from {source} into {output}"):
             rows = source_rows(source, storage)
-            init_ray(settings["address"])  # as `sdedit run`: no --address, a local runtime
+            init_ray(settings["address"])  # as `sdedit run` chooses its Ray runtime
             job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
                            settings["num_cpus"], settings["max_pixels"])
             report = build_guides(rows, job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow.compute as pc
@@ -108,10 +109,15 @@ def test_cli_exits_non_zero_above_max_error_rate_after_writing(tmp_path):
     assert "1 of 2 outputs failed" in result.output
     # progress on stderr: the plan, the actors, the totals
     assert "sdedit: 2 manifest rows make 2 outputs: 2 to do, 0 already in " in result.stderr
+    # the runtime of the tests' fixture, which the run joins
+    assert re.search(r"sdedit: Ray: the cluster at \S+ \(1 node, \d+ CPUs?, 0 GPUs\)",
+                     result.stderr), result.stderr
     assert "sdedit: starting 1 SDEdit actor (0.5 CPU, " in result.stderr
     assert "sdedit: 2 of 2 outputs (100.0%): 1 written, 1 failed; " in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["written"], summary["errors"]) == (1, 1)
+    runtime = summary["this_run"]["ray"]
+    assert not runtime["started_by_this_run"] and (runtime["nodes"], runtime["gpus"]) == (1, 0)
     image = Image.open(io.BytesIO(read_dataset(output)["image"][0].as_py()))
     assert image.size == (64, 64)
 

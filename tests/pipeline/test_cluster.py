@@ -1,9 +1,11 @@
 """`sdedit run --address`: the job on a Ray cluster started apart from the driver (`ray start
---head`, on loopback), as cluster jobs run it, and a clear error when no cluster answers."""
+--head`, on loopback), as cluster jobs run it, and a clear error when no cluster answers. A run
+that is a Ray job's entrypoint joins the job's cluster without `--address`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,7 +20,14 @@ import ray
 from run_helpers import read_dataset, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import ClusterUnreachable, check_listening, run
+from pipeline.job import (
+    JOB_ENTRYPOINT_VARIABLE,
+    ClusterUnreachable,
+    check_listening,
+    describe_runtime,
+    job_cluster,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 START_SECONDS = 120
@@ -80,6 +89,10 @@ def test_a_run_on_a_ray_cluster_writes_what_a_local_run_writes(ray_head, tmp_pat
     assert '"written": 10' in on_cluster.stdout and '"reconciled": true' in on_cluster.stdout
     local = sdedit_run(manifest, tmp_path / "local")
     assert local.returncode == 0, local.stderr[-3000:]
+    runtimes = [json.loads((tmp_path / name / "summary.json").read_text())["this_run"]["ray"]
+                for name in ("cluster", "local")]
+    assert [(r["address"] == address, r["started_by_this_run"]) for r in runtimes] == [
+        (True, False), (False, True)]
     cluster_rows, local_rows = read_dataset(tmp_path / "cluster"), read_dataset(tmp_path / "local")
     assert cluster_rows.num_rows == 10
     for column in ("id", "t0", "sample", "seed", "image", "l2_to_guide"):
@@ -91,6 +104,65 @@ def test_a_run_on_a_ray_cluster_writes_what_a_local_run_writes(ray_head, tmp_pat
          "print(ray.get(ray.remote(lambda: 'ran').remote()))"],
         capture_output=True, text=True, timeout=120, env=env)
     assert probe.stdout.split() == ["ran"], probe.stderr[-2000:]
+
+
+def job_environment(address: str, env: dict | None = None) -> dict:
+    """What Ray's job supervisor gives a job's entrypoint (`ray job submit -- sdedit run ...`):
+    the cluster's GCS address in RAY_ADDRESS and the job's config."""
+    return {**(env or os.environ), "RAY_ADDRESS": address,
+            JOB_ENTRYPOINT_VARIABLE: json.dumps({"runtime_env": {}, "metadata": {}})}
+
+
+def test_a_ray_job_entrypoint_joins_the_jobs_cluster_without_address(ray_head, tmp_path):
+    address, env = ray_head
+    names = write_images(tmp_path / "inputs", 2)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a", "b"],
+                                                                  "guide": names})
+    result = sdedit_run(manifest, tmp_path / "out", "--progress-interval", "30",
+                        env=job_environment(address, env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"sdedit: Ray: the cluster at {address} (1 node, 2 CPUs, 0 GPUs)" in result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["ray"] == {"address": address, "started_by_this_run": False,
+                                          "nodes": 1, "cpus": 2.0, "gpus": 0.0}
+    assert summary["written"] == 4 and summary["reconciled"]
+
+
+def test_only_a_ray_job_entrypoint_follows_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # as for `ray job submit`
+    monkeypatch.delenv(JOB_ENTRYPOINT_VARIABLE, raising=False)
+    assert job_cluster() is None
+    monkeypatch.setenv(JOB_ENTRYPOINT_VARIABLE, "{}")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert job_cluster() == "10.0.0.2:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert job_cluster() == "auto"
+
+
+def test_the_runtime_is_described_as_local_or_as_the_cluster():
+    local = {"address": "127.0.0.1:6379", "started_by_this_run": True, "nodes": 1, "cpus": 2.0,
+             "gpus": 0.0}
+    assert describe_runtime(local) == ("Ray: a local runtime started for this run (1 node, "
+                                       "2 CPUs, 0 GPUs)")
+    cluster = {**local, "address": "10.0.0.2:6379", "started_by_this_run": False, "nodes": 3,
+               "cpus": 48.0, "gpus": 1.0}
+    assert describe_runtime(cluster) == ("Ray: the cluster at 10.0.0.2:6379 (3 nodes, 48 CPUs, "
+                                         "1 GPU)")
+
+
+def test_a_job_whose_cluster_does_not_answer_names_ray_address(closed_port, tmp_path,
+                                                               monkeypatch):
+    names = write_images(tmp_path / "inputs", 1)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a"], "guide": names})
+    address = f"127.0.0.1:{closed_port}"
+    for name, value in job_environment(address, {}).items():
+        monkeypatch.setenv(name, value)
+    config = RunConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                       model="builtin:tiny", steps=2)
+    with pytest.raises(ClusterUnreachable, match=rf"^cannot join the Ray cluster at {address} "
+                                                 r"\(RAY_ADDRESS of this Ray job\): "):
+        run(config)
+    assert not ray.is_initialized()
 
 
 def test_a_cluster_that_does_not_answer_is_one_clear_error(closed_port, tmp_path):
