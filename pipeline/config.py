@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from pipeline.manifest import T0_DECIMALS, distinct_t0
 from tasks.images import MAX_PIXELS
 
 Format = Literal["parquet", "webdataset"]
@@ -119,6 +120,9 @@ def _check_t0(config: RunConfig) -> None:
     bad = [value for value in config.t0 if not 0.0 < value <= 1.0]
     if bad:
         raise ConfigError(f"t0 values must lie in (0, 1], got {bad[0]}")
+    if len(distinct_t0(config.t0)) < len(config.t0):
+        raise ConfigError(f"t0 values must differ (to {T0_DECIMALS} decimals), got "
+                          f"{', '.join(repr(value) for value in config.t0)}")
 
 
 def _check_actors(config: RunConfig) -> None:

@@ -297,10 +297,24 @@ def _layout(row_t0: Sequence | None, task: str | None,
     """(t0 values, samples, repeats, preset) of a row: its own t0 list, else the run's flags,
     else its task preset's defaults."""
     preset = plan.presets.get(task) if task else None
-    t0s = tuple(row_t0) if row_t0 else (plan.t0 or (preset.t0 if preset else (0.5,)))
+    t0s = distinct_t0(row_t0 or plan.t0 or (preset.t0 if preset else (0.5,)))
     samples = plan.samples or (preset.samples if preset else 1)
     repeats = plan.repeats or (preset.repeats if preset else 1)
     return t0s, samples, repeats, preset
+
+
+def distinct_t0(t0s: Sequence[float | None]) -> tuple:
+    """Each t0 value once as keys see it (rounded to T0_DECIMALS; missing ones are one NaN), in
+    the order given: a row whose list names 0.3 twice, or 0.3 and 0.3000000001, has one output
+    per sample at 0.3, not two under one key."""
+    seen, kept = set(), []
+    for t0 in t0s:
+        key = _round_t0(t0)
+        marker = "nan" if key != key else key
+        if marker not in seen:
+            seen.add(marker)
+            kept.append(t0)
+    return tuple(kept)
 
 
 def _round_t0(t0: float | None) -> float:

@@ -124,7 +124,9 @@ class WebDatasetShardWriter(_BufferedWriter):
 
     def serialise(self, rows: pa.Table) -> bytes:
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        # POSIX.1-2001: ustar headers, plus a pax record for a member name over ustar's 100
+        # characters (long or non-ASCII ids, percent-quoted); short names give ustar bytes.
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row in rows.to_pylist():
                 image = row.pop("image")
                 key = webdataset_key(row["id"], row["t0"], row["sample"])

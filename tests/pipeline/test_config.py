@@ -56,6 +56,8 @@ def test_toml_file_is_read(tmp_path):
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("t0", (0.0,), "t0 values must lie in"),
     ("t0", (1.5,), "t0 values must lie in"),
+    ("t0", (0.5, 0.3, 0.5), r"t0 values must differ \(to 6 decimals\), got 0.5, 0.3, 0.5$"),
+    ("t0", (0.3, 0.3000000001), "t0 values must differ.*got 0.3, 0.3000000001$"),
     ("batch_size", 0, "batch_size must be a positive integer"),
     ("format", "csv", "format must be one of"),
     ("actors", (3, 1), "actors must be"),

@@ -71,6 +71,17 @@ def test_row_t0_overrides_run_t0_and_float32_values_are_rounded():
     assert [w.key for w in works] == [("x", 0.3, 0)]
 
 
+def test_a_t0_named_twice_in_a_row_is_one_output_per_sample():
+    plan = Plan(base="/b", seed=0, t0=(0.5,), samples=2)
+    row = {"id": "x", "guide": "g", "t0": [0.3, 0.7, 0.3000000001, 0.3, None, None]}
+    keys = [w.key for w in row_work(row, plan)]
+    assert keys[:4] == [("x", 0.3, 0), ("x", 0.3, 1), ("x", 0.7, 0), ("x", 0.7, 1)]
+    assert [(t0 != t0, sample) for _, t0, sample in keys[4:]] == [(True, 0), (True, 1)]  # NaN
+    # the driver counts the same keys the workers make
+    table = pa.table({"id": ["x"], "t0": pa.array([row["t0"]], pa.list_(pa.float64()))})
+    assert key_table(table, plan).num_rows == 6
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"id": None, "guide": "g"}, "id is missing"),
     ({"id": "a/b", "guide": "g"}, "path separator"),

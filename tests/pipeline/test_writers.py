@@ -8,7 +8,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writers import WRITERS, commit, keys_digest, webdataset_key
+from pipeline.writers import WRITERS, commit, keys_digest, webdataset_key, webdataset_rows
 
 
 def rows(ids: list[str]) -> pa.Table:
@@ -54,3 +54,17 @@ def test_webdataset_shard_holds_image_and_json_per_sample(tmp_path):
                      "b-t0500000-s0000.png", "b-t0500000-s0000.json"]
     assert record == {"id": "img.01", "t0": 0.5, "sample": 0, "image_format": "png"}
     assert "." not in webdataset_key("a.b.c", 0.25, 3)
+
+
+def test_webdataset_member_names_longer_than_ustar_allows_are_kept_whole(tmp_path):
+    # ids up to MAX_ID_LENGTH are valid; quoted, one of 180 'é' is 1,080 characters
+    long_ids = ["x" * 200, "é" * 180]
+    writer = WRITERS["webdataset"](str(tmp_path), {})
+    writer.write(rows(long_ids))
+    path = writer.close().removeprefix("file://")
+    with open(path, "rb") as stream:
+        records = list(webdataset_rows(stream))
+    assert [record["id"] for record in records] == long_ids
+    assert all(record["image"] for record in records)
+    with tarfile.open(path) as tar:
+        assert max(len(name) for name in tar.getnames()) > 1000
