@@ -32,6 +32,7 @@ from pipeline.manifest import (
     duplicate_ids,
     find_files,
     read_plan_columns,
+    shared_key_errors,
 )
 from pipeline.progress import Progress, Report, quiet
 from pipeline.resume import (
@@ -88,21 +89,40 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         retried, committed = open_output(config, model)
         rows = plan_columns.num_rows
         expected, todo = count_work(plan_columns, plan, committed.keys)
+        shared = add_shared_key_errors(config, plan_columns, plan, committed, report)
         del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
-        report(f"{rows:,} manifest rows make {expected:,} outputs: {todo:,} to do, "
-               f"{expected - todo:,} already in {config.output}")
+        report(f"{rows:,} manifest rows make {expected:,} outputs: {todo + shared:,} to do, "
+               f"{expected - todo - shared:,} already in {config.output}")
         pipeline_started = time.time()
         progress = Progress(todo, report, config.progress_interval)
         with storage_step(f"the run stopped when a task could not use storage (manifest "
                           f"{config.manifest}, OUTPUT {config.output}); rerun to resume"), fenced():
             stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)
                         if todo else {}), "retried_errors": retried}
+        stats["failed"] = stats.get("failed", 0) + shared
         finished = time.time()
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-        summary = close_output(config, model, (rows, expected, todo), stats,
+        summary = close_output(config, model, (rows, expected, todo + shared), stats,
                                (started, pipeline_started, finished))
     check_error_rate(config, summary)
     return summary
+
+
+def add_shared_key_errors(config: RunConfig, plan_columns: pa.Table, plan: Plan,
+                          committed: Committed, report: Report) -> int:
+    """Commit, as one error shard, the error rows still missing for manifest rows that repeat
+    an id or have none (`shared_key_errors`: no worker can tell such rows apart); how many."""
+    from pipeline.writers import ERRORS_DIR, ParquetShardWriter, commit
+
+    errors, name = shared_key_errors(plan_columns, plan, committed.keys)
+    if errors.num_rows:
+        folder = f"{config.output.rstrip('/')}/{ERRORS_DIR}"
+        with storage_step(f"cannot write error rows to OUTPUT {config.output}"):
+            commit(folder, name, ParquetShardWriter(folder, config.storage_options
+                                                    ).serialise(errors), config.storage_options)
+        report(f"{errors.num_rows:,} outputs of manifest rows that repeat an id or have none "
+               f"are error rows (stage validate) in {folder}")
+    return errors.num_rows
 
 
 def check_error_rate(config: RunConfig, summary: Mapping) -> None:
@@ -131,6 +151,7 @@ def preview(config: RunConfig) -> dict:
         now = time.time()
         holder = live_holder(config.output, config.storage_options, now)
     expected, todo = count_work(plan_columns, plan, committed.keys)
+    todo += shared_key_errors(plan_columns, plan, committed.keys)[0].num_rows
     return {"manifest_rows": plan_columns.num_rows, "expected_outputs": expected, "todo": todo,
             "already_committed": expected - todo, "errors_to_retry": retried,
             "model": {"name": model.name, "digest": model.digest,

@@ -242,10 +242,76 @@ def count_work(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
     for start in range(0, plan_columns.num_rows, chunk_rows):
         chunk = plan_columns.slice(start, chunk_rows)
         keys = key_table(chunk, plan)
-        done = committed_mask(keys, committed_for(chunk["id"], committed))
         expected += keys.num_rows
+        keys = keys.filter(pa.array(~shared_keys(keys["id"], plan)))  # the driver's (below)
+        done = committed_mask(keys, committed_for(chunk["id"], committed))
         todo += keys.num_rows - int(done.sum())
     return expected, todo
+
+
+def shared_keys(ids: pa.ChunkedArray | pa.Array, plan: Plan) -> np.ndarray:
+    """True for rows whose keys other rows share: a repeated id, or none (null). No worker can
+    tell such rows apart, so they are never pipeline work: every one is an error row, which the
+    driver writes (`shared_key_errors`)."""
+    import pyarrow.compute as pc
+
+    missing = pc.is_null(ids)
+    if plan.duplicates:
+        repeated = pc.is_in(ids, value_set=pa.array(sorted(plan.duplicates), pa.string()))
+        missing = pc.or_(missing, pc.fill_null(repeated, False))
+    return np.asarray(missing.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def shared_key_errors(plan_columns: pa.Table, plan: Plan,
+                      committed: pa.Table) -> tuple[pa.Table, str]:
+    """The error rows still missing for the rows `shared_keys` picks, and a shard name for them.
+
+    Such rows share keys, so they are counted per key: as many error rows as rows make the
+    key, less the rows OUTPUT holds for it already (an earlier run's, or the output written
+    before an appended row repeated its id). The name covers the keys and those counts, so
+    each run's shard is new and a rerun of the same state writes the same one."""
+    import hashlib
+    from collections import Counter
+
+    import pyarrow.compute as pc
+
+    table = conform(plan_columns)
+    rows = table.filter(pa.array(shared_keys(table["id"], plan)))
+    keys = key_table(rows, plan)
+    wanted = Counter(_loose_keys(keys))
+    ids = rows["id"]
+    held = committed.filter(pc.or_(pc.is_null(committed["id"]),
+                                   pc.is_in(committed["id"], value_set=pc.unique(ids))))
+    have = Counter(_loose_keys(held))
+    rows_per_id = Counter(ids.to_pylist())
+    missing = sorted((key, count - have[key]) for key, count in wanted.items()
+                     if count > have[key])
+    errors = [(None if key[0] == NULL_ID else key[0], float(key[1]), key[2])
+              for key, count in missing for _ in range(count)]
+    table = pa.table({
+        "id": pa.array([key[0] for key in errors], pa.string()),
+        "t0": pa.array([key[1] for key in errors], pa.float64()),
+        "sample": pa.array([key[2] for key in errors], pa.int32()),
+        "stage": pa.array(["validate"] * len(errors), pa.string()),
+        "error": pa.array([_shared_key_problem(key[0], rows_per_id[key[0]]) for key in errors],
+                          pa.string()),
+    })
+    counted = [(key, wanted[key], have[key]) for key, _ in missing]
+    return table, f"part-{hashlib.sha256(repr(counted).encode()).hexdigest()[:24]}.parquet"
+
+
+def _loose_keys(keys: pa.Table) -> list[tuple]:
+    """Keys that compare as `committed_mask` matches them: a null id as NULL_ID, NaN t0 equal."""
+    ids = keys["id"].fill_null(NULL_ID).to_pylist()
+    t0s = ["nan" if t0 != t0 else t0 for t0 in keys["t0"].to_pylist()]
+    return list(zip(ids, t0s, keys["sample"].to_pylist(), strict=True))
+
+
+def _shared_key_problem(row_id: str | None, rows: int) -> str:
+    if row_id is None:
+        return "id is missing (null)"
+    return (f"id {row_id!r} appears on more than one manifest row ({rows} rows); every such "
+            "row is an error (give each row its own id)")
 
 
 def committed_for(ids: pa.ChunkedArray | pa.Array, committed: pa.Table) -> pa.Table:
@@ -398,6 +464,7 @@ def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:
     `guide`/`mask` keep the manifest's text and `_sd_*_uri` hold the resolved URIs.
     """
     table = conform(table)
+    table = table.filter(pa.array(~shared_keys(table["id"], plan)))  # the driver's errors
     keys = key_table(table, plan)
     committed = committed_for(table["id"], committed)
     pending = np.unique(keys["row"].to_numpy()[~committed_mask(keys, committed)])

@@ -214,6 +214,8 @@ def write_step(table: pa.Table, output: str, data_format: str, image_format: str
     data.close()
     errors = ParquetShardWriter(f"{output.rstrip('/')}/{ERRORS_DIR}", storage_options)
     errors.write(error_rows(bad))
+    if bad.num_rows:  # checked again: the data shard's upload took time
+        confirm_held(output, run, storage_options)
     errors.close()
     return pa.table({
         "written": [good.num_rows],

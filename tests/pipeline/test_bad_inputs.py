@@ -88,6 +88,28 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     assert read_errors(output).num_rows == 11 and again["reconciled"]
 
 
+def test_rows_sharing_keys_get_one_error_row_each_across_runs(tmp_path):
+    names = write_images(tmp_path / "inputs", 2)
+    manifest = tmp_path / "inputs" / "m.parquet"
+    write_manifest(manifest, {"id": ["a", "b"], "guide": names})
+    output = tmp_path / "out"
+    config = RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
+                       steps=2, t0=(0.5,), batch_size=1, model_batch=1, rows_per_shard=1)
+    assert run(config)["written"] == 2
+    # the manifest grows: 'a' again (its output is written), two 'twin' rows, a row without id
+    write_manifest(manifest, {"id": ["a", "b", "a", "twin", None, "twin"],
+                              "guide": [*names, names[1], names[0], names[0], names[1]]})
+    second = run(config)
+    errors = read_errors(output)
+    assert sorted(map(str, errors["id"].to_pylist())) == ["None", "a", "twin", "twin"]
+    assert (second["expected_outputs"], second["written"], second["errors"]) == (6, 2, 4)
+    assert second["reconciled"] and second["this_run"]["todo"] == 4
+    assert second["this_run"]["ray"] is None  # no work for the pipeline
+    third = run(config)
+    assert third["this_run"]["todo"] == 0 and read_errors(output).num_rows == 4
+    assert third["reconciled"]
+
+
 def test_missing_columns_stop_before_any_work(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", {"path": ["a.png"]})
     with pytest.raises(ManifestError, match="missing required column\\(s\\): id, guide"):

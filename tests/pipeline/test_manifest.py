@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +24,8 @@ from pipeline.manifest import (
     keys_table,
     resolve_uri,
     row_work,
+    shared_key_errors,
+    shared_keys,
 )
 from sdedit import stable_seed
 
@@ -199,10 +202,11 @@ def test_count_work_counts_chunk_by_chunk_what_one_anti_join_counts():
     keys = key_table(rows, plan)
     committed = keys_table([("a", 0.3, 0), ("a", 0.6, 1), (None, 0.3, 0), ("b", 0.4, 1),
                             ("c", float("nan"), 0), ("d", 0.2, 1), ("zz", 0.3, 0)])
-    todo = keys.num_rows - int(committed_mask(keys, committed).sum())
-    assert (keys.num_rows, todo) == (26, 17)  # a and null ids are on two rows each
+    work = keys.filter(pa.array(~shared_keys(keys["id"], plan)))  # rows without id: the driver's
+    todo = work.num_rows - int(committed_mask(work, committed).sum())
+    assert (keys.num_rows, work.num_rows, todo) == (26, 18, 11)  # a is on two rows
     for chunk_rows in (1, 2, 3, 7, 100):
-        assert count_work(rows, plan, committed, chunk_rows) == (26, 17)
+        assert count_work(rows, plan, committed, chunk_rows) == (26, 11)
     assert count_work(rows.slice(0, 0), plan, committed) == (0, 0)
 
 
@@ -219,12 +223,12 @@ def test_duplicate_ids_are_the_ids_on_several_rows():
     assert duplicate_ids(pa.chunked_array([["x", "y"]])) == frozenset()
 
 
-def test_expand_table_skips_a_committed_failure_without_an_id():
+def test_expand_table_leaves_rows_without_an_id_to_the_driver():
     table = pa.table({"id": pa.array([None, "b"], pa.string()), "guide": ["a.png", "b.png"]})
     plan = Plan(base="/", seed=0, t0=(0.5,))
-    assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == [None, "b"]
-    done = keys_table([(None, 0.5, 0), ("z", 0.5, 0)])
-    assert expand_table(table, plan, done)["id"].to_pylist() == ["b"]
+    assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == ["b"]
+    done = keys_table([(None, 0.5, 0), ("b", 0.5, 0)])
+    assert expand_table(table, plan, done).num_rows == 0
 
 
 def test_planning_and_expanding_rows_import_no_torch(tmp_path):
@@ -248,3 +252,27 @@ print(rows.num_rows, model.resolution, "torch" in sys.modules)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["26", "32", "False"]
+
+
+def test_rows_that_share_keys_are_the_drivers_error_rows():
+    plan = Plan(base="/b", seed=0, t0=(0.3, 0.5), duplicates=frozenset({"twin"}))
+    table = pa.table({"id": ["twin", "a", "twin", None, None], "guide": ["g"] * 5})
+    assert shared_keys(table["id"], plan).tolist() == [True, False, True, True, True]
+    errors, name = shared_key_errors(table, plan, keys_table([]))
+    rows = errors.to_pylist()
+    assert Counter((r["id"], r["t0"], r["sample"]) for r in rows) == {
+        ("twin", 0.3, 0): 2, ("twin", 0.5, 0): 2, (None, 0.3, 0): 2, (None, 0.5, 0): 2}
+    assert {r["error"] for r in rows if r["id"] == "twin"} == {
+        "id 'twin' appears on more than one manifest row (2 rows); every such row is an error "
+        "(give each row its own id)"}
+    assert {r["error"] for r in rows if r["id"] is None} == {"id is missing (null)"}
+    assert {r["stage"] for r in rows} == {"validate"}
+    # what OUTPUT holds counts: e.g. twin's output at 0.3, written before the id repeated
+    fewer, other = shared_key_errors(table, plan, keys_table([("twin", 0.3, 0)]))
+    assert fewer.num_rows == 7 and other != name
+    assert shared_key_errors(table, plan, keys_table([("twin", 0.3, 0)]))[1] == other
+    held = keys_table([(r["id"], r["t0"], r["sample"]) for r in rows])
+    assert shared_key_errors(table, plan, held)[0].num_rows == 0
+    # neither the workers' expansion nor the count of pipeline work has those rows
+    assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == ["a", "a"]
+    assert count_work(table, plan, keys_table([])) == (10, 2)
