@@ -43,6 +43,16 @@ class LazyGroup(click.Group):
             return None  # command not built yet in this checkout
         return getattr(module, attribute)
 
+    def invoke(self, ctx: click.Context):
+        """Run the subcommand; its error line never shows the credentials a URI carries."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as error:
+            from sdedit.loading import redact
+
+            error.message = redact(error.message)
+            raise
+
 
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="sdedit-pipeline")

@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pipeline.manifest import T0_DECIMALS, distinct_t0
+from sdedit.loading import redact
 from tasks.images import MAX_PIXELS
 
 Format = Literal["parquet", "webdataset"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 DType = Literal["float32", "bfloat16", "float16"]
 ErrorStage = Literal["read", "decode", "validate", "edit", "encode", "write"]  # where a row failed
-SECRET_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+SECRET_KEY = re.compile(r"key|secret|token|pass|credential|session|auth|sig|connection_string|"
+                        r"cookie", re.IGNORECASE)
+URI_FIELDS = ("manifest", "output", "model", "address")  # shown with credentials masked
+FLAGS = ("compile", "channels_last", "fast_decode", "overwrite", "allow_pickle")
 
 # Fields that change what the images are: a different value into the same OUTPUT is refused.
 OUTPUT_FIELDS = ("model", "t0", "samples", "steps", "repeats", "seed", "task", "format",
@@ -75,13 +79,14 @@ class RunConfig:
     retry_errors: tuple[ErrorStage, ...] = ()  # committed failures of these stages are redone
 
     def __post_init__(self) -> None:
-        for check in (_check_sizes, _check_choices, _check_t0, _check_actors, _check_rates,
-                      _check_retry):
+        for check in (_check_types, _check_sizes, _check_choices, _check_t0, _check_actors,
+                      _check_rates, _check_retry):
             check(self)
 
     def output_record(self, model_digest: str) -> dict:
         """The fields that decide the outputs, as stored in OUTPUT/_run_config.json."""
         record = {name: _plain(getattr(self, name)) for name in OUTPUT_FIELDS}
+        record["model"] = redact(self.model)
         record.update({name: True for name in OUTPUT_SWITCHES if getattr(self, name)})
         record["model_digest"] = model_digest
         return record
@@ -90,7 +95,27 @@ class RunConfig:
         """All fields as plain values, with secret-looking storage options masked."""
         values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         values["storage_options"] = mask_secrets(self.storage_options)
+        values.update({name: redact(values[name]) for name in URI_FIELDS if values[name]})
         return values
+
+
+def _check_types(config: RunConfig) -> None:
+    """What a config file can get wrong that flags cannot: `overwrite: "no"` is not false."""
+    for name in FLAGS:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    for name in ("max_error_rate", "progress_interval", "wait_for_output", "gpus_per_actor",
+                 "cpus_per_actor"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+    for name in ("manifest", "output", "model", "task", "address"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    if not isinstance(config.storage_options, Mapping):
+        raise ConfigError("storage_options must be a mapping of option names to values (or, "
+                          "as flags, KEY=VALUE strings)")
 
 
 def _check_sizes(config: RunConfig) -> None:
@@ -117,6 +142,9 @@ def _check_t0(config: RunConfig) -> None:
         return
     if not config.t0:
         raise ConfigError("t0 needs at least one value in (0, 1]")
+    for value in config.t0:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"t0 values must be numbers in (0, 1], got {value!r}")
     bad = [value for value in config.t0 if not 0.0 < value <= 1.0]
     if bad:
         raise ConfigError(f"t0 values must lie in (0, 1], got {bad[0]}")
@@ -152,6 +180,9 @@ def _check_retry(config: RunConfig) -> None:
 
 def parse_stages(value: str | list | tuple) -> tuple[str, ...]:
     """`read,decode`, `all` or a list of stage names to a tuple of stages."""
+    if not isinstance(value, str | list | tuple):
+        raise ConfigError(f"retry_errors must be stage names (a comma list, or all), got "
+                          f"{value!r}")
     names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     names = [name.strip() for name in names if name.strip()]
     return get_args(ErrorStage) if "all" in names else tuple(dict.fromkeys(names))
@@ -176,8 +207,10 @@ def mask_secrets(options: Mapping[str, Any]) -> dict:
     for key, value in options.items():
         if isinstance(value, Mapping):
             masked[key] = mask_secrets(value)
-        else:
-            masked[key] = "***" if SECRET_KEY.search(str(key)) else value
+        elif SECRET_KEY.search(str(key)):
+            masked[key] = "***"
+        else:  # e.g. an endpoint or proxy URL with user:password@ in it
+            masked[key] = redact(value) if isinstance(value, str) else value
     return masked
 
 
@@ -211,7 +244,9 @@ def parse_actors(value: str | int | list | tuple) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
     if isinstance(value, list | tuple) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"actors must be N or MIN-MAX, got {value!r}")
+        return (value[0], value[1])
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(value))
     if not match:
         raise ConfigError(f"actors must be N or MIN-MAX, got {value!r}")
@@ -228,13 +263,17 @@ def load_config_file(path: str) -> dict:
     if file.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        parse, errors, kind = tomllib.loads, tomllib.TOMLDecodeError, "TOML"
     elif file.suffix in (".yaml", ".yml", ".json"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        parse, errors, kind = (lambda text: yaml.safe_load(text) or {}), yaml.YAMLError, "YAML"
     else:
         raise ConfigError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    try:
+        data = parse(text)
+    except errors as error:
+        raise ConfigError(f"config file {path} is not valid {kind}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of option names to values")
     return {key.replace("-", "_"): value for key, value in data.items()}
@@ -243,6 +282,9 @@ def load_config_file(path: str) -> dict:
 def build_config(file_values: dict, flag_values: dict) -> RunConfig:
     """Merge file values and explicitly given flags (flags win) into a validated RunConfig."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    if file_values.get("storage_options") and flag_values.get("storage_options"):
+        merged["storage_options"] = _merged(_options(file_values["storage_options"]),
+                                            _options(flag_values["storage_options"]))
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(merged) - known)
     if unknown:
@@ -253,11 +295,32 @@ def build_config(file_values: dict, flag_values: dict) -> RunConfig:
     return RunConfig(**_normalise(merged))
 
 
+def _options(value: object) -> dict:
+    if isinstance(value, list | tuple):
+        return parse_storage_options(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"storage_options must be a mapping of option names to values, got "
+                          f"a {type(value).__name__}")
+    return dict(value)
+
+
+def _merged(base: Mapping, override: Mapping) -> dict:
+    """`override` on top of `base`, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _normalise(values: dict) -> dict:
     values = dict(values)
     if "t0" in values:
         t0 = values["t0"]
-        values["t0"] = tuple(float(v) for v in (t0 if isinstance(t0, list | tuple) else [t0]))
+        values["t0"] = tuple(float(v) if isinstance(v, int | float) and not isinstance(v, bool)
+                             else v for v in (t0 if isinstance(t0, list | tuple) else [t0]))
     if "actors" in values:
         values["actors"] = parse_actors(values["actors"])
     if "retry_errors" in values:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import click
 
 from pipeline.config import ConfigError, build_config, load_config_file, parse_storage_options
+from sdedit.loading import redact
 
 EXIT_ERROR_RATE = 3
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
@@ -93,11 +94,12 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
         with stopping_on_sigterm():
             summary = run_job(config, report=_reporter(config.progress_interval))
     except Terminated:
-        click.echo(f"sdedit: stopped by SIGTERM; what was committed stays in {config.output}, "
+        click.echo(f"sdedit: stopped by SIGTERM; what was committed stays in "
+                   f"{redact(config.output)}, "
                    "rerun to resume", err=True)
         sys.exit(EXIT_TERMINATED)
     except ErrorRateExceeded as error:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {redact(str(error))}", err=True)
         sys.exit(EXIT_ERROR_RATE)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
@@ -128,12 +130,12 @@ def _reporter(interval: float):
 
     if not interval:
         return quiet
-    return lambda line: click.echo(f"sdedit: {line}", err=True)
+    return lambda line: click.echo(f"sdedit: {redact(line)}", err=True)
 
 
 def _headline(summary: dict, output: str) -> dict:
     keys = ("expected_outputs", "written", "errors", "errors_by_stage", "reconciled")
     headline = {key: summary[key] for key in keys}
     headline["images_per_second"] = summary["this_run"]["images_per_second"]
-    headline["output"] = output
+    headline["output"] = redact(output)
     return headline

@@ -35,6 +35,23 @@ _LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # model cache folder names of earlie
 DAY_SECONDS = 24 * 3600
 
 
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:?#]*)"
+                       r"(?P<password>:[^/@\s?#]*)?@")
+_SECRET_QUERY = re.compile(r"(?P<name>[?&;][^=&\s#]*(?:token|sig|secret|pass|key|credential|auth|"
+                           r"session)[^=&\s#]*=)[^&\s#'\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials URIs in it may carry masked: the password of
+    `scheme://user:password@` (a lone userinfo, often a token, entirely) and the values of
+    secret-looking query parameters (token, sig, X-Amz-Signature, key, ...)."""
+    def userinfo(match: re.Match) -> str:
+        user = f"{match['user']}:***" if match["password"] is not None else "***"
+        return f"{match['scheme']}{user}@"
+
+    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(userinfo, text))
+
+
 class ModelLoadError(RuntimeError):
     """A prior could not be loaded; the message says which URI and what was expected."""
 
@@ -64,7 +81,7 @@ def load(
     else:
         folder = _local_folder(uri, storage_options or {}, allow_pickle)
         unet, schedule, digest = _load_folder(folder, uri, allow_pickle)
-        name = uri
+        name = redact(uri)
     adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile)
     config = unet.config
     return Prior(adapter, schedule, int(_resolution(config)), int(config.in_channels), name,
@@ -95,7 +112,7 @@ def describe(
         return PriorInfo(prior.name, prior.digest, prior.resolution, prior.channels)
     parts = _folder_parts(_local_folder(uri, storage_options or {}, allow_pickle), uri,
                           allow_pickle)
-    return PriorInfo(uri, _file_digest(parts.weights), int(_resolution(parts.unet_config)),
+    return PriorInfo(redact(uri), _file_digest(parts.weights), int(_resolution(parts.unet_config)),
                      int(parts.unet_config.get("in_channels", 3)))
 
 

@@ -12,17 +12,16 @@ from tasks.images import MAX_PIXELS, StorageError, storage_step
 from tasks.regions import Box
 
 
-def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, str]:
-    """{"key": "value"} from ("key=value", ...), as fsspec takes them."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(
-                f"expected KEY=VALUE, got {pair!r}", param_hint="--storage-option"
-            )
-        options[key] = value
-    return options
+def parse_storage_options(pairs: tuple[str, ...]) -> dict:
+    """Options for fsspec from ("key=value", ...), read as `sdedit run` reads them (dotted keys
+    nest, true/false and integers converted; a malformed one is named, its value never shown)."""
+    from pipeline.config import ConfigError
+    from pipeline.config import parse_storage_options as parse
+
+    try:
+        return parse(pairs)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), param_hint="--storage-option") from error
 
 
 def parse_box(text: str | None) -> Box | None:
@@ -91,8 +90,10 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     except (StorageError, ClusterUnreachable) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
+    from sdedit.loading import redact
+
     for error in list(report.errors.values())[:10]:
-        click.echo(f"failed: {error}", err=True)
+        click.echo(f"failed: {redact(str(error))}", err=True)
     if report.errors:
         click.echo(
             f"{len(report.errors)} row(s) failed; all listed in {output}/guide_errors.parquet",

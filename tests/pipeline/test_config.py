@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.config import (
@@ -123,3 +125,58 @@ def test_retry_errors_take_a_comma_list_or_all():
     assert build_config(flags, {"retry_errors": "all"}).retry_errors == (
         "read", "decode", "validate", "edit", "encode", "write")
     assert "retry_errors" not in RunConfig(manifest="m", output="o").output_record("d")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('overwrite: "no"', "overwrite must be true or false, got 'no'"),
+    ('compile: "false"', "compile must be true or false, got 'false'"),
+    ("t0: abc", r"t0 values must be numbers in \(0, 1\], got 'abc'"),
+    ('t0: [0.5, "x"]', "t0 values must be numbers.*got 'x'"),
+    ("actors: [a, b]", r"actors must be N or MIN-MAX, got \['a', 'b'\]"),
+    ('max_error_rate: "0.1"', "max_error_rate must be a number, got '0.1'"),
+    ("progress_interval: '30'", "progress_interval must be a number"),
+    ("retry_errors: 5", "retry_errors must be stage names"),
+    ('storage_options: "endpoint_url=x"', "storage_options must be a mapping"),
+    ("t0: [0.5\nsteps: 2", "is not valid YAML"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"manifest: m.parquet\noutput: out\n{text}\n")
+    with pytest.raises(ConfigError, match=message):
+        build_config(load_config_file(str(path)), {})
+
+
+def test_invalid_toml_is_a_clear_error(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('manifest = "m.parquet"\noutput = \n')
+    with pytest.raises(ConfigError, match=r"job.toml is not valid TOML: "):
+        load_config_file(str(path))
+
+
+def test_storage_option_flags_add_to_the_files_options(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nstorage_options:\n  key: AK\n"
+                    "  endpoint_url: http://s3:9000\n  client_kwargs: {region_name: eu}\n")
+    config = build_config(load_config_file(str(path)), {
+        "storage_options": ["client_kwargs.verify=false", "endpoint_url=http://s3:9001"]})
+    assert config.storage_options == {"key": "AK", "endpoint_url": "http://s3:9001",
+                                      "client_kwargs": {"region_name": "eu", "verify": False}}
+
+
+def test_credentials_in_uris_and_options_never_reach_what_a_run_records():
+    config = RunConfig(
+        manifest="http://bob:MANPASS@h/m.parquet?token=MTOKEN", output="s3://b/out",
+        model="https://alice:MODELPASS@h/model/?X-Amz-Signature=SIG1",
+        storage_options={"headers": {"Authorization": "Bearer HDR"}, "passphrase": "PP",
+                         "connection_string": "AccountName=a;AccountKey=AZ", "auth": "AUTHX",
+                         "endpoint_url": "http://u:EPPASS@h:9000",
+                         "client_kwargs": {"proxy": "http://u:PROXYPASS@p", "region_name": "eu"}})
+    shown = json.dumps([config.public_dict(), config.output_record("digest")])
+    for secret in ("MANPASS", "MTOKEN", "MODELPASS", "SIG1", "HDR", "PP", "AZ", "AUTHX",
+                   "EPPASS", "PROXYPASS"):
+        assert secret not in shown, secret
+    public = config.public_dict()
+    assert public["manifest"] == "http://bob:***@h/m.parquet?token=***"
+    assert public["storage_options"]["endpoint_url"] == "http://u:***@h:9000"
+    assert public["storage_options"]["client_kwargs"]["region_name"] == "eu"
+    assert config.output_record("digest")["model"] == "https://alice:***@h/model/?X-Amz-Signature=***"

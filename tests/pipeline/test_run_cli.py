@@ -61,3 +61,22 @@ def test_dry_run_prints_the_plan_without_ray_or_output(tmp_path):
     assert (plan["already_committed"], plan["errors_to_retry"]) == (0, 0)
     assert plan["model"]["resolution"] == 64 and plan["model"]["digest"].startswith("sha256:")
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+def test_an_error_line_masks_the_credentials_of_a_uri(tmp_path, closed_port):
+    manifest = f"http://bob:MANPASS@127.0.0.1:{closed_port}/jobs/m.parquet?token=MTOKEN"
+    result = CliRunner().invoke(main, ["run", manifest, str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 1
+    assert f"http://bob:***@127.0.0.1:{closed_port}/jobs/m.parquet" in result.output
+    assert "MANPASS" not in result.output and "MTOKEN" not in result.output
+
+
+def test_the_task_commands_read_storage_options_as_run_does():
+    from tasks.cli import parse_storage_options
+
+    assert parse_storage_options(("anon=false", "client_kwargs.region_name=eu")) == {
+        "anon": False, "client_kwargs": {"region_name": "eu"}}
+    result = CliRunner().invoke(main, ["inspect", "s3://b/out", "--storage-option",
+                                       "=SECRETVALUE"])
+    assert result.exit_code == 2 and "SECRETVALUE" not in result.output
+    assert "storage option must look like KEY=VALUE" in result.output

@@ -360,3 +360,21 @@ def test_describe_refuses_what_load_refuses_with_the_same_message(tmp_path):
         with pytest.raises(ModelLoadError) as loaded:
             sdedit.load(folder, device="cpu")
         assert str(described.value) == str(loaded.value), folder
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://alice:PW@h:8765/model/", "http://alice:***@h:8765/model/"),
+    ("https://TOKEN@github.com/o/r", "https://***@github.com/o/r"),
+    ("cannot read model http://a:PW@h/m?token=T&x=1: refused",
+     "cannot read model http://a:***@h/m?token=***&x=1: refused"),
+    ("https://acct.blob.core.windows.net/c/b?sv=2020&sig=ABC%3D&se=2025",
+     "https://acct.blob.core.windows.net/c/b?sv=2020&sig=***&se=2025"),
+    ("https://h/x?X-Amz-Credential=AK%2F1&X-Amz-Date=1&X-Amz-Signature=abc",
+     "https://h/x?X-Amz-Credential=***&X-Amz-Date=1&X-Amz-Signature=***"),
+    ("s3://bucket/models/church", "s3://bucket/models/church"),
+    ("mail bob@example.com about /tmp/a@b", "mail bob@example.com about /tmp/a@b"),
+])
+def test_redact_masks_what_uris_carry_as_credentials(text, shown):
+    from sdedit.loading import redact
+
+    assert redact(text) == shown
