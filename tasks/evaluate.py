@@ -38,9 +38,13 @@ class Faithfulness:
     max_change_outside_mask: int | None  # largest kept-pixel change, in 8-bit levels
 
 
-def at_size(image: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
-    """`image` at `size` (unchanged when it already is)."""
-    return image if image.size == size else image.resize(size, resample)
+def as_prepared(image: Image.Image, size: tuple[int, int],
+                resample: Image.Resampling) -> Image.Image:
+    """`image` centre-cropped to `size`'s shape and resized to it, as `tasks.images.fit` does
+    for the pipeline (unchanged when it already has that size)."""
+    from PIL import ImageOps
+
+    return image if image.size == size else ImageOps.fit(image, size, method=resample)
 
 
 def faithfulness(
@@ -48,14 +52,18 @@ def faithfulness(
 ) -> Faithfulness:
     """L2 to the guide and, with a mask (white = synthesize), the change where it is black.
 
+    Guide and mask are centre-cropped and resized to the output's size as the pipeline
+    prepares them (bicubic, bilinear); "outside the mask" is where the prepared mask is 0,
+    the pixels the sampler keeps exactly (a resized mask's grey edge is partly synthesized).
     Means run over pixels and RGB channels, in [-1, 1] units like the pipeline's L2.
     """
-    guide = at_size(guide.convert("RGB"), output.size, Image.Resampling.BICUBIC)
+    guide = as_prepared(guide.convert("RGB"), output.size, Image.Resampling.BICUBIC)
     difference = to_unit(output) - to_unit(guide)
     l2 = float(np.mean(difference**2))
     if mask is None:
         return Faithfulness(l2, None, None)
-    keep = np.asarray(at_size(mask.convert("L"), output.size, Image.Resampling.NEAREST)) <= 127
+    keep = np.asarray(as_prepared(mask.convert("L"), output.size,
+                                  Image.Resampling.BILINEAR)) == 0
     if not keep.any():
         return Faithfulness(l2, 0.0, 0)
     kept = difference[keep]

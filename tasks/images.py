@@ -5,7 +5,8 @@ Bytes come from any fsspec URI, transient I/O errors retried with backoff (for h
 no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final). Guides become 8-bit
 RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
 (value / 257); CMYK and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
-PA, palette with a transparent colour) are composited over white; EXIF orientation is applied;
+PA, palette with a transparent colour, a PNG tRNS key colour in grayscale, RGB or 16-bit images)
+are composited over white; EXIF orientation is applied (EXIF that cannot be read is ignored);
 other modes (32-bit float, LAB, HSV) are decode errors. Masks become 8-bit grayscale read as
 [0, 1] (white = synthesize, black = keep): colour masks use their luminance, 16-bit masks are
 scaled like guides, alpha is ignored. Images larger than `max_pixels` (width x height, default
@@ -127,8 +128,11 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
     """Decode an image, refusing oversized and truncated files. With `draft_to`, a JPEG decodes
     at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) whose shorter side is still at
     least `draft_to` pixels; other formats decode fully."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    # --max-pixels governs, not Pillow's own limit (about 179M pixels, which it would refuse
+    # first); Pillow still refuses twice the limit before reading any pixel.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -140,32 +144,68 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
             scale = draft_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        return ImageOps.exif_transpose(image)
+        return upright(image)
+    except InputError:
+        raise
     except Image.DecompressionBombError as error:
         raise InputError("decode", f"{uri} is too large to decode safely: {error}") from error
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputError("decode", f"cannot decode {uri} as an image ({_reason(error)}); "
                          "expected a complete PNG, JPEG, WebP or other Pillow format") from error
+    except Exception as error:  # bytes in memory only: whatever a decoder raises is this row's
+        raise InputError("decode", f"cannot decode {uri} as an image ({type(error).__name__}: "
+                         f"{error})") from error
+
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Unlike `ImageOps.exif_transpose` the EXIF
+    block is not rewritten, so EXIF that Pillow can read but not write (a tag of the wrong
+    type) does not fail an image that decodes."""
+    from PIL import Image
+
+    method = _UPRIGHT.get(exif_orientation(image))
+    return image.transpose(getattr(Image.Transpose, method)) if method else image
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = as stored); 1 as well when the EXIF block cannot be read."""
+    from PIL import ExifTags
+
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # corrupt EXIF: the pixels are still the image, as stored
+        return 1
 
 
 def oriented_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an image that `open_image` decoded in full, read from its header:
     swapped when its EXIF orientation turns it by 90 degrees."""
-    from PIL import ExifTags, Image
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        orientation = exif_orientation(image)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def to_rgb(image: Image.Image, uri: str) -> Image.Image:
     """8-bit RGB following the conversions in the module docstring."""
+    import numpy as np
     from PIL import Image
 
     if image.mode in SIXTEEN_BIT:
+        key = image.info.get("transparency")
+        opaque = np.asarray(image) != key if isinstance(key, int) else None
         image = _sixteen_to_eight(image)
-    if image.mode in TRANSPARENT or (image.mode == "P" and "transparency" in image.info):
+        if opaque is not None:  # a PNG tRNS key: pixels of that value are transparent
+            image = image.convert("LA")
+            image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255, "L"))
+    if image.mode in TRANSPARENT or "transparency" in image.info:  # alpha, or a tRNS key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

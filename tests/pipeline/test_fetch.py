@@ -55,6 +55,45 @@ def test_transparency_is_composited_over_white(tmp_path):
     assert pixels[3, 3].tolist() == [255, 255, 255]
 
 
+@pytest.mark.parametrize(("mode", "key", "opaque", "seen"), [
+    ("L", 0, 50, [50] * 3), ("RGB", (10, 20, 30), (1, 2, 3), [1, 2, 3]),
+    ("I;16", 1000, 257 * 50, [50] * 3)])
+def test_a_png_transparency_key_colour_is_composited_over_white(tmp_path, mode, key, opaque,
+                                                                 seen):
+    image = Image.new(mode, (4, 4), key)
+    image.putpixel((0, 0), opaque)
+    pixels = np.asarray(load_guide(save(image, tmp_path / "k.png", transparency=key), {},
+                                   LIMIT))
+    assert pixels[3, 3].tolist() == [255, 255, 255]  # the key colour: transparent
+    assert pixels[0, 0].tolist() == seen
+
+
+def test_exif_pillow_cannot_rewrite_still_turns_the_image(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    exif[0x0132] = "2020:01:01 00:00:00"
+    stream = io.BytesIO()
+    Image.new("RGB", (50, 40), (90, 120, 150)).save(stream, "JPEG", exif=exif.tobytes())
+    # DateTime renamed to a tag whose type Pillow then expects to be a number: it reads the
+    # file, but ImageOps.exif_transpose raised struct.error writing the EXIF back
+    data = stream.getvalue().replace(b"\x01\x32\x00\x02", b"\x01\x55\x00\x02", 1)
+    (tmp_path / "odd_exif.jpg").write_bytes(data)
+    guide, _ = prepare(str(tmp_path / "odd_exif.jpg"), None, 16, {}, LIMIT)
+    assert load_guide(str(tmp_path / "odd_exif.jpg"), {}, LIMIT).size == (40, 50)
+    assert len(guide) == 16 * 16 * 3
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path):
+    from tasks.images import open_image
+
+    stream = io.BytesIO()
+    Image.new("1", (14_000, 13_000), 1).save(stream, "PNG")  # 182M pixels, Pillow's cap 179M
+    image = open_image(stream.getvalue(), "big.png", max_pixels=200_000_000)
+    assert image.size == (14_000, 13_000)
+    with pytest.raises(InputError, match="over the limit of 100000000"):
+        open_image(stream.getvalue(), "big.png", max_pixels=100_000_000)
+
+
 def test_missing_file_is_a_read_error(tmp_path):
     with pytest.raises(InputError) as error:
         load_guide(str(tmp_path / "missing.png"), {}, LIMIT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -71,6 +72,23 @@ def test_faithfulness_of_single_images():
     assert masked.change_outside_mask == 0.0 and masked.max_change_outside_mask == 0
     inverted = faithfulness(left_painted(200), flat(100), half_mask().point(lambda v: 255 - v))
     assert inverted.max_change_outside_mask == 100  # polarity: black = keep
+
+
+def test_guides_and_masks_are_prepared_as_the_pipeline_prepares_them():
+    from tasks.images import fit
+
+    rng = np.random.default_rng(0)
+    guide = Image.fromarray(rng.integers(0, 256, (60, 160, 3), dtype=np.uint8))  # not square
+    output = fit(guide, 32, Image.Resampling.BICUBIC)  # what the pipeline edits against
+    assert faithfulness(output, guide).l2_to_guide == 0.0  # centre-cropped, not squashed
+    mask = Image.new("L", (160, 60), 0)
+    mask.paste(255, (0, 0, 61, 60))  # a binary mask whose edge falls between output pixels
+    prepared = np.asarray(fit(mask, 32, Image.Resampling.BILINEAR))
+    assert 0 < prepared[prepared > 0].min() < 255  # a grey edge: partly synthesized
+    edited = np.asarray(output).copy()
+    edited[prepared > 0] = 0  # changed wherever the sampler may change anything
+    score = faithfulness(Image.fromarray(edited), guide, mask)
+    assert score.change_outside_mask == 0.0 and score.max_change_outside_mask == 0
 
 
 def test_report_by_t0_has_the_known_numbers(known_output):
