@@ -95,8 +95,9 @@ class SDEditActor:
                     t0s: list[float], repeats: int) -> list[tuple[bytes, float]]:
         """Edit one chunk padded to model_batch; returns (uint8 RGB bytes, l2_to_guide).
 
-        l2_to_guide is the mean squared error, in [-1, 1] units, between the stored (8-bit)
-        output and the guide at the model resolution."""
+        l2_to_guide is the mean squared error, in [-1, 1] units, between the 8-bit output and
+        the guide at the model resolution: the stored image for PNG and WebP (lossless), the
+        pixels before encoding for JPEG."""
         import torch
 
         import sdedit
