@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.manifest import INTERNAL
+from tasks.images import options_for
 
 
 class SDEditActor:
@@ -40,7 +41,7 @@ class SDEditActor:
             prefer_deterministic_cuda()
         self.prior = sdedit.load(model, dtype=dtype, allow_pickle=allow_pickle,
                                  channels_last=channels_last, compile=compile,
-                                 storage_options=dict(storage_options))
+                                 storage_options=options_for(model, storage_options))
         if expected_digest and self.prior.digest != expected_digest:
             from sdedit.loading import ModelLoadError
 

@@ -46,7 +46,7 @@ from pipeline.resume import (
     recorded,
     write_index,
 )
-from tasks.images import storage_step
+from tasks.images import options_for, storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
@@ -200,7 +200,7 @@ def probe_model(config: RunConfig) -> ModelInfo:
     from sdedit.loading import describe
 
     info = describe(config.model, allow_pickle=config.allow_pickle,
-                    storage_options=dict(config.storage_options))
+                    storage_options=options_for(config.model, config.storage_options))
     return ModelInfo(info.name, info.digest, info.resolution)
 
 

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 
 import click
 
-from tasks.images import MAX_PIXELS, InputError, open_image, to_rgb
+from tasks.images import MAX_PIXELS, InputError, open_image, options_for, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST_COLUMNS = ("image", "guide")
@@ -28,7 +28,7 @@ def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
     paths resolved against its folder), a glob, or a folder searched recursively."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(source, **options_for(source, storage_options or {}))
     protocol = source.split("://")[0] + "://" if "://" in source else ""
     if root.endswith(".parquet"):
         return _manifest_uris(fs, root, source)

@@ -22,7 +22,15 @@ from PIL import Image
 
 from tasks.compositing import composite_guide
 from tasks.editing import edit_guide
-from tasks.images import MAX_PIXELS, InputError, open_image, read_bytes, to_mask, to_rgb
+from tasks.images import (
+    MAX_PIXELS,
+    InputError,
+    open_image,
+    options_for,
+    read_bytes,
+    to_mask,
+    to_rgb,
+)
 from tasks.regions import Box
 from tasks.strokes import simulate_strokes
 
@@ -255,7 +263,7 @@ def _build_batch(batch, job: GuideJob):
 def _make_folders(job: GuideJob) -> None:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(job.output, **job.storage_options)
+    fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
     for folder in ("guides", "masks") if job.task != "synthesis" else ("guides",):
         fs.makedirs(f"{root}/{folder}", exist_ok=True)
 
@@ -283,7 +291,7 @@ def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> Guid
 
     records = manifest_records(rows, results, job.task)
     errors = {row["id"]: r["error"] for row, r in zip(rows, results, strict=True) if r["error"]}
-    fs, root = fsspec.core.url_to_fs(job.output, **job.storage_options)
+    fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
     errors_path = f"{root}/guide_errors.parquet"
     if errors:
         table = pa.table({"id": list(errors), "error": list(errors.values())})

@@ -19,6 +19,7 @@ module is cheap.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
@@ -74,8 +75,27 @@ def is_local(uri: str) -> bool:
 
 
 def options_for(uri: str, storage_options: Mapping) -> dict:
-    """The storage options that apply to `uri`: none for local files, all for remote ones."""
-    return {} if is_local(uri) else dict(storage_options)
+    """The storage options that apply to `uri`: none for a local file; for a remote one, the
+    options not scoped to a protocol, then those under its protocol's name (`s3.endpoint_url=`,
+    `https.headers.Authorization=`). http(s) URIs take only their scoped options: fsspec's
+    http file system passes unknown options into every request, so an object store's options
+    (endpoint_url, key, ...) made every http read fail, reported as a missing file."""
+    if is_local(uri):
+        return {}
+    protocol = uri.split("://", 1)[0].lower()
+    scoped = {name for name, value in storage_options.items()
+              if isinstance(value, Mapping) and name in _protocols()}
+    own = dict(storage_options.get(protocol, {})) if protocol in scoped else {}
+    if protocol in ("http", "https"):
+        return own
+    return {**{k: v for k, v in storage_options.items() if k not in scoped}, **own}
+
+
+@functools.cache
+def _protocols() -> frozenset[str]:
+    from fsspec.registry import known_implementations
+
+    return frozenset(known_implementations)
 
 
 def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS) -> bytes:

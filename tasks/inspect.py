@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageOps
 
+from tasks.images import options_for
 from tasks.outputs import (
     OutputFolder,
     decode,
@@ -320,7 +321,8 @@ def write_contact_sheet(
         f"{destination.rstrip('/')}/contact_sheet.png",
         f"{destination.rstrip('/')}/contact_sheet.html",
     )
-    fs, root = fsspec.core.url_to_fs(destination, **folder.storage_options)
+    fs, root = fsspec.core.url_to_fs(destination,
+                                       **options_for(destination, folder.storage_options))
     fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     render_sheet(rows, t0s, cell).save(buffer, format="PNG")

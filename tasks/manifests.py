@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import PurePosixPath
 
+from tasks.images import options_for
 from tasks.presets import get_preset
 from tasks.sources import folder_rows, is_remote, list_images, relative_to
 
@@ -85,7 +86,7 @@ def write_manifest(
     import pyarrow.parquet as pq
 
     records = manifest_records(location, output, task, masks, labels, storage_options)
-    fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(output, **options_for(output, storage_options or {}))
     fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     with fs.open(path, "wb") as file:
         pq.write_table(pa.Table.from_pylist(records), file)

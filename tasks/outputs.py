@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import Format
+from tasks.images import options_for
 from tasks.sources import is_remote, resolve
 
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
@@ -43,7 +44,7 @@ class OutputFolder:
 def _filesystem(folder: OutputFolder):
     import fsspec
 
-    return fsspec.core.url_to_fs(folder.uri, **folder.storage_options)
+    return fsspec.core.url_to_fs(folder.uri, **options_for(folder.uri, folder.storage_options))
 
 
 def shard_files(folder: OutputFolder, sub: str, suffix: str = ".parquet") -> list[str]:

@@ -10,6 +10,8 @@ import posixpath
 import re
 from pathlib import Path, PurePosixPath
 
+from tasks.images import options_for
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 GLOB_CHARS = "*?["
 UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -61,7 +63,7 @@ def list_images(location: str, storage_options: dict | None = None) -> list[tupl
     """
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(location, **options_for(location, storage_options or {}))
     if any(char in location for char in GLOB_CHARS):
         root = _glob_root(path)
         found = fs.glob(path)

@@ -22,7 +22,8 @@ Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(PNG, "PNG")
 
 
 class Answers(http.server.BaseHTTPRequestHandler):
-    """/ok.png, /404, /403, /500, /drop, and /busy: 429 for the first two GETs, then the PNG."""
+    """/ok.png, /404, /403, /500, /drop, /busy: 429 for the first two GETs, then the PNG, and
+    /private.png: 403 without the header `Authorization: Bearer T`."""
 
     gets: Counter = Counter()
 
@@ -33,6 +34,8 @@ class Answers(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         status = {"/404": 404, "/403": 403, "/500": 500}.get(self.path, 200)
+        if self.path == "/private.png" and self.headers.get("Authorization") != "Bearer T":
+            status = 403
         if self.path == "/busy" and self.gets[self.path] <= 2:
             status = 429
         body = PNG.getvalue() if status == 200 else b""
@@ -95,3 +98,27 @@ def test_a_host_that_does_not_answer_is_one_rows_error(closed_port):
 def test_the_fetch_step_decodes_guides_over_http(server):
     guide, mask = prepare(f"{server}/ok.png", None, 8, {}, max_pixels=10**6)
     assert guide == bytes([90]) * (8 * 8 * 3) and mask is None
+
+
+def test_an_object_stores_options_do_not_reach_http_reads(server):
+    store = {"endpoint_url": "http://127.0.0.1:9", "key": "AK", "secret": "SK",
+             "client_kwargs": {"region_name": "eu"}}  # for s3:// URIs
+    assert read_bytes(f"{server}/ok.png", store) == PNG.getvalue()  # was "file not found"
+    with pytest.raises(InputError, match="HTTP 403 Forbidden"):
+        read_bytes(f"{server}/private.png", store)
+    scoped = {**store, "http": {"headers": {"Authorization": "Bearer T"}}}
+    assert read_bytes(f"{server}/private.png", scoped) == PNG.getvalue()
+
+
+def test_options_apply_by_protocol():
+    from tasks.images import options_for
+
+    options = {"endpoint_url": "http://s3:9000", "client_kwargs": {"region_name": "eu"},
+               "s3": {"anon": False}, "https": {"headers": {"Authorization": "Bearer T"}}}
+    assert options_for("s3://b/x.png", options) == {
+        "endpoint_url": "http://s3:9000", "client_kwargs": {"region_name": "eu"}, "anon": False}
+    assert options_for("gs://b/x.png", options) == {
+        "endpoint_url": "http://s3:9000", "client_kwargs": {"region_name": "eu"}}
+    assert options_for("https://h/x.png", options) == {"headers": {"Authorization": "Bearer T"}}
+    assert options_for("http://h/x.png", options) == {}
+    assert options_for("/data/x.png", options) == options_for("file:///x.png", options) == {}
