@@ -57,6 +57,11 @@ def edit(
     """
     sampler = _sampler_for(schedule)
     _check_guide(guide)
+    dtype = guide.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # the samplers work in float32 (models.py): a step moves x by ~1e-3 of itself, below
+        # bf16's precision, and a VE prior's variances overflow fp16; the output gets `dtype`
+        guide = guide.float()
     t0s = _check_t0(t0, guide.shape[0])
     mask = _check_mask(mask, guide)
     if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
@@ -67,7 +72,7 @@ def edit(
     x = guide
     for _ in range(repeats):
         x = _one_pass(model, schedule, sampler, x, mask, paths, noise)
-    return x
+    return x.to(dtype)
 
 
 def model_calls(schedule: Schedule, t0: float, steps: int | None = None) -> int:

@@ -286,3 +286,23 @@ def test_mixed_t0_samples_join_late_and_finish_together():
     sdedit.edit(model, VP, guides(2), t0=torch.tensor([0.5, 0.1]))
     assert model.calls == 500  # the longer path sets the number of calls
     assert model.rows == 500 + 100  # the t0 = 0.1 sample is only stepped over its own path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_guides_are_edited_in_float32(dtype):
+    from sdedit.schedules import VESchedule, VPSchedule
+
+    guide = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
+    mask = torch.zeros(2, 1, 8, 8, dtype=dtype)
+    mask[..., :4] = 1
+    vp = VPSchedule.linear()
+    out = sdedit.edit(lambda x, t: 0.3 * x, vp, guide, t0=0.3, mask=mask,
+                      generator=sdedit.generators([0, 1]))
+    in_float32 = sdedit.edit(lambda x, t: 0.3 * x, vp, guide.float(), t0=0.3, mask=mask.float(),
+                             generator=sdedit.generators([0, 1]))
+    assert out.dtype == dtype and torch.equal(out, in_float32.to(dtype))
+    assert torch.equal(out[..., 4:], guide[..., 4:])  # kept exactly
+    ve = VESchedule(0.01, 1348.0)  # early variances overflow fp16 (65504)
+    out = sdedit.edit(lambda x, s: -x / (s.view(-1, 1, 1, 1) ** 2 + 1), ve, guide, t0=1.0,
+                      steps=20, generator=sdedit.generators([0, 1]))
+    assert out.dtype == dtype and bool(out.isfinite().all())
