@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from tasks.images import options_for
 from tasks.outputs import (
     OutputFolder,
     decode,
@@ -166,5 +167,5 @@ def write_report(report: dict, uri: str, storage_options: dict) -> None:
     """Write the report as indented JSON to `uri`."""
     import fsspec
 
-    with fsspec.open(uri, "w", **storage_options) as file:
+    with fsspec.open(uri, "w", **options_for(uri, storage_options)) as file:
         json.dump(report, file, indent=2)

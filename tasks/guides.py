@@ -165,7 +165,7 @@ def write_png(image: Image.Image, uri: str, storage_options: dict) -> None:
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    with fsspec.open(uri, "wb", **storage_options) as file:
+    with fsspec.open(uri, "wb", **options_for(uri, storage_options)) as file:
         file.write(buffer.getvalue())
 
 

@@ -122,19 +122,23 @@ def faithfulness_lines(rows: list[dict]) -> list[str]:
 def sheet_rows(
     folder: OutputFolder, count: int = 8, ids: list[str] | None = None, sample: int = 0
 ) -> tuple[list[SheetRow], list[float]]:
-    """The first `count` ids (sorted) or the given `ids`, and the sorted t0 values of the run."""
+    """The first `count` ids (sorted; those with outputs first, then those whose every output
+    failed) or the given `ids`, and the sorted t0 values of the run, failed ones included."""
     meta = read_table(folder, "data", META_COLUMNS)
-    if meta is None:
-        raise FileNotFoundError(f"no output shards under {folder.path('data')}")
-    rows = meta.to_pylist()
-    t0s = sorted({float(row["t0"]) for row in rows})
-    chosen = ids or sorted({row["id"] for row in rows})[:count]
-    outputs = chosen_outputs(folder, chosen, sample)
+    errors = read_table(folder, "errors", ["id", "t0"])
+    rows = meta.to_pylist() if meta is not None else []
+    failures = [row for row in (errors.to_pylist() if errors is not None else [])
+                if row["id"] is not None and row["t0"] is not None and 0 < row["t0"] <= 1]
+    if not rows and not failures:
+        raise FileNotFoundError(f"no output shards and no error rows under {folder.uri}")
+    t0s = sorted({float(row["t0"]) for row in rows + failures})
+    written = sorted({row["id"] for row in rows})
+    only_failed = sorted({row["id"] for row in failures} - set(written))
+    chosen = ids or (written + only_failed)[:count]
+    outputs = chosen_outputs(folder, chosen, sample) if rows else {}
     first = {row["id"]: row for row in rows}
     base = manifest_base(folder, read_summary(folder))
-    errors = read_table(folder, "errors", ["id", "t0"])
-    failed = {(row["id"], float(row["t0"])) for row in errors.to_pylist() if row["t0"] is not None
-              } if errors is not None else set()
+    failed = {(row["id"], float(row["t0"])) for row in failures}
     return [
         SheetRow(
             id=row_id,
@@ -326,8 +330,9 @@ def write_contact_sheet(
     fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     render_sheet(rows, t0s, cell).save(buffer, format="PNG")
-    with fsspec.open(png, "wb", **folder.storage_options) as file:
+    with fsspec.open(png, "wb", **options_for(png, folder.storage_options)) as file:
         file.write(buffer.getvalue())
-    with fsspec.open(page, "w", encoding="utf-8", **folder.storage_options) as file:
+    with fsspec.open(page, "w", encoding="utf-8",
+                     **options_for(page, folder.storage_options)) as file:
         file.write(render_html(rows, t0s, summary))
     return png, page, summary

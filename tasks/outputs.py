@@ -126,8 +126,11 @@ def read_table(
     import pyarrow as pa
 
     fs, _ = _filesystem(folder)
-    data_format, paths = data_shards(folder) if sub == "data" else ("parquet",
-                                                                    shard_files(folder, sub))
+    try:
+        data_format, paths = data_shards(folder) if sub == "data" else ("parquet",
+                                                                        shard_files(folder, sub))
+    except FileNotFoundError:  # no data shard: every output failed, or none committed yet
+        return None
     tables = [read_shard(fs, path, data_format, columns, ids) for path in paths]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
@@ -196,16 +199,16 @@ def decode(image_bytes: bytes) -> Image.Image:
 
 
 @lru_cache(maxsize=64)
-def _read_bytes(uri: str, options: tuple) -> bytes:
+def _read_bytes(uri: str, options: str) -> bytes:
     import fsspec
 
-    with fsspec.open(uri, "rb", **dict(options)) as file:
+    with fsspec.open(uri, "rb", **options_for(uri, json.loads(options))) as file:
         return file.read()
 
 
 def load_image(uri: str, storage_options: dict, mode: str = "RGB") -> Image.Image:
     """A guide or mask from any URI, decoded to `mode` (cached: many outputs share a guide)."""
-    options = tuple(sorted(storage_options.items()))
+    options = json.dumps(storage_options, sort_keys=True)  # hashable, nested options too
     image = Image.open(io.BytesIO(_read_bytes(uri, options)))
     return image.convert(mode)
 

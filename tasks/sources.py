@@ -6,15 +6,18 @@ pass-through columns (`label` from sub-folder names, or a manifest's own extra c
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
+import unicodedata
 from pathlib import Path, PurePosixPath
 
 from tasks.images import options_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 GLOB_CHARS = "*?["
-UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+UNSAFE_ID_CHARS = re.compile(r"[^\w.-]+")  # letters and digits of any script stay
+MAX_ID_LENGTH = 200  # as `sdedit run` accepts (pipeline.manifest.MAX_ID_LENGTH)
 # manifest columns a guide builder replaces rather than passes through
 REPLACED_COLUMNS = ("guide", "mask", "task", "t0")
 
@@ -51,9 +54,15 @@ def relative_to(uri: str, base: str) -> str:
 
 
 def image_id(relative: str) -> str:
-    """A file-name-safe id from a path relative to its root: "cats/01.jpg" -> "cats__01"."""
-    stem = str(PurePosixPath(relative).with_suffix(""))
-    return UNSAFE_ID_CHARS.sub("_", stem.replace("/", "__"))
+    """A file-name-safe id from a path relative to its root: "cats/01.jpg" -> "cats__01",
+    "猫/01.jpg" -> "猫__01"; one over MAX_ID_LENGTH characters is cut, with a digest of the
+    whole path so that ids stay distinct."""
+    stem = unicodedata.normalize("NFC", str(PurePosixPath(relative).with_suffix("")))
+    name = UNSAFE_ID_CHARS.sub("_", stem.replace("/", "__"))  # NFC: macOS names come as NFD
+    if len(name) <= MAX_ID_LENGTH:
+        return name
+    digest = hashlib.sha256(relative.encode()).hexdigest()[:16]
+    return f"{name[:MAX_ID_LENGTH - 17]}-{digest}"
 
 
 def list_images(location: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
@@ -71,11 +80,18 @@ def list_images(location: str, storage_options: dict | None = None) -> list[tupl
         root, found = path.rstrip("/"), fs.find(path)
     else:
         root, found = posixpath.dirname(path), [path]
-    images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES))
+    images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES)
+                    and not _hidden(_relative(p, root)))
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {location}")
     remote = is_remote(location)
     return [(fs.unstrip_protocol(p) if remote else p, _relative(p, root)) for p in images]
+
+
+def _hidden(relative: str) -> bool:
+    """Under a name starting with '.' (.thumbnails/, macOS's ._photo.jpg): not the user's
+    images, and their ids would start with '.', which `sdedit run` refuses."""
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _glob_root(path: str) -> str:
@@ -126,7 +142,7 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(location, "rb", **(storage_options or {})) as file:
+    with fsspec.open(location, "rb", **options_for(location, storage_options or {})) as file:
         table = pq.read_table(file)
     image_column = "source" if "source" in table.column_names else "guide"
     if "id" not in table.column_names or image_column not in table.column_names:

@@ -149,4 +149,18 @@ def test_cli_writes_sheet_under_output_and_prints_summary(run_output):
 
 def test_cli_on_an_empty_output_says_what_is_missing(tmp_path):
     result = CliRunner().invoke(inspect_command, [str(tmp_path)])
-    assert result.exit_code == 1 and "no output shards under" in result.output
+    assert result.exit_code == 1 and "no output shards and no error rows under" in result.output
+
+
+def test_an_output_whose_every_row_failed_is_summarized_and_drawn(tmp_path):
+    errors = [{"id": "a", "t0": 0.5, "sample": 0, "stage": "read", "error": "cannot read a.png"},
+              {"id": "b", "t0": 0.8, "sample": 0, "stage": "decode", "error": "corrupt b.png"}]
+    output = write_output(tmp_path / "out", [], errors=errors,
+                          summary={"expected_outputs": 2, "written": 0, "errors": 2})
+    result = CliRunner().invoke(inspect_command, [str(output)])
+    assert result.exit_code == 0, result.output
+    assert "errors            2  (decode: 1, read: 1)" in result.output
+    rows, t0s = sheet_rows(OutputFolder(str(output)))
+    assert t0s == [0.5, 0.8] and [row.id for row in rows] == ["a", "b"]
+    assert rows[0].missing_label(0.5) == "failed" and rows[0].missing_label(0.8) == "not run"
+    assert (output / "inspect" / "contact_sheet.png").exists()

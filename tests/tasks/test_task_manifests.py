@@ -17,6 +17,25 @@ def test_ids_are_safe_file_names_from_relative_paths():
     assert image_id("a b/c&d.e.png") == "a_b__c_d.e"
 
 
+def test_ids_are_ones_sdedit_run_accepts_for_any_file_name(tmp_path):
+    import unicodedata
+
+    from pipeline.manifest import unsafe_id_reason
+
+    names = ["猫.png", "犬.png", unicodedata.normalize("NFD", "café.jpg"), "a" * 240 + ".png",
+             "a" * 240 + "b.png", ".thumb.png", ".cache/x.png", "ok.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    rows = folder_rows(str(tmp_path))  # hidden files and folders are not the user's images
+    ids = [row["id"] for row in rows]
+    assert len(rows) == 6 and len(set(ids)) == 6
+    assert {"猫", "犬", "café", "ok"} <= set(ids)
+    assert all(unsafe_id_reason(row_id) is None for row_id in ids), ids
+    long_ids = [row_id for row_id in ids if row_id.startswith("aaa")]
+    assert [len(row_id) for row_id in long_ids] == [200, 200]
+
+
 def test_manifest_has_ids_labels_and_paths_relative_to_itself(photo_folder):
     output = photo_folder / "manifest.parquet"
     assert write_manifest(str(photo_folder), str(output)) == 4
