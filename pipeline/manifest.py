@@ -284,8 +284,8 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan,
                                    pc.is_in(committed["id"], value_set=pc.unique(ids))))
     have = Counter(_loose_keys(held))
     rows_per_id = Counter(ids.to_pylist())
-    missing = sorted((key, count - have[key]) for key, count in wanted.items()
-                     if count > have[key])
+    missing = sorted(((key, count - have[key]) for key, count in wanted.items()
+                      if count > have[key]), key=repr)  # a t0 may be "nan" beside floats
     errors = [(None if key[0] == NULL_ID else key[0], float(key[1]), key[2])
               for key, count in missing for _ in range(count)]
     table = pa.table({

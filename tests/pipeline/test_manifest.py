@@ -273,6 +273,12 @@ def test_rows_that_share_keys_are_the_drivers_error_rows():
     assert shared_key_errors(table, plan, keys_table([("twin", 0.3, 0)]))[1] == other
     held = keys_table([(r["id"], r["t0"], r["sample"]) for r in rows])
     assert shared_key_errors(table, plan, held)[0].num_rows == 0
+    # a missing t0 in a repeated id's own list is a NaN key beside the others
+    with_t0 = table.append_column("t0", pa.array([[0.5, None], None, None, None, None],
+                                                 pa.list_(pa.float64())))
+    errors = shared_key_errors(with_t0, plan, keys_table([]))[0].to_pylist()
+    twin = sorted(str(r["t0"]) for r in errors if r["id"] == "twin")
+    assert twin == ["0.3", "0.5", "0.5", "nan"]  # row 1: 0.5 and NaN; row 3: the run's 0.3, 0.5
     # neither the workers' expansion nor the count of pipeline work has those rows
     assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == ["a", "a"]
     assert count_work(table, plan, keys_table([])) == (10, 2)
