@@ -88,8 +88,10 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
         retried, committed = open_output(config, model)
         rows = plan_columns.num_rows
-        expected, todo = count_work(plan_columns, plan, committed.keys)
-        shared = add_shared_key_errors(config, plan_columns, plan, committed, report)
+        keys = committed.keys  # one copy of every committed key for both counts
+        expected, todo = count_work(plan_columns, plan, keys)
+        shared = add_shared_key_errors(config, plan_columns, plan, keys, report)
+        del keys
         del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
         report(f"{rows:,} manifest rows make {expected:,} outputs: {todo + shared:,} to do, "
                f"{expected - todo - shared:,} already in {config.output}")
@@ -109,12 +111,13 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
 
 
 def add_shared_key_errors(config: RunConfig, plan_columns: pa.Table, plan: Plan,
-                          committed: Committed, report: Report) -> int:
+                          committed: pa.Table, report: Report) -> int:
     """Commit, as one error shard, the error rows still missing for manifest rows that repeat
-    an id or have none (`shared_key_errors`: no worker can tell such rows apart); how many."""
+    an id or have none (`shared_key_errors`: no worker can tell such rows apart), given the
+    committed keys; how many."""
     from pipeline.writers import ERRORS_DIR, ParquetShardWriter, commit
 
-    errors, name = shared_key_errors(plan_columns, plan, committed.keys)
+    errors, name = shared_key_errors(plan_columns, plan, committed)
     if errors.num_rows:
         folder = f"{config.output.rstrip('/')}/{ERRORS_DIR}"
         with storage_step(f"cannot write error rows to OUTPUT {config.output}"):
@@ -150,8 +153,9 @@ def preview(config: RunConfig) -> dict:
                                                 ).without_failures(config.retry_errors)
         now = time.time()
         holder = live_holder(config.output, config.storage_options, now)
-    expected, todo = count_work(plan_columns, plan, committed.keys)
-    todo += shared_key_errors(plan_columns, plan, committed.keys)[0].num_rows
+    keys = committed.keys
+    expected, todo = count_work(plan_columns, plan, keys)
+    todo += shared_key_errors(plan_columns, plan, keys)[0].num_rows
     return {"manifest_rows": plan_columns.num_rows, "expected_outputs": expected, "todo": todo,
             "already_committed": expected - todo, "errors_to_retry": retried,
             "model": {"name": model.name, "digest": model.digest,
