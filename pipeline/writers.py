@@ -157,13 +157,14 @@ def webdataset_rows(stream: IO[bytes], images: bool = True) -> Iterator[dict]:
                 pending[key] = tar.extractfile(member).read()
 
 
-def read_webdataset_shard(stream: IO[bytes]) -> pa.Table:
+def read_webdataset_shard(stream: IO[bytes], images: bool = True) -> pa.Table:
     """One WebDataset shard as the Parquet writer would hold it: data columns, then pass-through.
 
     Data columns get their pipeline types; pass-through types are inferred from the JSON values
-    (their order is alphabetical: the JSON does not keep the manifest's).
+    (their order is alphabetical: the JSON does not keep the manifest's). With `images=False`
+    the image members are skipped unread and `image` is null.
     """
-    rows = list(webdataset_rows(stream))
+    rows = list(webdataset_rows(stream, images))
     passthrough = sorted({name for row in rows for name in row} - set(DATA_TYPES))
     return pa.table({name: pa.array([row.get(name) for row in rows], DATA_TYPES.get(name))
                      for name in [*DATA_COLUMNS, *passthrough]})

@@ -105,7 +105,7 @@ def _read_webdataset(file, columns: list[str] | None, ids: list[str] | None):
 
     from pipeline.writers import read_webdataset_shard
 
-    table = read_webdataset_shard(file)
+    table = read_webdataset_shard(file, images=columns is None or "image" in columns)
     if ids is not None:
         table = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
     return table.select([c for c in columns if c in table.column_names]) if columns else table

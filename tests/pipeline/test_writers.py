@@ -8,7 +8,14 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writers import WRITERS, commit, keys_digest, webdataset_key, webdataset_rows
+from pipeline.writers import (
+    WRITERS,
+    commit,
+    keys_digest,
+    read_webdataset_shard,
+    webdataset_key,
+    webdataset_rows,
+)
 
 
 def rows(ids: list[str]) -> pa.Table:
@@ -68,3 +75,16 @@ def test_webdataset_member_names_longer_than_ustar_allows_are_kept_whole(tmp_pat
     assert all(record["image"] for record in records)
     with tarfile.open(path) as tar:
         assert max(len(name) for name in tar.getnames()) > 1000
+
+
+def test_a_webdataset_shard_read_for_its_keys_leaves_the_images_unread(tmp_path):
+    writer = WRITERS["webdataset"](str(tmp_path), {})
+    writer.write(rows(["a", "b"]))
+    path = writer.close().removeprefix("file://")
+    with open(path, "rb") as stream:
+        keys = read_webdataset_shard(stream, images=False)
+    with open(path, "rb") as stream:
+        whole = read_webdataset_shard(stream)
+    assert keys["id"].to_pylist() == whole["id"].to_pylist() == ["a", "b"]
+    assert keys["image"].to_pylist() == [None, None]
+    assert whole["image"].to_pylist() == [b"png-bytes", b"png-bytes"]
