@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.images import options_for
+from tasks.sources import MAX_ID_LENGTH  # ids that `sdedit manifest` makes fit it too
 
 REQUIRED_COLUMNS = ("id", "guide")
 PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
@@ -29,7 +30,6 @@ RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model
                     "model_digest", "steps", "repeats", "l2_to_guide", "stage", "error")
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
 T0_DECIMALS = 6
-MAX_ID_LENGTH = 200
 COUNT_CHUNK_ROWS = 500_000  # manifest rows whose keys the driver counts at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

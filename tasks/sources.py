@@ -17,7 +17,7 @@ from tasks.images import options_for
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 GLOB_CHARS = "*?["
 UNSAFE_ID_CHARS = re.compile(r"[^\w.-]+")  # letters and digits of any script stay
-MAX_ID_LENGTH = 200  # as `sdedit run` accepts (pipeline.manifest.MAX_ID_LENGTH)
+MAX_ID_LENGTH = 200  # the longest id `sdedit run` accepts (pipeline.manifest)
 # manifest columns a guide builder replaces rather than passes through
 REPLACED_COLUMNS = ("guide", "mask", "task", "t0")
 
