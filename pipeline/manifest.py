@@ -107,24 +107,20 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
 
 
 def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
-    if fsspec_has_magic(path):
-        files = sorted(fs.glob(path))
-        base = path[: re.search(r"[*?\[]", path).start()].rsplit("/", 1)[0]
+    http = uri.split("://", 1)[0].lower() in ("http", "https")
+    if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):  # over http(s) '?' starts
+        files = sorted(fs.glob(path))                                # the query, as fsspec says
+        base = path[: magic.start()].rsplit("/", 1)[0]
     elif fs.isdir(path):
         files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f))
         base = path
     elif fs.exists(path):
-        files, base = [path], path.rsplit("/", 1)[0]
+        files, base = [path], path.split("?", 1)[0].rsplit("/", 1)[0]
     else:
         raise ManifestError(f"manifest {uri} does not exist")
     if not files:
         raise ManifestError(f"manifest {uri} holds no .parquet files")
     return files, base
-
-
-def fsspec_has_magic(path: str) -> bool:
-    """Whether a path is a glob pattern."""
-    return re.search(r"[*?\[]", path) is not None
 
 
 def _hidden(path: str) -> bool:

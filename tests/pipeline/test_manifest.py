@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -44,6 +47,26 @@ def test_missing_columns_are_listed_before_any_work(tmp_path):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         find_files(str(tmp_path / "nope.parquet"), {})
+
+
+def test_a_manifest_url_with_a_query_string_is_one_file_not_a_glob(tmp_path):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    write_manifest(tmp_path / "jobs" / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{httpd.server_address[1]}/jobs"
+    try:
+        found = find_files(f"{root}/m.parquet?token=T&sig=a/b", {})
+        assert found.files == (f"{root}/m.parquet?token=T&sig=a/b",)
+        assert found.base == root
+        with pytest.raises(ManifestError, match="does not exist"):
+            find_files(f"{root}/gone.parquet?token=T", {})
+    finally:
+        httpd.shutdown()
 
 
 def test_folder_and_glob_manifests_resolve_relative_paths(tmp_path):
