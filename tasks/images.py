@@ -4,7 +4,8 @@
 Bytes come from any fsspec URI, transient I/O errors retried with backoff (for http(s) URIs:
 no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final). Guides become 8-bit
 RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
-(value / 257); CMYK and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
+(value / 257; 32-bit integer images whose values do not fit 16 bits are decode errors); CMYK
+and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
 PA, palette with a transparent colour, a PNG tRNS key colour in grayscale, RGB or 16-bit images)
 are composited over white; EXIF orientation is applied (EXIF that cannot be read is ignored);
 other modes (32-bit float, LAB, HSV) are decode errors. Masks become 8-bit grayscale read as
@@ -221,7 +222,7 @@ def to_rgb(image: Image.Image, uri: str) -> Image.Image:
     if image.mode in SIXTEEN_BIT:
         key = image.info.get("transparency")
         opaque = np.asarray(image) != key if isinstance(key, int) else None
-        image = _sixteen_to_eight(image)
+        image = _sixteen_to_eight(image, uri)
         if opaque is not None:  # a PNG tRNS key: pixels of that value are transparent
             image = image.convert("LA")
             image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255, "L"))
@@ -238,17 +239,21 @@ def to_rgb(image: Image.Image, uri: str) -> Image.Image:
 def to_mask(image: Image.Image, uri: str) -> Image.Image:
     """8-bit grayscale mask (white = synthesize)."""
     if image.mode in SIXTEEN_BIT:
-        image = _sixteen_to_eight(image)
+        image = _sixteen_to_eight(image, uri)
     if image.mode in ("F", "LAB", "HSV"):
         raise InputError("decode", f"mask {uri} has unsupported mode {image.mode!r}")
     return image.convert("L")  # luminance; alpha is ignored
 
 
-def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+def _sixteen_to_eight(image: Image.Image, uri: str) -> Image.Image:
     import numpy as np
     from PIL import Image
 
     values = np.asarray(image, dtype=np.float64)
+    if values.size and (values.min() < 0 or values.max() > 65535):  # mode I: 32-bit integers
+        raise InputError("decode", f"{uri} is a 32-bit integer image with values from "
+                         f"{values.min():.0f} to {values.max():.0f}; expected 8-bit or 16-bit "
+                         "values (0-65535)")
     return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
 
 

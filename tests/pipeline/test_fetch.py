@@ -42,6 +42,22 @@ def test_sixteen_bit_is_scaled_to_eight_bits(tmp_path):
     assert pixels[1, 1].tolist() == [255, 255, 255]
 
 
+def test_32_bit_integer_images_are_scaled_as_16_bit_only_when_their_values_fit(tmp_path):
+    array = np.full((4, 4), 65535, dtype=np.uint16)
+    array[0, 0] = 257 * 100
+    sixteen = save(Image.fromarray(array), tmp_path / "deep.ppm")  # 16-bit PPM: Pillow mode I
+    assert Image.open(sixteen).mode == "I"
+    assert np.asarray(load_guide(sixteen, {}, LIMIT))[0, 0].tolist() == [100, 100, 100]
+    wide = save(Image.fromarray(array.astype(np.int32) * 1000, "I"), tmp_path / "wide.tif")
+    with pytest.raises(InputError) as error:
+        load_guide(wide, {}, LIMIT)
+    assert error.value.stage == "decode"
+    assert str(error.value) == (f"{wide} is a 32-bit integer image with values from 25700000 "
+                                "to 65535000; expected 8-bit or 16-bit values (0-65535)")
+    with pytest.raises(InputError, match="32-bit integer image"):
+        load_mask(wide, wide, (4, 4), {}, LIMIT)
+
+
 def test_cmyk_is_converted(tmp_path):
     uri = save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "c.jpg", quality=100)
     assert np.asarray(load_guide(uri, {}, LIMIT))[0, 0].tolist() == [255, 255, 255]
