@@ -58,16 +58,20 @@ class StorageError(RuntimeError):
 @contextmanager
 def storage_step(failure: str) -> Iterator[None]:
     """Re-raise a storage failure inside the block, or inside a Ray task it runs, as one
-    StorageError starting `failure`: OSError (what fsspec filesystems raise) or an error of a
-    storage client library (botocore raises connection failures as its own types)."""
+    StorageError starting `failure`: OSError (what fsspec filesystems raise), an error of a
+    storage client library (botocore raises connection failures as its own types), or the
+    TypeError of a storage option the file system does not take (s3fs passes unknown ones on
+    to botocore's session)."""
     try:
         yield
     except Exception as error:
         cause = getattr(error, "cause", None) or error  # a Ray task's error wraps the original
         client = type(cause).__module__.split(".")[0] in STORAGE_CLIENTS
-        if not (client or isinstance(cause, OSError)):
+        option = isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)
+        if not (client or option or isinstance(cause, OSError)):
             raise
-        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}") from error
+        hint = " (a --storage-option this file system does not take?)" if option else ""
+        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}{hint}") from error
 
 
 def is_local(uri: str) -> bool:

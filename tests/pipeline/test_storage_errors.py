@@ -92,3 +92,27 @@ def test_unreachable_endpoint_is_one_line_from_the_cli(command, failure, monkeyp
     assert f"127.0.0.1:{closed}" in result.output and "Traceback" not in result.output
     assert "sdedit-test-secret" not in result.output
 
+
+
+def test_a_storage_option_the_file_system_does_not_take_is_one_clear_error(tmp_path):
+    """s3fs hands options it does not know to botocore's session, whose TypeError was a
+    traceback from the driver and a task's failure from the workers."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    hint = "(a --storage-option this file system does not take?)"
+    unknown = "TypeError: AioSession.__init__() got an unexpected keyword argument 'bogus'"
+    manifest = write_manifest(tmp_path / "m.parquet",
+                              {"id": ["a", "b"], "guide": ["s3://bucket/a.png", "s3://b/b.png"]})
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(manifest), "s3://bucket/out",
+                                       "--storage-option", "bogus=1"])
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: cannot read OUTPUT s3://bucket/out: {unknown} {hint}\n"
+    config = RunConfig(manifest=str(manifest), output=str(tmp_path / "out"), model="builtin:tiny",
+                       steps=2, storage_options={"bogus": "1"})
+    with pytest.raises(StorageError) as error:  # the guides' reads, in the fetch tasks
+        run(config)
+    message = str(error.value)
+    assert message.startswith("the run stopped when a task could not use storage")
+    assert unknown in message and message.endswith(hint)
