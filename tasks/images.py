@@ -104,47 +104,81 @@ def _protocols() -> frozenset[str]:
 
 
 def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS) -> bytes:
-    """The bytes at a URI; transient I/O errors are retried with exponential backoff."""
+    """The bytes at a URI, read in one request (a GET for object stores and http(s), no HEAD
+    first); failures that may pass are retried with exponential backoff. A failure of this URI
+    is its row's InputError; one of the store (refused credentials, an object store that does
+    not answer, a storage option its file system does not take) is raised as it is, for
+    `storage_step` to stop the run with."""
     import fsspec
 
-    options = options_for(uri, storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+    except (ValueError, ImportError) as error:  # an unknown protocol, or its library missing
+        raise InputError("read", f"cannot read {uri}: {_reason(error)}") from error
     for attempt in range(attempts):
         try:
-            with fsspec.open(uri, "rb", **options) as stream:
-                return stream.read()
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
-            failed = _http_failure(error)
-            if failed is None or not _transient(failed):
-                raise InputError("read", f"cannot read {uri}: {_reason(failed or error)}"
-                                 ) from error
-            last = failed
-        except OSError as error:  # network and object-store hiccups
+            return fs.cat_file(path)
+        except Exception as error:  # noqa: BLE001 (sorted by _may_pass; the rest re-raised)
+            may_pass = _may_pass(error)
+            if may_pass is None:
+                raise
+            if isinstance(error, PermissionError) and (refused := _refused(fs, path)):
+                raise refused from error
+            if not may_pass:
+                raise InputError("read", f"cannot read {uri}: {_reason(error, fs)}") from error
             last = error
         if attempt == attempts - 1:
             raise InputError("read", f"cannot read {uri} after {attempts} attempts: "
-                             f"{_reason(last)}") from last
+                             f"{_reason(last, fs)}") from last
         time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def _http_failure(error: OSError) -> Exception | None:
-    """The request failure behind fsspec's HTTP file system, which reports every failed request
-    (a 503, a refused connection) as FileNotFoundError(url); None for other file systems."""
-    cause = error.__cause__
-    return cause if type(cause).__module__.split(".")[0] == "aiohttp" else None
+# What S3-compatible stores answer when they refuse the credentials themselves (not one
+# object): every row would fail alike, so the run stops instead of writing error rows.
+REFUSED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                                 "InvalidToken", "TokenRefreshRequired", "InvalidSecurity"})
 
 
-def _transient(failure: Exception) -> bool:
-    """Whether an HTTP request may succeed if tried again: no answer, a timeout, throttling
-    (408, 429) or a server error (5xx); other statuses (404, 403...) are final."""
-    status = getattr(failure, "status", None)
-    return status is None or status in (408, 429) or status >= 500
+def _refused(fs, path: str) -> Exception | None:
+    """The store's refusal of the credentials themselves, if that is why reading `path` was
+    forbidden: S3 answers a HEAD (which s3fs sends before a GET) with a bare 403 whether the
+    credentials or the object are refused, so one byte is asked for with a GET, whose answer
+    names its reason."""
+    try:
+        fs.cat_file(path, start=0, end=1)
+    except Exception as error:  # noqa: BLE001 (only its reason matters here)
+        return error if _may_pass(error) is None else None
+    return None
 
 
-def _reason(error: BaseException) -> str:
+def _may_pass(error: Exception) -> bool | None:
+    """Whether a failed read may succeed when tried again (no answer, a timeout, throttling:
+    HTTP 408 or 429, a server error: 5xx); False when it failed for good and is this URI's
+    (missing, forbidden, not a file, not a valid object name: 404, 403...); None when it is the
+    store's rather than the row's (refused credentials, an endpoint botocore cannot reach)."""
+    status = getattr(error, "status", None)
+    if isinstance(status, int):  # an http(s) answer
+        return status in (408, 429) or status >= 500
+    code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
+    if code in REFUSED_CREDENTIALS:
+        return None
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                          PermissionError, ValueError)):
+        return False
+    if type(error).__name__ == "ParamValidationError":  # botocore: e.g. an invalid bucket name
+        return False
+    if isinstance(error, OSError) or type(error).__module__.split(".")[0] == "aiohttp":
+        return True  # network and object-store hiccups, dropped connections
+    return None
+
+
+def _reason(error: BaseException, fs=None) -> str:
     status = getattr(error, "status", None)
     if isinstance(status, int):  # an HTTP answer: its status says it all
         return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
+    if isinstance(error, FileNotFoundError) and fs is not None and "http" in fs.protocol:
+        return "HTTP 404 Not Found"  # fsspec's http file system raises FileNotFoundError(url)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 

@@ -35,16 +35,28 @@ def test_run_reads_and_writes_the_bucket(s3_server, bucket_manifest, ray_local):
     assert run(config)["this_run"]["todo"] == 0
 
 
-def test_missing_object_is_an_error_row_not_a_crash(s3_server, bucket_manifest, ray_local):
+def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server,
+                                                                        bucket_manifest,
+                                                                        ray_local):
     bucket, fs = bucket_manifest
     buffer = io.BytesIO()
-    pq.write_table(pa.table({"id": ["ok", "gone"], "guide": ["img0.png", "nothing.png"]}), buffer)
+    guides = {"ok": "img0.png", "gone": "nothing.png", "nokey": f"{bucket}/",
+              "badbucket": "s3://Bad_Bucket!/x.png", "protocol": "foo://x/y.png"}
+    pq.write_table(pa.table({"id": list(guides), "guide": list(guides.values())}), buffer)
     fs.pipe_file(f"{bucket}/inputs/partial.parquet", buffer.getvalue())
     summary = run(RunConfig(manifest=f"{bucket}/inputs/partial.parquet",
                             output=f"{bucket}/out2", model="builtin:tiny", steps=2, t0=(0.5,),
                             batch_size=2, model_batch=2,
                             storage_options=s3_server.storage_options))
-    assert (summary["written"], summary["errors_by_stage"]) == (1, {"read": 1})
-    errors = pq.read_table(io.BytesIO(fs.cat_file(fs.glob(f"{bucket}/out2/errors/*.parquet")[0])))
-    assert errors["id"].to_pylist() == ["gone"]
-    assert f"{bucket}/inputs/nothing.png" in errors["error"][0].as_py()
+    # the last three raised ValueError or botocore's ParamValidationError, which stopped the run
+    assert (summary["written"], summary["errors_by_stage"]) == (1, {"read": 4})
+    errors = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(shard)))
+                              for shard in fs.glob(f"{bucket}/out2/errors/*.parquet"))
+    messages = dict(zip(errors["id"].to_pylist(), errors["error"].to_pylist(), strict=True))
+    assert messages["gone"].startswith(f"cannot read {bucket}/inputs/nothing.png: "
+                                       "FileNotFoundError")
+    assert messages["nokey"].startswith(f"cannot read {bucket}/: ParamValidationError: ")
+    assert messages["badbucket"].startswith(
+        'cannot read s3://Bad_Bucket!/x.png: ParamValidationError: Parameter validation failed:'
+        '\nInvalid bucket name "Bad_Bucket!"')
+    assert messages["protocol"] == "cannot read foo://x/y.png: ValueError: Protocol not known: foo"

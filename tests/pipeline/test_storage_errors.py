@@ -65,6 +65,31 @@ def test_workers_without_credentials_stop_the_run_with_one_clear_error(
     assert "not-the-secret" not in message and "Traceback" not in message
 
 
+def test_credentials_the_store_refuses_for_guides_stop_the_run(s3_server, bucket_manifest,
+                                                                 monkeypatch, tmp_path,
+                                                                 signed_out):
+    """S3 answers s3fs's HEAD with a bare 403 for refused credentials and for a refused object
+    alike: every guide became a `read` error row and the run exited 0."""
+    import ray
+
+    bucket, _ = bucket_manifest
+    assert not ray.is_initialized()  # run() starts Ray, so its workers get the environment below
+    manifest = write_manifest(tmp_path / "m.parquet", {
+        "id": ["a", "b"], "guide": [f"{bucket}/inputs/img0.png", f"{bucket}/inputs/img1.png"]})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    config = RunConfig(manifest=str(manifest), output=str(tmp_path / "out"), model="builtin:tiny",
+                       steps=2, storage_options=s3_server.storage_options)
+    with pytest.raises(StorageError) as error:
+        run(config)
+    message = str(error.value)
+    assert message.startswith("the run stopped when a task could not use storage (manifest "
+                              f"{manifest}, OUTPUT {tmp_path / 'out'}); rerun to resume: "
+                              "PermissionError: The request signature we calculated does not "
+                              "match the signature you provided")
+    assert not (tmp_path / "out" / "errors").exists() or not any(
+        (tmp_path / "out" / "errors").glob("*.parquet"))
+
+
 @pytest.mark.parametrize("command, failure", [
     (["run", "MANIFEST", "s3://bucket/out", "--model", "builtin:tiny"],
      "cannot prepare OUTPUT s3://bucket/out: "),
