@@ -190,10 +190,14 @@ def data_rows(table: pa.Table) -> pa.Table:
 
 
 def error_rows(table: pa.Table) -> pa.Table:
-    """The error dataset's columns from failed work rows."""
+    """The error dataset's columns from failed work rows; credentials the URIs in the messages
+    carry (a signed URL's signature, a password) are masked."""
+    from sdedit.loading import redact
+
+    messages = [None if m is None else redact(m) for m in table["_sd_error"].to_pylist()]
     return pa.table({
         "id": table["id"], "t0": table["t0"], "sample": table["sample"],
-        "stage": table["_sd_stage"], "error": table["_sd_error"],
+        "stage": table["_sd_stage"], "error": pa.array(messages, pa.string()),
     })
 
 

@@ -35,10 +35,13 @@ _LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # model cache folder names of earlie
 DAY_SECONDS = 24 * 3600
 
 
+# userinfo up to the authority's last '@' (a password may hold an unencoded one)
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:?#]*)"
-                       r"(?P<password>:[^/@\s?#]*)?@")
+                       r"(?P<password>:[^/\s?#]*)?@")
+# a value ends where the URI does; a ':' right before the end is the message's, not the value's
 _SECRET_QUERY = re.compile(r"(?P<name>[?&;][^=&\s#]*(?:token|sig|secret|pass|key|credential|auth|"
-                           r"session)[^=&\s#]*=)[^&\s#'\"]*", re.IGNORECASE)
+                           r"session)[^=&\s#]*=)[^&\s#'\"]*?(?=:?(?:[\s&#'\"]|$))",
+                           re.IGNORECASE)
 
 
 def redact(text: str) -> str:

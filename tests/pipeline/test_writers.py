@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from pipeline.writers import (
     WRITERS,
     commit,
+    error_rows,
     keys_digest,
     read_webdataset_shard,
     webdataset_key,
@@ -88,3 +89,17 @@ def test_a_webdataset_shard_read_for_its_keys_leaves_the_images_unread(tmp_path)
     assert keys["id"].to_pylist() == whole["id"].to_pylist() == ["a", "b"]
     assert keys["image"].to_pylist() == [None, None]
     assert whole["image"].to_pylist() == [b"png-bytes", b"png-bytes"]
+
+
+def test_error_rows_mask_the_credentials_of_the_uris_they_name():
+    failed = pa.table({
+        "id": ["a", "b", "c"], "t0": [0.5] * 3, "sample": [0] * 3,
+        "_sd_stage": ["read", "read", "decode"],
+        "_sd_error": ["cannot read https://h/a.png?X-Amz-Credential=AKIA1&X-Amz-Signature=S1G: "
+                      "HTTP 403 Forbidden",
+                      "cannot read http://alice:HUNTER2@h/b.png: HTTP 404 Not Found",
+                      "s3://bucket/c.png is not an image"]})
+    assert error_rows(failed)["error"].to_pylist() == [
+        "cannot read https://h/a.png?X-Amz-Credential=***&X-Amz-Signature=***: HTTP 403 Forbidden",
+        "cannot read http://alice:***@h/b.png: HTTP 404 Not Found",
+        "s3://bucket/c.png is not an image"]

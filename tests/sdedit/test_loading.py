@@ -371,6 +371,10 @@ def test_describe_refuses_what_load_refuses_with_the_same_message(tmp_path):
      "https://acct.blob.core.windows.net/c/b?sv=2020&sig=***&se=2025"),
     ("https://h/x?X-Amz-Credential=AK%2F1&X-Amz-Date=1&X-Amz-Signature=abc",
      "https://h/x?X-Amz-Credential=***&X-Amz-Date=1&X-Amz-Signature=***"),
+    ("https://user:p@ss@host/model", "https://user:***@host/model"),
+    ("cannot read https://h/a.png?X-Amz-Signature=S1G: HTTP 403",
+     "cannot read https://h/a.png?X-Amz-Signature=***: HTTP 403"),
+    ("https://h/a?token=a:b:c&x=1", "https://h/a?token=***&x=1"),
     ("s3://bucket/models/church", "s3://bucket/models/church"),
     ("mail bob@example.com about /tmp/a@b", "mail bob@example.com about /tmp/a@b"),
 ])
