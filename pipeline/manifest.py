@@ -112,7 +112,8 @@ def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
         files = sorted(fs.glob(path))                                # the query, as fsspec says
         base = path[: magic.start()].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f))
+        files = sorted(f for f in fs.find(path)
+                       if f.endswith(".parquet") and not _hidden(f, path))
         base = path
     elif fs.exists(path):
         files, base = [path], path.split("?", 1)[0].rsplit("/", 1)[0]
@@ -123,8 +124,12 @@ def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     return files, base
 
 
-def _hidden(path: str) -> bool:
-    return any(part.startswith((".", "_")) for part in path.split("/")[-1:])
+def _hidden(path: str, root: str) -> bool:
+    """Whether a file under a folder manifest `root` is hidden: its name or a folder between
+    (Spark's `_temporary/`, Delta's `_delta_log/`, `.ipynb_checkpoints/`) starts with '.' or
+    '_', as pyarrow and Spark skip them."""
+    below = path[len(root.rstrip("/")):].strip("/")
+    return any(part.startswith((".", "_")) for part in below.split("/"))
 
 
 def check_columns(schema: pa.Schema, where: str) -> None:

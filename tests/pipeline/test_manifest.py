@@ -74,6 +74,12 @@ def test_folder_and_glob_manifests_resolve_relative_paths(tmp_path):
         write_manifest(tmp_path / "m" / f"part{part}.parquet",
                        {"id": [f"r{part}"], "guide": ["a.png"]})
     (tmp_path / "m" / "_SUCCESS.parquet").write_bytes(b"")
+    # what Spark, Delta and notebooks leave in sub-folders: read, these were a duplicate 'r0'
+    # and a checkpoint "missing required column(s)" that stopped the job
+    write_manifest(tmp_path / "m" / "_temporary" / "0" / "part0.parquet",
+                   {"id": ["r0"], "guide": ["a.png"]})
+    write_manifest(tmp_path / "m" / "_delta_log" / "10.checkpoint.parquet", {"add": ["x"]})
+    write_manifest(tmp_path / "m" / ".ipynb_checkpoints" / "part0.parquet", {"id": ["r0"]})
     folder = find_files(str(tmp_path / "m"), {})
     glob = find_files(str(tmp_path / "m" / "part*.parquet"), {})
     assert len(folder.files) == 2 and len(glob.files) == 2
