@@ -41,7 +41,6 @@ from pipeline.resume import (
     claim_output,
     clean_temporaries,
     forget_errors,
-    output_fs,
     read_committed,
     recorded,
     write_index,
@@ -488,6 +487,8 @@ def package_versions() -> dict:
 
 
 def write_summary(config: RunConfig, summary: dict) -> None:
-    """Write OUTPUT/summary.json (replaced on every run)."""
-    fs, root = output_fs(config.output, config.storage_options)
-    fs.pipe_file(f"{root}/{SUMMARY}", json.dumps(summary, indent=2, sort_keys=True).encode())
+    """Write OUTPUT/summary.json (replaced, whole, on every run)."""
+    from pipeline.writers import commit
+
+    commit(config.output, SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode(),
+           config.storage_options)

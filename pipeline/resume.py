@@ -215,14 +215,17 @@ def in_stages(stage: pa.ChunkedArray, stages: tuple[str, ...]) -> pa.ChunkedArra
 
 
 def clean_temporaries(output: str, storage_options: Mapping) -> int:
-    """Delete leftovers of interrupted local writes; returns how many were removed."""
+    """Delete leftovers of interrupted local writes; returns how many were removed. At OUTPUT's
+    top only those of files the lease holder writes (the caller): a run waiting for the lease
+    may be writing its own lease file there."""
     fs, root = output_fs(output, storage_options)
+    holders = tuple(TEMP_PREFIX + name for name in (RUN_CONFIG, SUMMARY, *INDEXES.values()))
     removed = 0
-    for folder in (DATA_DIR, ERRORS_DIR):
-        path = f"{root}/{folder}"
+    for folder, prefixes in ((DATA_DIR, TEMP_PREFIX), (ERRORS_DIR, TEMP_PREFIX), ("", holders)):
+        path = f"{root}/{folder}".rstrip("/")
         if fs.exists(path):
             for leftover in fs.ls(path, detail=False):
-                if leftover.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
+                if leftover.rsplit("/", 1)[-1].startswith(prefixes):
                     fs.rm(leftover)
                     removed += 1
     return removed
@@ -240,8 +243,8 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
                 fs.rm(f"{root}/{name}", recursive=True)
     elif recorded(output, record, storage_options):
         return
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/{RUN_CONFIG}", json.dumps(record, indent=2, sort_keys=True).encode())
+    commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
+           storage_options)  # whole or not at all: a torn record would refuse every rerun
 
 
 def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
@@ -251,7 +254,13 @@ def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
     path = f"{root}/{RUN_CONFIG}"
     if not fs.exists(path):
         return False
-    stored = json.loads(fs.cat_file(path))
+    try:
+        stored = json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigMismatchError(
+            f"{output.rstrip('/')}/{RUN_CONFIG} does not hold a run's configuration ({error}); "
+            "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
+            "replace it") from error
     changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
     if changed:
         details = "; ".join(f"{k}: {stored.get(k)!r} -> {record.get(k)!r}" for k in changed)

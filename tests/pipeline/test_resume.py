@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow as pa
+import pytest
 
-from pipeline.resume import forget_errors, read_committed, write_index
+from pipeline.resume import (
+    ConfigMismatchError,
+    claim_output,
+    clean_temporaries,
+    forget_errors,
+    read_committed,
+    write_index,
+)
 from pipeline.writers import DATA_DIR, ERRORS_DIR, ParquetShardWriter
 
 
@@ -90,3 +99,23 @@ def test_a_retried_key_that_fails_again_shows_its_new_stage(tmp_path):
     assert forget_errors(str(tmp_path), ("read",), {}) == 1
     commit_errors(tmp_path, [("k", 0.5, 0, "decode")])  # same key, so the same shard name
     assert read_committed(str(tmp_path), "parquet", {}).errors_by_stage == {"decode": 1}
+
+
+def test_a_torn_run_record_is_named_and_leftovers_of_the_holders_files_are_removed(tmp_path):
+    record = {"model": "builtin:tiny", "steps": 2}
+    claim_output(str(tmp_path), record, False, {})
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == record
+    assert [p.name for p in tmp_path.iterdir()] == ["_run_config.json"]  # nothing left beside
+    (tmp_path / "_run_config.json").write_bytes(b'{"model": "buil')  # written in place, killed
+    with pytest.raises(ConfigMismatchError) as error:  # was "Expecting ',' delimiter..."
+        claim_output(str(tmp_path), record, False, {})
+    assert str(error.value).startswith(f"{tmp_path}/_run_config.json does not hold a run's "
+                                       "configuration (Unterminated string")
+    claim_output(str(tmp_path), record, True, {})  # --overwrite replaces it
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == record
+    for name in (".tmp-_run_config.json.1a", ".tmp-summary.json.2b", ".tmp-_run_lease.json.3c",
+                 "data/.tmp-part-0.parquet.4d"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"half")
+    assert clean_temporaries(str(tmp_path), {}) == 3
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-_run_lease.json.3c"]
