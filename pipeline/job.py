@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -246,11 +247,20 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
         progress.report(f"starting {describe_actors(resources)}, each loading {config.model}")
         dataset = build_dataset(config, manifest, plan, committed, model, resources, run_id)
         edit_seconds, edit_times = 0.0, []
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.add(sum(batch["written"].to_pylist()), sum(batch["failed"].to_pylist()))
-            edit_seconds += sum(batch["edit_seconds"].to_pylist())
-            edit_times += [t for name in ("edit_started_at", "edit_finished_at")
-                           for t in batch[name].to_pylist() if t is not None]
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.add(sum(batch["written"].to_pylist()), sum(batch["failed"].to_pylist()))
+                edit_seconds += sum(batch["edit_seconds"].to_pylist())
+                edit_times += [t for name in ("edit_started_at", "edit_finished_at")
+                               for t in batch[name].to_pylist() if t is not None]
+        except Exception as error:
+            if failed := model_load_failure(error):
+                from sdedit.loading import ModelLoadError
+
+                raise ModelLoadError(
+                    f"the SDEdit actors could not load the model: {failed}. What was committed "
+                    f"stays in {config.output}; rerun to resume") from error
+            raise
         progress.finish()
         return {"written": progress.written, "failed": progress.failed,
                 "edit_seconds": edit_seconds, "first_edit_at": min(edit_times, default=None),
@@ -259,6 +269,23 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def model_load_failure(error: BaseException) -> str | None:
+    """The message of the ModelLoadError an SDEdit actor raised while starting (weights that do
+    not load on a worker, a model that changed since the driver read it), under Ray's wrappers:
+    the error itself, or, as Ray passes an actor's failed start on, a line of its text."""
+    from sdedit.loading import ModelLoadError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ModelLoadError):
+            return str(error)
+        if found := re.findall(r"\bModelLoadError: (.+)", str(error)):
+            return found[-1].strip()
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def init_ray(address: str | None) -> bool:

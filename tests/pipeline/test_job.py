@@ -237,3 +237,28 @@ def test_retry_errors_redoes_only_the_named_stages(tmp_path):
     table = read_dataset(output)
     assert sorted(table["id"].to_pylist()) == ["bad", "late", "there"]
     assert read_errors(output)["error"][0].as_py().startswith("t0 1.5 for id 'bad'")
+
+
+def test_actors_that_cannot_load_the_model_stop_the_run_with_one_clear_error(small_manifest,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    """The model changed between the driver's read and the actors' load (here: the driver is
+    told other weights): each actor refuses to start, and the run said so only at the end of
+    a Ray traceback of several hundred lines."""
+    import pipeline.job
+    from pipeline.job import ModelInfo
+    from sdedit.loading import ModelLoadError
+
+    other = "sha256:" + "0" * 64
+    monkeypatch.setattr(pipeline.job, "probe_model",
+                        lambda config: ModelInfo(config.model, other, 64))
+    config = RunConfig(manifest=str(small_manifest), output=str(tmp_path / "out"),
+                       model="builtin:tiny", steps=2)
+    with pytest.raises(ModelLoadError) as error:
+        run(config)
+    message = str(error.value)
+    assert message.startswith("the SDEdit actors could not load the model: model builtin:tiny "
+                              f"changed since this run started: the driver read weights {other}, "
+                              "this actor loaded sha256:")
+    assert message.endswith(f"What was committed stays in {tmp_path / 'out'}; rerun to resume")
+    assert "Traceback" not in message
