@@ -12,6 +12,8 @@ if [ "$#" -lt 2 ]; then
     echo "usage: $0 MANIFEST OUTPUT [sdedit run options...]" >&2
     exit 2
 fi
+# --address auto comes first: click keeps an option's last value, so an --address among the
+# arguments replaces it.
 exec ray job submit --address "$RAY_ADDRESS" \
     --submission-id "sdedit-$(date +%Y%m%d-%H%M%S)" \
-    -- sdedit run "$@" --address auto
+    -- sdedit run --address auto "$@"

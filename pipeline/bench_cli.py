@@ -46,7 +46,7 @@ import click
               help="Pipeline runs, each on a new Ray runtime; prints each ratio and the median.")
 def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
           model_batch: int, actors: int, compile: bool, workdir: str | None, repeat: int) -> None:
-    """Print model-only and end-to-end images/s for COUNT generated images, and their ratio."""
+    """Print model-only and end-to-end images/s on --images generated images, and their ratio."""
     with tempfile.TemporaryDirectory(prefix="sdedit-bench-") as scratch:
         root = Path(workdir or scratch)
         manifest = write_inputs(root / "inputs", count, size)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import click
@@ -39,3 +41,48 @@ def test_cronjob_forbids_concurrent_runs_into_one_output():
     document = yaml.safe_load((DEPLOY / "kuberay" / "raycronjob.yaml").read_text())
     assert document["kind"] == "RayCronJob"
     assert document["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycronjob.yaml"])
+def test_kuberay_jobs_delete_their_cluster_after_the_job(name):
+    """RayJobSpec has `shutdownAfterJobFinishes` (and `ttlSecondsAfterFinished`, which only
+    works with it); `shutdownAfterJobFinishesSeconds` is no field of it: the API server rejects
+    or prunes it, and nothing deletes the GPU cluster after the job."""
+    text = (DEPLOY / "kuberay" / name).read_text()
+    spec = yaml.safe_load(text)["spec"]
+    job = spec.get("jobTemplate") or spec  # a RayCronJob's jobTemplate is a RayJobSpec
+    assert job["shutdownAfterJobFinishes"] is True
+    assert isinstance(job["ttlSecondsAfterFinished"], int)
+    assert "shutdownAfterJobFinishesSeconds" not in text
+
+
+def test_rayjob_autoscales_the_workers_its_actor_range_needs():
+    """minReplicas/maxReplicas only move with the in-tree autoscaler; without it KubeRay keeps
+    `replicas` workers and `--actors 1-8` would never get more than those."""
+    document = yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
+    cluster = document["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    workers = cluster["workerGroupSpecs"][0]
+    actors = run.make_context("run", shlex.split(_entrypoint(document))[2:]).params["actors"]
+    assert actors == "1-8"
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 8)
+
+
+@pytest.mark.parametrize(("extra", "address"), [([], "auto"),
+                                                (["--address", "10.0.0.2:6379"], "10.0.0.2:6379")])
+def test_submit_script_passes_auto_unless_the_user_names_an_address(tmp_path, extra, address):
+    """submit.sh runs `ray job submit -- sdedit run ...`; a stand-in `ray` prints its argv."""
+    fake = tmp_path / "ray"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+           "RAY_ADDRESS": "http://head:8265"}
+    printed = subprocess.run(["bash", str(DEPLOY / "submit.sh"), "s3://b/in/", "s3://b/out/",
+                              "--t0", "0.4", *extra], env=env, check=True,
+                             capture_output=True).stdout.decode()
+    argv = printed.split("\0")[:-1]
+    command = argv[argv.index("--") + 1:]
+    assert command[:2] == ["sdedit", "run"]
+    params = run.make_context("run", command[2:]).params
+    assert params["address"] == address
+    assert (params["manifest"], params["output"]) == ("s3://b/in/", "s3://b/out/")
