@@ -57,7 +57,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
 @click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
 @click.option("--progress-interval", type=float, metavar="SECONDS",
               help="Seconds between progress lines on stderr (outputs done, rate, time left); "
-                   "0 for none. Default 30.")
+                   "0 silences every `sdedit:` line but errors. Default 30.")
 @click.option("--wait-for-output", type=float, metavar="SECONDS",
               help="If another run holds OUTPUT, wait up to SECONDS for it to end or its lease "
                    "to expire (120 s after a killed run's last renewal) instead of stopping at "

@@ -1,4 +1,5 @@
-"""Rebuild the bundled example: four public-domain / CC0 photos from scikit-image, 64x64.
+"""Rebuild the bundled example, 64x64: four public-domain / CC0 photos from scikit-image, four
+Twemoji (CC-BY 4.0) held out from the default prior's training set, and one masked edit.
 
     python pipeline/examples/make_example.py
 
