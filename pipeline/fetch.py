@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.manifest import INTERNAL
 from tasks.images import (
     InputError,
+    file_limit,
     fit,
     open_image,
     oriented_size,
@@ -30,7 +31,8 @@ def load_guide(uri: str, options: Mapping, max_pixels: int,
                draft_to: int | None = None) -> Image.Image:
     """Read and decode a guide to 8-bit RGB at its own size (a JPEG with `draft_to`: at the
     smallest DCT scale whose shorter side is at least `draft_to`)."""
-    return decode_guide(read_bytes(uri, options), uri, max_pixels, draft_to)
+    return decode_guide(read_bytes(uri, options, max_bytes=file_limit(max_pixels)), uri,
+                        max_pixels, draft_to)
 
 
 def decode_guide(data: bytes, uri: str, max_pixels: int,
@@ -42,7 +44,8 @@ def decode_guide(data: bytes, uri: str, max_pixels: int,
 def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
               max_pixels: int) -> Image.Image:
     """Read and decode a mask; it must have the guide's size."""
-    mask = to_mask(open_image(read_bytes(uri, options), uri, max_pixels), uri)
+    data = read_bytes(uri, options, max_bytes=file_limit(max_pixels))
+    mask = to_mask(open_image(data, uri, max_pixels), uri)
     if mask.size != size:
         raise InputError("validate", f"mask {uri} is {mask.size[0]}x{mask.size[1]} but guide "
                          f"{guide_uri} is {size[0]}x{size[1]}; they must match")
@@ -55,7 +58,7 @@ def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapp
     `fast_decode`, a JPEG guide decodes at a reduced scale; its mask still has to match the
     guide's full size, and both are cropped and resized to the resolution on their own."""
     draft_to = resolution if fast_decode else None
-    data = read_bytes(guide_uri, options)
+    data = read_bytes(guide_uri, options, max_bytes=file_limit(max_pixels))
     guide = decode_guide(data, guide_uri, max_pixels, draft_to)
     mask = None
     if mask_uri:  # the guide's size at full scale, EXIF orientation applied

@@ -25,6 +25,7 @@ from tasks.editing import edit_guide
 from tasks.images import (
     MAX_PIXELS,
     InputError,
+    file_limit,
     open_image,
     options_for,
     read_bytes,
@@ -154,7 +155,8 @@ def read_images(row: dict, job: GuideJob) -> Images:
     for key in ("source", "mask", "foreground"):
         if row.get(key):
             uri = row[key]
-            image = open_image(read_bytes(uri, job.storage_options), uri, job.max_pixels)
+            data = read_bytes(uri, job.storage_options, max_bytes=file_limit(job.max_pixels))
+            image = open_image(data, uri, job.max_pixels)
             images[key] = to_mask(image, uri) if key == "mask" else to_rgb(image, uri)
     return images
 

@@ -1,8 +1,11 @@
-"""How every command reads an image: the decoding contract `sdedit run`, `edit`, `train` and
-`guides` share, so a file is accepted, rejected and converted the same way everywhere.
+"""How every command reads an image: the decoding contract `sdedit run`, `edit`, `train`,
+`guides`, `inspect` and `evaluate` share, so a file is accepted, rejected and converted the same
+way everywhere.
 
-Bytes come from any fsspec URI, transient I/O errors retried with backoff (for http(s) URIs:
-no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final). Guides become 8-bit
+Bytes come from any fsspec URI in one ranged GET, at most `file_limit(max_pixels)` of them (a
+larger file is refused before it fills memory); transient I/O errors are retried with backoff
+(for http(s) URIs: no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final); a malformed
+URI is its row's read error; credentials the store refuses stop the run. Guides become 8-bit
 RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
 (value / 257; 32-bit integer images whose values do not fit 16 bits are decode errors); CMYK
 and YCbCr go through Pillow's conversion; images with transparency (RGBA, LA,
@@ -103,30 +106,37 @@ def _protocols() -> frozenset[str]:
     return frozenset(known_implementations)
 
 
-def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS) -> bytes:
-    """The bytes at a URI, read in one request (a GET for object stores and http(s), no HEAD
-    first); failures that may pass are retried with exponential backoff. A failure of this URI
-    is its row's InputError; one of the store (refused credentials, an object store that does
-    not answer, a storage option its file system does not take) is raised as it is, for
-    `storage_step` to stop the run with."""
+def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS,
+               max_bytes: int | None = None) -> bytes:
+    """The bytes at a URI, read in one request (a ranged GET for object stores and http(s), no
+    HEAD first); failures that may pass are retried with exponential backoff. A file larger
+    than `max_bytes` (default: `file_limit(MAX_PIXELS)`) is refused after reading that much, so
+    a huge object cannot exhaust a worker's memory. A failure of this URI is its row's
+    InputError; one of the store (refused credentials, an object store that does not answer, a
+    storage option its file system does not take) is raised as it is, for `storage_step` to
+    stop the run with."""
     import fsspec
 
+    max_bytes = file_limit(MAX_PIXELS) if max_bytes is None else max_bytes
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     except (ValueError, ImportError) as error:  # an unknown protocol, or its library missing
         raise InputError("read", f"cannot read {uri}: {_reason(error)}") from error
     for attempt in range(attempts):
         try:
-            return fs.cat_file(path)
+            data = _first_bytes(fs, path, max_bytes + 1)
         except Exception as error:  # noqa: BLE001 (sorted by _may_pass; the rest re-raised)
             may_pass = _may_pass(error)
             if may_pass is None:
                 raise
-            if isinstance(error, PermissionError) and (refused := _refused(fs, path)):
-                raise refused from error
             if not may_pass:
                 raise InputError("read", f"cannot read {uri}: {_reason(error, fs)}") from error
             last = error
+        else:
+            if len(data) > max_bytes:
+                raise InputError("read", f"{uri} is larger than {max_bytes:,} bytes, more than "
+                                 "an image within the pixel limit (--max-pixels) needs")
+            return data
         if attempt == attempts - 1:
             raise InputError("read", f"cannot read {uri} after {attempts} attempts: "
                              f"{_reason(last, fs)}") from last
@@ -134,22 +144,31 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
     raise AssertionError("unreachable")
 
 
+def file_limit(max_pixels: int) -> int:
+    """The most bytes read for an image of at most `max_pixels` pixels: 16 per pixel (no mode
+    the pipeline accepts stores more than 8 uncompressed) plus 1 MiB of headers and metadata."""
+    return 16 * max_pixels + (1 << 20)
+
+
+def _first_bytes(fs, path: str, length: int) -> bytes:
+    """The first `length` bytes at `path` (all of a shorter file) in one ranged GET."""
+    try:
+        return fs.cat_file(path, start=0, end=length)
+    except Exception as error:
+        if _error_code(error) == "InvalidRange" or getattr(error, "status", None) == 416:
+            return b""  # S3 and http servers refuse any range of an empty file
+        raise
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The error code an object store answered (botocore's ClientError under s3fs's error)."""
+    return getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
+
+
 # What S3-compatible stores answer when they refuse the credentials themselves (not one
 # object): every row would fail alike, so the run stops instead of writing error rows.
 REFUSED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                                  "InvalidToken", "TokenRefreshRequired", "InvalidSecurity"})
-
-
-def _refused(fs, path: str) -> Exception | None:
-    """The store's refusal of the credentials themselves, if that is why reading `path` was
-    forbidden: S3 answers a HEAD (which s3fs sends before a GET) with a bare 403 whether the
-    credentials or the object are refused, so one byte is asked for with a GET, whose answer
-    names its reason."""
-    try:
-        fs.cat_file(path, start=0, end=1)
-    except Exception as error:  # noqa: BLE001 (only its reason matters here)
-        return error if _may_pass(error) is None else None
-    return None
 
 
 def _may_pass(error: Exception) -> bool | None:
@@ -160,8 +179,7 @@ def _may_pass(error: Exception) -> bool | None:
     status = getattr(error, "status", None)
     if isinstance(status, int):  # an http(s) answer
         return status in (408, 429) or status >= 500
-    code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
-    if code in REFUSED_CREDENTIALS:
+    if _error_code(error) in REFUSED_CREDENTIALS:
         return None
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
                           PermissionError, ValueError)):

@@ -208,3 +208,22 @@ def test_fast_decode_masks_match_the_guide_as_its_exif_orientation_turns_it(tmp_
     full_guide, full_mask = prepare(guide, mask, 128, {}, LIMIT)
     fast_guide, fast_mask = prepare(guide, mask, 128, {}, LIMIT, fast_decode=True)
     assert fast_mask == full_mask and _grey_levels(full_guide, fast_guide).mean() < 1.0
+
+
+def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(tmp_path):
+    """A multi-GB object named as a guide was read whole into the fetch worker's memory before
+    the pixel limit could refuse it."""
+    from tasks.images import file_limit
+
+    assert file_limit(100) == 1600 + 2**20
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG" + bytes(file_limit(100)))  # 4 bytes over the limit
+    with pytest.raises(InputError) as error:
+        prepare(str(huge), None, 8, {}, max_pixels=100)
+    assert error.value.stage == "read"
+    assert str(error.value) == (f"{huge} is larger than {file_limit(100):,} bytes, more than an "
+                                "image within the pixel limit (--max-pixels) needs")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError) as error:
+        prepare(str(tmp_path / "empty.png"), None, 8, {}, max_pixels=100)
+    assert error.value.stage == "decode"

@@ -41,7 +41,9 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
     bucket, fs = bucket_manifest
     buffer = io.BytesIO()
     guides = {"ok": "img0.png", "gone": "nothing.png", "nokey": f"{bucket}/",
-              "badbucket": "s3://Bad_Bucket!/x.png", "protocol": "foo://x/y.png"}
+              "badbucket": "s3://Bad_Bucket!/x.png", "protocol": "foo://x/y.png",
+              "empty": "empty.png"}
+    fs.pipe_file(f"{bucket}/inputs/empty.png", b"")  # S3 refuses any byte range of it
     pq.write_table(pa.table({"id": list(guides), "guide": list(guides.values())}), buffer)
     fs.pipe_file(f"{bucket}/inputs/partial.parquet", buffer.getvalue())
     summary = run(RunConfig(manifest=f"{bucket}/inputs/partial.parquet",
@@ -49,7 +51,7 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
                             batch_size=2, model_batch=2,
                             storage_options=s3_server.storage_options))
     # the last three raised ValueError or botocore's ParamValidationError, which stopped the run
-    assert (summary["written"], summary["errors_by_stage"]) == (1, {"read": 4})
+    assert (summary["written"], summary["errors_by_stage"]) == (1, {"read": 4, "decode": 1})
     errors = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(shard)))
                               for shard in fs.glob(f"{bucket}/out2/errors/*.parquet"))
     messages = dict(zip(errors["id"].to_pylist(), errors["error"].to_pylist(), strict=True))
