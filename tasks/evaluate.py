@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from tasks.images import options_for
+from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
     decode,
     iter_rows,
     load_image,
     manifest_base,
+    pixel_limit,
     read_summary,
     resolve_guide,
     to_unit,
@@ -77,7 +78,8 @@ def score_rows(folder: OutputFolder) -> tuple[list[dict], int]:
 
     Returns the scores and how many outputs had no readable guide (they are not scored).
     """
-    base = manifest_base(folder, read_summary(folder))
+    summary = read_summary(folder)
+    base, limit = manifest_base(folder, summary), pixel_limit(summary)
     scores, missing = [], 0
     for row in iter_rows(folder):
         guide_uri = resolve_guide(row.get("guide"), base)
@@ -86,9 +88,9 @@ def score_rows(folder: OutputFolder) -> tuple[list[dict], int]:
             continue
         mask_uri = resolve_guide(row.get("mask"), base)
         try:
-            guide = load_image(guide_uri, folder.storage_options)
-            mask = load_image(mask_uri, folder.storage_options, "L") if mask_uri else None
-        except FileNotFoundError:
+            guide = load_image(guide_uri, folder.storage_options, "RGB", limit)
+            mask = load_image(mask_uri, folder.storage_options, "L", limit) if mask_uri else None
+        except InputError:
             missing += 1
             continue
         score = faithfulness(decode(row["image"]), guide, mask)

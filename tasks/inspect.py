@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageOps
 
-from tasks.images import options_for
+from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
     decode,
     find_value,
     load_image,
     manifest_base,
+    pixel_limit,
     read_summary,
     read_table,
     resolve_guide,
@@ -137,13 +138,14 @@ def sheet_rows(
     chosen = ids or (written + only_failed)[:count]
     outputs = chosen_outputs(folder, chosen, sample) if rows else {}
     first = {row["id"]: row for row in rows}
-    base = manifest_base(folder, read_summary(folder))
+    summary = read_summary(folder)
+    base, limit = manifest_base(folder, summary), pixel_limit(summary)
     failed = {(row["id"], float(row["t0"])) for row in failures}
     return [
         SheetRow(
             id=row_id,
-            guide=_optional_image(first.get(row_id, {}).get("guide"), base, folder, "RGB"),
-            mask=_optional_image(first.get(row_id, {}).get("mask"), base, folder, "L"),
+            guide=_optional_image(first.get(row_id, {}).get("guide"), base, folder, "RGB", limit),
+            mask=_optional_image(first.get(row_id, {}).get("mask"), base, folder, "L", limit),
             outputs={t0: outputs.get((row_id, t0)) for t0 in t0s},
             failed=frozenset(t0 for t0 in t0s if (row_id, t0) in failed),
         )
@@ -165,13 +167,14 @@ def chosen_outputs(
     return outputs
 
 
-def _optional_image(uri: str | None, base: str | None, folder: OutputFolder, mode: str):
+def _optional_image(uri: str | None, base: str | None, folder: OutputFolder, mode: str,
+                    max_pixels: int):
     resolved = resolve_guide(uri, base)
     if resolved is None:
         return None
     try:
-        return load_image(resolved, folder.storage_options, mode)
-    except FileNotFoundError:
+        return load_image(resolved, folder.storage_options, mode, max_pixels)
+    except InputError:  # missing or not an image: the sheet shows an empty cell
         return None
 
 

@@ -20,7 +20,15 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import Format
-from tasks.images import options_for
+from tasks.images import (
+    MAX_PIXELS,
+    file_limit,
+    open_image,
+    options_for,
+    read_bytes,
+    to_mask,
+    to_rgb,
+)
 from tasks.sources import is_remote, resolve
 
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
@@ -199,18 +207,25 @@ def decode(image_bytes: bytes) -> Image.Image:
 
 
 @lru_cache(maxsize=64)
-def _read_bytes(uri: str, options: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(uri, "rb", **options_for(uri, json.loads(options))) as file:
-        return file.read()
+def _read_bytes(uri: str, options: str, max_pixels: int) -> bytes:
+    return read_bytes(uri, json.loads(options), max_bytes=file_limit(max_pixels))
 
 
-def load_image(uri: str, storage_options: dict, mode: str = "RGB") -> Image.Image:
-    """A guide or mask from any URI, decoded to `mode` (cached: many outputs share a guide)."""
+def load_image(uri: str, storage_options: dict, mode: str = "RGB",
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A guide (mode "RGB") or mask (mode "L") from any URI, decoded as `sdedit run` decodes it
+    (`tasks.images`: EXIF orientation, 16-bit, transparency over white...), so what is compared
+    with an output is what the run edited; InputError when it cannot be (cached: many outputs
+    share a guide)."""
     options = json.dumps(storage_options, sort_keys=True)  # hashable, nested options too
-    image = Image.open(io.BytesIO(_read_bytes(uri, options)))
-    return image.convert(mode)
+    image = open_image(_read_bytes(uri, options, max_pixels), uri, max_pixels)
+    return to_mask(image, uri) if mode == "L" else to_rgb(image, uri)
+
+
+def pixel_limit(summary: dict) -> int:
+    """The --max-pixels the run that wrote OUTPUT decoded guides with (else the default)."""
+    value = summary.get("config", {}).get("max_pixels")
+    return value if isinstance(value, int) else MAX_PIXELS
 
 
 def to_unit(image: Image.Image) -> np.ndarray:

@@ -178,3 +178,32 @@ def test_evaluate_cli_on_an_empty_output_names_it(tmp_path):
 
     result = CliRunner().invoke(evaluate_command, [str(tmp_path)])
     assert result.exit_code == 1 and f"no output shards under {tmp_path}/data" in result.output
+
+
+def test_guides_and_masks_are_decoded_as_the_pipeline_decodes_them(tmp_path):
+    """`inspect` and `evaluate` opened guides with Pillow alone: a transparent guide came back
+    black (the run composites it over white), an EXIF-turned photo on its side, a 16-bit one
+    clipped to white, so `evaluate` scored outputs against images the run never edited."""
+    from pipeline.fetch import load_guide, load_mask
+    from tasks.images import InputError
+    from tasks.outputs import load_image
+
+    clear = Image.new("RGBA", (6, 4), (0, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to view
+    Image.new("RGB", (6, 4), (200, 30, 30)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    Image.fromarray(np.full((4, 6), 257 * 60, np.uint16)).save(tmp_path / "deep.png")
+    for name in ("clear.png", "turned.jpg", "deep.png"):
+        uri = str(tmp_path / name)
+        guide = load_image(uri, {})
+        assert np.array_equal(np.asarray(guide), np.asarray(load_guide(uri, {}, 10**6))), name
+        mask = load_image(uri, {}, "L")
+        assert np.array_equal(np.asarray(mask),
+                              np.asarray(load_mask(uri, uri, mask.size, {}, 10**6))), name
+    assert np.asarray(load_image(str(tmp_path / "clear.png"), {})).min() == 255  # white
+    assert load_image(str(tmp_path / "turned.jpg"), {}).size == (4, 6)
+    with pytest.raises(InputError, match="over the limit of 20"):
+        load_image(str(tmp_path / "deep.png"), {}, max_pixels=20)
+    with pytest.raises(InputError, match="cannot read"):
+        load_image(str(tmp_path / "gone.png"), {})
