@@ -4,7 +4,11 @@ A prior folder holds a UNet2DModel (config.json + weights) and a scheduler confi
 by side at the root or in `unet/` and `scheduler/` subfolders (a pipeline folder). DDPM and DDIM
 schedulers give a VP schedule, ScoreSdeVe gives a VE schedule. Weights load from safetensors
 only, unless the caller opts in to pickle checkpoints. torch and diffusers are imported where a
-network or schedule is built: `describe` of a folder reads configs and hashes a file only.
+network or schedule is built: `describe` of a folder reads its configs and the safetensors
+header of its weights and hashes the weights file, and refuses what `load` would refuse where
+that shows without building anything. Remote folders are copied into a local cache keyed by
+the versions (ETag, Last-Modified, ...) their store reports; failures name the URI with its
+credentials masked.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +65,13 @@ class ModelLoadError(RuntimeError):
     """A prior could not be loaded; the message says which URI and what was expected."""
 
 
+class ModelFetchError(ModelLoadError, OSError):
+    """A remote model folder could not be listed or copied (an unreachable store, refused
+    credentials, a file the server does not serve). Also an OSError, so callers that tell
+    storage failures from other errors (`sdedit run`, through `tasks.images.storage_step`)
+    still see a storage failure. The message names the URI with its credentials masked."""
+
+
 def load(
     uri: str | os.PathLike | None = "default",
     device: str | torch.device | None = None,
@@ -83,7 +96,7 @@ def load(
         name, digest = uri, _state_digest(unet)
     else:
         folder = _local_folder(uri, storage_options or {}, allow_pickle)
-        unet, schedule, digest = _load_folder(folder, uri, allow_pickle)
+        unet, schedule, digest = _load_folder(folder, redact(uri), allow_pickle)
         name = redact(uri)
     adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile)
     config = unet.config
@@ -113,7 +126,7 @@ def describe(
     if uri.startswith("builtin:"):
         prior = load(uri, device="cpu")
         return PriorInfo(prior.name, prior.digest, prior.resolution, prior.channels)
-    parts = _folder_parts(_local_folder(uri, storage_options or {}, allow_pickle), uri,
+    parts = _folder_parts(_local_folder(uri, storage_options or {}, allow_pickle), redact(uri),
                           allow_pickle)
     return PriorInfo(redact(uri), _file_digest(parts.weights), int(_resolution(parts.unet_config)),
                      int(parts.unet_config.get("in_channels", 3)))
@@ -145,36 +158,77 @@ def _local_folder(uri: str, storage_options: dict, allow_pickle: bool) -> Path:
 
 def _fetch_remote(uri: str, storage_options: dict) -> Path:
     """Copy a remote model folder into a local cache (atomic rename), keyed by the URI and by
-    what its listing says of every file, so a model replaced at the same URI is fetched again
-    instead of served stale; the copies of its earlier versions are then removed."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate a change
-    if not fs.isdir(root):
-        raise ModelLoadError(f"model folder {uri} does not exist or is not a folder")
-    files = fs.find(root, detail=True)
+    what the store says of every file's version, so a model replaced at the same URI is
+    fetched again instead of served stale; the copies of its earlier versions are then
+    removed. A folder whose files carry no version (a web server without ETag or
+    Last-Modified) is fetched on every call and cached under a digest of its content.
+    Failures are ModelFetchErrors naming the URI without its credentials."""
+    shown = redact(uri)
+    fs, root = _remote_fs(uri, storage_options)
+    with _fetching(shown, "list the folder"):
+        fs.invalidate_cache(root)  # a listing cached earlier in this process may predate a change
+        if not fs.isdir(root):
+            raise ModelLoadError(f"model folder {shown} does not exist or is not a folder")
+        files = {path: _versioned(fs, path, info)
+                 for path, info in fs.find(root, detail=True).items()}
     cache = Path(os.environ.get("SDEDIT_CACHE", Path.home() / ".cache" / "sdedit")) / "models"
-    target = cache / _listing_key(uri, root, files)
-    if target.exists():
-        return target
+    key = _listing_key(uri, root, files)
+    if key is not None and (cache / key).exists():
+        return cache / key
     cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+    staging = _download(fs, root, files, cache, shown)
+    target = cache / (key or _content_key(uri, staging))
     try:
-        for remote in files:
-            local = staging / os.path.relpath(remote, root)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(local))
         staging.rename(target)
     except OSError:  # renaming onto a folder that exists fails with ENOTEMPTY, not EEXIST
         shutil.rmtree(staging, ignore_errors=True)
-        if not target.is_dir():  # not another process winning the race to the same folder
+        if not target.is_dir():  # not another process (or an identical copy) there already
             raise
+    _prune_cache(cache, keep=target)
+    return target
+
+
+def _remote_fs(uri: str, storage_options: dict):
+    """fsspec's file system and path for `uri`; an unknown protocol or a missing client
+    library is a ModelLoadError (a storage option it does not take stays a TypeError, which
+    callers report as that)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(uri, **storage_options)
+    except (ValueError, ImportError) as error:
+        raise ModelLoadError(f"model {redact(uri)}: cannot open its file system: "
+                             f"{type(error).__name__}: {redact(str(error))}") from error
+
+
+@contextmanager
+def _fetching(shown: str, what: str) -> Iterator[None]:
+    """Raise what the store or its client library raises in the block as a ModelFetchError
+    saying what could not be done; ModelLoadErrors pass, and so does the TypeError of a storage
+    option the file system does not take (the caller's mistake, reported by `sdedit run`)."""
+    try:
+        yield
+    except (ModelLoadError, TypeError):
+        raise
+    except Exception as error:  # fsspec and its clients (aiohttp, botocore...) raise many types
+        raise ModelFetchError(f"model {shown}: could not {what}: {type(error).__name__}: "
+                              f"{redact(str(error))}") from error
+
+
+def _download(fs, root: str, files: dict, cache: Path, shown: str) -> Path:
+    """Copy every listed file into a new staging folder under `cache`; removed on failure."""
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
+    try:
+        for remote in files:
+            relative = os.path.relpath(remote, root)
+            local = staging / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with _fetching(shown, f"copy {relative}"):
+                fs.get_file(remote, str(local))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _prune_cache(cache, keep=target)
-    return target
+    return staging
 
 
 def _prune_cache(cache: Path, keep: Path) -> None:
@@ -197,20 +251,50 @@ def _age_seconds(path: Path) -> float:
         return 0.0
 
 
-# Listing fields that change when an object's content does (S3/GCS/Azure/local spellings).
+# Listing fields that change when an object's content does (S3/GCS/Azure/local spellings, and
+# the headers of an http(s) HEAD as fsspec's http file system reports them).
 _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "LastModified",
-                   "last_modified", "updated", "mtime")
+                   "last_modified", "updated", "mtime", "Last-Modified", "Content-MD5", "Digest")
 
 
-def _listing_key(uri: str, root: str, files: dict) -> str:
+def _versions(info: dict) -> list[str]:
+    return [str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None]
+
+
+def _versioned(fs, path: str, info: dict) -> dict:
+    """A listing entry with its size and version fields: where the listing gives neither (an
+    http(s) folder's index page names files only), what `fs.info` says (a HEAD request: size,
+    ETag, Last-Modified)."""
+    if info.get("size") is not None and _versions(info):
+        return info
+    return {**info, **fs.info(path)}
+
+
+def _listing_key(uri: str, root: str, files: dict) -> str | None:
     """Cache folder name: "<digest of the URI>-<digest of each file's path, size and version
-    fields>", so the copies of one URI's versions share the part before the dash."""
+    fields>", so the copies of one URI's versions share the part before the dash; None when a
+    file has no version field, as nothing then tells a replaced file from the cached one."""
     digest = hashlib.sha256()
     for path in sorted(files):
         info = files[path]
-        versions = [str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None]
-        digest.update(repr((os.path.relpath(path, root), info.get("size"), versions)).encode())
-    return f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{digest.hexdigest()[:24]}"
+        if not _versions(info):
+            return None
+        digest.update(repr((os.path.relpath(path, root), info.get("size"),
+                            _versions(info))).encode())
+    return f"{_uri_part(uri)}-{digest.hexdigest()[:24]}"
+
+
+def _content_key(uri: str, folder: Path) -> str:
+    """Cache folder name of a copy whose listing said nothing of versions: as `_listing_key`,
+    with a digest of each file's path and content after the dash."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(repr((path.relative_to(folder).as_posix(), _file_digest(path))).encode())
+    return f"{_uri_part(uri)}-{digest.hexdigest()[:24]}"
+
+
+def _uri_part(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:
@@ -233,40 +317,79 @@ class _FolderParts:
     unet_dir: Path
     unet_config: dict
     weights: Path
+    scheduler_file: Path
     scheduler_config: dict
 
 
 def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
     """Find and check a prior folder's pieces (flat or unet/ + scheduler/ layout): the one
-    place both `load` and `describe` refuse a folder, so they refuse the same ones."""
+    place both `load` and `describe` refuse a folder, so they refuse the same ones. It checks
+    what can be checked without torch: both configs, the scheduler's settings, and that a
+    safetensors file is whole and holds the shapes the config names (its header only)."""
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     scheduler_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
-    unet_config = _read_json(unet_dir / "config.json", uri)
+    config_file = unet_dir / "config.json"
+    unet_config = _read_json(config_file, uri)
     if unet_config.get("_class_name") != "UNet2DModel":
         raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
-                             f"{unet_config.get('_class_name')!r} in {unet_dir / 'config.json'}")
+                             f"{unet_config.get('_class_name')!r} in {config_file}")
+    _check_sample_size(unet_config, config_file, uri)
     weights = _weights_file(unet_dir, uri, allow_pickle)
-    scheduler_config = _read_json(scheduler_dir / "scheduler_config.json", uri)
+    scheduler_file = scheduler_dir / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file, uri)
     check_scheduler(scheduler_config, uri)
-    return _FolderParts(unet_dir, unet_config, weights, scheduler_config)
+    if weights.suffix == ".safetensors":
+        _check_weights(weights, unet_config, config_file, uri)
+    return _FolderParts(unet_dir, unet_config, weights, scheduler_file, scheduler_config)
 
 
 def _load_folder(folder: Path, uri: str, allow_pickle: bool):
+    """Build the schedule and the UNet; what diffusers still refuses (a config it cannot build,
+    weights that do not fit it beyond what `_folder_parts` checks) is a ModelLoadError naming
+    the URI and the file."""
     parts = _folder_parts(folder, uri, allow_pickle)
-    schedule = schedule_from_config(parts.scheduler_config, uri)
+    try:
+        schedule = schedule_from_config(parts.scheduler_config, uri)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # diffusers raises NotImplementedError, ValueError, TypeError...
+        raise ModelLoadError(f"model {uri}: cannot build the schedule {parts.scheduler_file}: "
+                             f"{type(error).__name__}: {error}") from error
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(
-        parts.unet_dir, use_safetensors=parts.weights.suffix == ".safetensors",
-        low_cpu_mem_usage=False,
-    )
+    try:
+        unet = UNet2DModel.from_pretrained(
+            parts.unet_dir, use_safetensors=parts.weights.suffix == ".safetensors",
+            low_cpu_mem_usage=False,
+        )
+    except Exception as error:  # a size mismatch is a RuntimeError, a bad file an OSError...
+        raise ModelLoadError(f"model {uri}: cannot build the UNet from {parts.unet_dir} "
+                             f"(config.json, {parts.weights.name}): {type(error).__name__}: "
+                             f"{error}") from error
     return unet, schedule, _file_digest(parts.weights)
 
 
 def _read_json(path: Path, uri: str) -> dict:
     if not path.exists():
         raise ModelLoadError(f"model {uri}: missing {path.name} (looked in {path.parent})")
-    return json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ModelLoadError(f"model {uri}: {path} is not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"model {uri}: {path} holds a JSON {type(values).__name__}; "
+                             "expected an object")
+    return values
+
+
+def _check_sample_size(config: dict, config_file: Path, uri: str) -> None:
+    """The model's resolution must be in its config: a positive integer, or [height, width]."""
+    size = config.get("sample_size")
+    sizes = size if isinstance(size, list) and size else [size]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+               for side in sizes):
+        raise ModelLoadError(f"model {uri}: {config_file} has sample_size={size!r}; expected "
+                             "the image resolution, a positive integer (or [height, width])")
 
 
 def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
@@ -281,8 +404,52 @@ def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
     raise ModelLoadError(f"model {uri}: no {SAFE_WEIGHTS} in {unet_dir}")
 
 
+def _check_weights(weights: Path, config: dict, config_file: Path, uri: str) -> None:
+    """Read the safetensors header (names and shapes; safetensors checks that the data it
+    describes is all there) and compare the shapes `_expected_shapes` knows with the config."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as tensors:
+            names = tensors.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+            shapes = {name: tensors.get_slice(name).get_shape() for name in names}
+    except Exception as error:  # safetensors raises its own SafetensorError, or an OSError
+        raise ModelLoadError(f"model {uri}: cannot read the weights {weights} "
+                             f"({type(error).__name__}: {error}); expected a complete "
+                             "safetensors file") from error
+    for name, dim, expected, field in _expected_shapes(config):
+        shape = shapes.get(name)
+        if shape is not None and (len(shape) <= dim or shape[dim] != expected):
+            raise ModelLoadError(f"model {uri}: the weights {weights} do not match "
+                                 f"{config_file}: {name} has shape {list(shape)}, whose "
+                                 f"dimension {dim} should be {field} = {expected}")
+
+
+def _expected_shapes(config: dict) -> list[tuple[str, int, int, str]]:
+    """(tensor name, dimension, size, config field) that diffusers' UNet2DModel gives its
+    input and output convolutions and each level's first ResNet: the widths a config from
+    another model gets wrong. A tensor of another size fails `load` with a size mismatch;
+    a missing one does not (diffusers initialises it), so only present tensors are checked."""
+    expected = [("conv_in.weight", 1, config.get("in_channels", 3), "in_channels"),
+                ("conv_out.weight", 0, config.get("out_channels", 3), "out_channels")]
+    widths = config.get("block_out_channels")
+    if isinstance(widths, list) and widths:
+        expected += [("conv_in.weight", 0, widths[0], "block_out_channels[0]"),
+                     ("conv_out.weight", 1, widths[0], "block_out_channels[0]")]
+        expected += [(f"down_blocks.{level}.resnets.0.conv1.weight", 0, width,
+                      f"block_out_channels[{level}]") for level, width in enumerate(widths)]
+    return expected
+
+
+# The beta_schedule names diffusers' DDPMScheduler builds (`schedule_from_config` builds every
+# VP schedule with it); others raise NotImplementedError there.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
+
+
 def check_scheduler(config: dict, uri: str = "<config>") -> str:
-    """The scheduler class a diffusers scheduler config names, if this package supports it."""
+    """The scheduler class a diffusers scheduler config names, if this package supports it
+    and can build its schedule (VP: a beta_schedule DDPMScheduler knows, or trained_betas;
+    VE: 0 < sigma_min < sigma_max)."""
     kind = config.get("_class_name")
     if kind not in VP_SCHEDULERS | VE_SCHEDULERS:
         raise ModelLoadError(f"model {uri}: unsupported scheduler {kind!r}; expected one of "
@@ -290,7 +457,23 @@ def check_scheduler(config: dict, uri: str = "<config>") -> str:
     if kind in VP_SCHEDULERS and config.get("prediction_type", "epsilon") != "epsilon":
         raise ModelLoadError(f"model {uri}: only epsilon prediction is supported, got "
                              f"prediction_type={config['prediction_type']!r}")
+    beta_schedule = config.get("beta_schedule", "linear")
+    if (kind in VP_SCHEDULERS and config.get("trained_betas") is None
+            and beta_schedule not in BETA_SCHEDULES):
+        raise ModelLoadError(f"model {uri}: unsupported beta_schedule {beta_schedule!r} in its "
+                             f"scheduler config; expected one of {list(BETA_SCHEDULES)} or "
+                             "trained_betas")
+    if kind in VE_SCHEDULERS:
+        _check_sigmas(config, uri)
     return kind
+
+
+def _check_sigmas(config: dict, uri: str) -> None:
+    sigmas = config.get("sigma_min", 0.01), config.get("sigma_max", 1348.0)
+    numbers = all(isinstance(s, int | float) and not isinstance(s, bool) for s in sigmas)
+    if not (numbers and 0 < sigmas[0] < sigmas[1]):
+        raise ModelLoadError(f"model {uri}: the scheduler config has sigma_min={sigmas[0]!r} "
+                             f"and sigma_max={sigmas[1]!r}; expected 0 < sigma_min < sigma_max")
 
 
 def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:

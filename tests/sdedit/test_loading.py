@@ -3,10 +3,14 @@ the schedule read from the scheduler config, dtype adapters and the errors users
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import os
+import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -340,17 +344,42 @@ def test_describe_matches_load_for_folders_builtins_and_the_default(ddpm_folder,
 
 
 def _bad_folders(tmp_path) -> dict:
-    """Folders that load refuses, each with a word its message must contain."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    """Folders that load refuses, each with a pattern its message must contain (the file it
+    blames, where it blames one)."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
 
     pickled = save_flat(tmp_path / "pickled", small_unet(), DDPMScheduler(), safe=False)
     euler = save_flat(tmp_path / "euler", small_unet(), EulerDiscreteScheduler())
     v_pred = save_flat(tmp_path / "v", small_unet(), DDPMScheduler(prediction_type="v_prediction"))
     no_scheduler = tmp_path / "unet-only"
     small_unet().save_pretrained(no_scheduler)
+    cosine = save_flat(tmp_path / "cosine", small_unet(), DDPMScheduler())
+    _edit_json(cosine / "scheduler_config.json", beta_schedule="cosine")
+    ve_sigmas = save_flat(tmp_path / "ve-sigmas", small_unet(time_embedding_type="fourier"),
+                          ScoreSdeVeScheduler(sigma_min=80.0, sigma_max=0.02))
+    bad_json = save_flat(tmp_path / "bad-json", small_unet(), DDPMScheduler())
+    (bad_json / "config.json").write_text('{"_class_name": "UNet2DModel",\n')
+    no_size = save_flat(tmp_path / "no-size", small_unet(), DDPMScheduler())
+    _edit_json(no_size / "config.json", sample_size=None)
+    truncated = save_flat(tmp_path / "truncated", small_unet(), DDPMScheduler())
+    weights = truncated / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    other_config = save_flat(tmp_path / "other-config", small_unet(), DDPMScheduler())
+    _edit_json(other_config / "config.json", block_out_channels=[16, 16])
     return {tmp_path / "missing": "does not exist", pickled: "pickle",
             euler: "unsupported scheduler", v_pred: "epsilon",
-            no_scheduler: "scheduler_config.json"}
+            no_scheduler: "scheduler_config.json", cosine: "unsupported beta_schedule 'cosine'",
+            ve_sigmas: "expected 0 < sigma_min < sigma_max",
+            bad_json: r"bad-json/config\.json is not valid JSON",
+            no_size: r"no-size/config\.json has sample_size=None",
+            truncated: r"cannot read the weights \S*truncated/diffusion_pytorch_model\.safetensors",
+            other_config: r"do not match \S*other-config/config\.json: conv_in\.weight"}
+
+
+def _edit_json(path, **changes) -> None:
+    """Rewrite a JSON config with `changes` (None removes the key)."""
+    values = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
 
 
 def test_describe_refuses_what_load_refuses_with_the_same_message(tmp_path):
@@ -360,6 +389,163 @@ def test_describe_refuses_what_load_refuses_with_the_same_message(tmp_path):
         with pytest.raises(ModelLoadError) as loaded:
             sdedit.load(folder, device="cpu")
         assert str(described.value) == str(loaded.value), folder
+
+
+@pytest.mark.parametrize(("file", "changes", "blamed"), [
+    ("config.json", dict(norm_num_groups=3), "config.json"),  # widths 8, 16: no groups of 3
+    ("scheduler_config.json", dict(trained_betas=[0.5, 1.5]), "scheduler_config.json"),
+])
+def test_what_diffusers_or_the_schedule_refuses_names_the_uri_and_the_file(
+        tmp_path, file, changes, blamed):
+    from diffusers import DDPMScheduler
+
+    folder = save_flat(tmp_path / "model", small_unet(), DDPMScheduler())
+    _edit_json(folder / file, **changes)
+    with pytest.raises(ModelLoadError) as loaded:
+        sdedit.load(folder, device="cpu")
+    message = str(loaded.value)
+    assert message.startswith(f"model {folder}: cannot build the ") and blamed in message
+
+
+def test_the_beta_schedules_describe_accepts_are_those_diffusers_builds():
+    from diffusers import DDPMScheduler
+
+    from sdedit.loading import BETA_SCHEDULES
+
+    for name in BETA_SCHEDULES:
+        assert len(DDPMScheduler(beta_schedule=name).betas) == 1000, name
+    with pytest.raises(NotImplementedError):
+        DDPMScheduler(beta_schedule="cosine")
+
+
+# --- model folders on a web server ---------------------------------------------------------
+
+
+class ModelFolder(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder as `python -m http.server` does; counts GETs by path and, when
+    `versions` is False, sends no Last-Modified (as servers of generated pages do)."""
+
+    gets: Counter = Counter()
+    versions = True
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.gets[self.path] += 1
+        super().do_GET()
+
+    def send_header(self, keyword, value):
+        if self.versions or keyword != "Last-Modified":
+            super().send_header(keyword, value)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_root(tmp_path):
+    """(folder served, base URL) of a web server on loopback."""
+    root = tmp_path / "www"
+    root.mkdir()
+    ModelFolder.gets, ModelFolder.versions = Counter(), True
+    handler = functools.partial(ModelFolder, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("versions", [True, False], ids=["last-modified", "no-version-headers"])
+def test_a_model_replaced_on_a_web_server_is_fetched_again(web_root, ddpm_folder, tmp_path,
+                                                           monkeypatch, versions):
+    """fsspec's listing of an http folder gives no size and no version: HEAD gives them, and
+    without Last-Modified or ETag the folder is fetched on every load."""
+    from diffusers import DDPMScheduler
+
+    monkeypatch.setenv("SDEDIT_CACHE", str(tmp_path / "cache"))
+    ModelFolder.versions = versions
+    root, base = web_root
+    folder, _ = ddpm_folder
+    served = root / "ddpm"
+    served.mkdir()
+    for file in folder.iterdir():
+        (served / file.name).write_bytes(file.read_bytes())
+    uri, weights = f"{base}/ddpm/", "/ddpm/diffusion_pytorch_model.safetensors"
+    first = sdedit.load(uri, device="cpu")
+    assert first.digest == sdedit.load(folder).digest == describe(uri).digest
+    assert ModelFolder.gets[weights] == (1 if versions else 2)  # a known version is reused
+    retrained = save_flat(tmp_path / "retrained", small_unet(seed=1),
+                          DDPMScheduler(num_train_timesteps=1000))
+    new_weights = (retrained / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert len(new_weights) == (served / "diffusion_pytorch_model.safetensors").stat().st_size
+    (served / "diffusion_pytorch_model.safetensors").write_bytes(new_weights)  # same size
+    later = time.time() + 10  # what a replacement seconds later gets (Last-Modified has 1 s)
+    os.utime(served / "diffusion_pytorch_model.safetensors", (later, later))
+    second = sdedit.load(uri, device="cpu")
+    assert second.digest == sdedit.load(retrained).digest != first.digest
+    assert describe(uri).digest == second.digest
+    copies = list((tmp_path / "cache" / "models").iterdir())
+    assert len(copies) == 1  # the copy of the old weights was removed
+
+
+def test_a_web_folder_that_cannot_be_read_is_a_model_error_without_credentials(
+        web_root, ddpm_folder, tmp_path, monkeypatch):
+    """A file the server lists but does not serve, behind a URI with a password: a
+    ModelLoadError naming the URI with the password masked, a one-line error from `sdedit
+    edit`, and a storage failure (one line, no password) from `sdedit run`."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from pipeline.cli import main
+    from tasks.images import StorageError, storage_step
+
+    monkeypatch.setenv("SDEDIT_CACHE", str(tmp_path / "cache"))
+    root, base = web_root
+    folder, _ = ddpm_folder
+    served = root / "broken"
+    served.mkdir()
+    for file in folder.iterdir():
+        (served / file.name).write_bytes(file.read_bytes())
+    (served / "zz_extra.json").symlink_to(tmp_path / "nowhere")  # listed, answered with 404
+    uri = base.replace("http://", "http://alice:s3cr3t@") + "/broken/"
+    shown = base.replace("http://", "http://alice:***@") + "/broken/"
+    with pytest.raises(ModelLoadError) as caught:
+        sdedit.load(uri, device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"model {shown}: could not ")
+    assert "zz_extra.json" in message and "FileNotFoundError" in message
+    assert "s3cr3t" not in message
+    with pytest.raises(StorageError) as stopped, storage_step("cannot read model"):
+        describe(uri)
+    assert str(stopped.value).startswith(f"cannot read model: ModelFetchError: model {shown}")
+    assert "s3cr3t" not in str(stopped.value)
+    guide = tmp_path / "g.png"
+    Image.new("RGB", (32, 32)).save(guide)
+    result = CliRunner().invoke(main, ["edit", "--model", uri, "--guide", str(guide),
+                                       "--out", str(tmp_path / "o.png")],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: cannot load model {shown}: ")
+    assert "zz_extra.json" in result.output and "s3cr3t" not in result.output
+
+
+def test_an_unreachable_model_server_stops_a_run_with_one_line(closed_port, tmp_path):
+    """As before model fetch failures became ModelLoadErrors: `sdedit run` names the model
+    and what the store answered, in one line without the password."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    manifest = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "examples",
+                            "manifest.parquet")
+    uri = f"http://alice:s3cr3t@127.0.0.1:{closed_port}/model/"
+    result = CliRunner().invoke(main, ["run", manifest, str(tmp_path / "out"), "--model", uri,
+                                       "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        f"Error: cannot read model http://alice:***@127.0.0.1:{closed_port}/model/: ")
+    assert "Cannot connect" in result.output and result.output.count("\n") == 1
+    assert "s3cr3t" not in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(("text", "shown"), [
