@@ -115,8 +115,12 @@ def _start_state(output: str, config, device, ctx: click.Context):
     from sdedit.training import TrainState, has_checkpoint, load_checkpoint
 
     if not has_checkpoint(output):
+        _note_attention(config)
         return TrainState.fresh(config, device)
-    state = load_checkpoint(output, device)
+    try:
+        state = load_checkpoint(output, device)
+    except ValueError as error:  # a checkpoint it cannot resume from; the message says why
+        raise click.ClickException(str(error)) from error
     saved = state.config
     explicit = [name for name in OPTION_FIELDS
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -128,6 +132,18 @@ def _start_state(output: str, config, device, ctx: click.Context):
     state.config = replace(saved, steps=config.steps)
     click.echo(f"resuming {output} from step {state.step}")
     return state
+
+
+def _note_attention(config) -> None:
+    """Say so when no level of a new UNet is `attention_resolution` pixels wide: it then has
+    no attention at all (e.g. --resolution 64 with the default three widths)."""
+    from sdedit.training import unet_config
+
+    if not any(kind.startswith("Attn") for kind in unet_config(config)["down_block_types"]):
+        size = config.attention_resolution
+        click.echo(f"note: no level of this UNet is {size}x{size} pixels "
+                   f"({config.resolution}px with {len(config.channels)} widths), so it has no "
+                   "attention; give another width to --channels for one", err=True)
 
 
 def _log_line(state, window: list[float], started: float, first_step: int) -> str:
@@ -192,7 +208,9 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4,
               show_default=True, help="AdamW learning rate after a linear warmup.")
 @click.option("--channels", default="32,64,64", show_default=True,
-              help="UNet widths per level; attention runs at the 8x8 level.")
+              help="UNet widths, one level per width, each half the size of the one before; "
+                   "attention runs at the level that is 8x8 pixels, so none at --resolution 64 "
+                   "with three widths (give four, e.g. 32,64,64,64).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Default: cuda when available, else cpu.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass.")

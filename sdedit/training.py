@@ -7,7 +7,10 @@ weights in a diffusers-format folder that `sdedit.load` reads.
 
 Checkpoints hold no pickle: tensors (weights, EMA, Adam moments, RNG state) go to a
 safetensors file and everything else (step, configuration, optimizer hyper-parameters) to
-JSON, so a resumed run continues bit for bit where the saved one stopped.
+JSON, so a resumed run continues bit for bit where the saved one stopped. That JSON travels in
+the safetensors file's own metadata, so one rename commits tensors and step together (a run
+killed while saving resumes from the previous checkpoint or the new one, never a mix);
+`state.json` beside it is a readable copy.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sdedit.schedules import VPSchedule
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_META = "sdedit.checkpoint"  # safetensors metadata key of the checkpoint's JSON
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler",
     "num_train_timesteps": 1000,
@@ -197,7 +201,10 @@ def save_model(unet: torch.nn.Module, folder: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(state: TrainState, folder: str | os.PathLike) -> Path:
-    """Write the resumable state into `folder/checkpoint/` (safetensors + JSON, no pickle)."""
+    """Write the resumable state into `folder/checkpoint/` (safetensors + JSON, no pickle).
+    The step and everything else `load_checkpoint` needs besides tensors go into the
+    safetensors file's metadata, committed with the tensors by one rename; `state.json`,
+    written after it, is a copy for people and tools."""
     from safetensors.torch import save_file
 
     target = Path(folder) / CHECKPOINT_DIR
@@ -207,20 +214,18 @@ def save_checkpoint(state: TrainState, folder: str | os.PathLike) -> Path:
     tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
     tensors["rng"] = state.generator.get_state()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    partial = target / "state.safetensors.partial"
-    save_file(tensors, str(partial))
     meta = {"step": state.step, "config": asdict(state.config), "optimizer": optimizer_meta,
             "losses": [float(loss) for loss in state.losses[-1000:]]}
-    _write_json(target / "state.json.partial", meta)
+    partial = target / "state.safetensors.partial"
+    save_file(tensors, str(partial), metadata={CHECKPOINT_META: json.dumps(meta)})
     os.replace(partial, target / "state.safetensors")
-    os.replace(target / "state.json.partial", target / "state.json")
+    _write_json(target / "state.json", meta)
     return target
 
 
 def has_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds a checkpoint written by `save_checkpoint`."""
-    target = Path(folder) / CHECKPOINT_DIR
-    return (target / "state.json").exists() and (target / "state.safetensors").exists()
+    return (Path(folder) / CHECKPOINT_DIR / "state.safetensors").exists()
 
 
 def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu") -> TrainState:
@@ -228,8 +233,8 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
     from safetensors.torch import load_file
 
     target = Path(folder) / CHECKPOINT_DIR
-    meta = json.loads((target / "state.json").read_text())
     tensors = load_file(str(target / "state.safetensors"))
+    meta = _checkpoint_meta(target, tensors)
     state = TrainState.fresh(TrainConfig.from_json(meta["config"]), device)
     state.unet.load_state_dict(_prefixed(tensors, "model."))
     state.ema.load_state_dict(_prefixed(tensors, "ema."))
@@ -237,6 +242,32 @@ def load_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
     state.generator.set_state(tensors["rng"])
     state.step, state.losses = int(meta["step"]), list(meta["losses"])
     return state
+
+
+def _checkpoint_meta(target: Path, tensors: dict) -> dict:
+    """The JSON saved with the checkpoint's tensors, from the safetensors metadata.
+    Checkpoints of earlier releases kept it only in `state.json`, renamed into place after the
+    tensors, so a run killed between the two renames left tensors of one step beside the
+    metadata of an earlier one: such a pair (Adam's step counters, one per optimizer step, name
+    another step than `state.json`) is refused instead of resumed."""
+    from safetensors import safe_open
+
+    with safe_open(str(target / "state.safetensors"), framework="pt") as saved:
+        embedded = (saved.metadata() or {}).get(CHECKPOINT_META)
+    if embedded is not None:
+        return json.loads(embedded)
+    json_file = target / "state.json"
+    if not json_file.exists():
+        raise ValueError(f"checkpoint {target} has tensors without their step ({json_file.name} "
+                         "is missing); remove the folder to train from the start")
+    meta = json.loads(json_file.read_text())
+    adam_steps = {int(value) for key, value in tensors.items()
+                  if key.startswith("optim.") and key.endswith(".step")}
+    if adam_steps and adam_steps != {int(meta["step"])}:
+        raise ValueError(f"checkpoint {target} is torn: {json_file.name} says step "
+                         f"{meta['step']}, its tensors are from step {max(adam_steps)} (a run "
+                         "killed while saving); remove the folder to train from the start")
+    return meta
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sdedit
 from pipeline.cli import main
@@ -100,6 +100,31 @@ def test_resume_refuses_conflicting_settings(pngs, tmp_path):
                                        "--batch-size", "2"])
     assert result.exit_code == 2
     assert "--channels" in result.output and "other settings" in result.output
+
+
+def test_a_unet_without_attention_is_noted(pngs, tmp_path):
+    """Attention goes where the feature map is 8x8: at --resolution 64 the default three
+    widths (64, 32, 16 pixels) give none, which the help and the run now say."""
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "none at --resolution 64 with three widths" in help_text
+    result = _train(pngs, tmp_path / "p64", "--steps", "1", "--resolution", "64",
+                    "--channels", "8,16,16", "--batch-size", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "note: no level of this UNet is 8x8 pixels (64px with 3 widths)" in result.stderr
+    with_attention = _train(pngs, tmp_path / "p32", "--steps", "1", "--resolution", "32",
+                            "--channels", "8,16,16", "--batch-size", "1", "--threads", "1")
+    assert with_attention.exit_code == 0 and "no attention" not in with_attention.stderr
+
+
+def test_a_checkpoint_it_cannot_resume_from_is_one_clear_error(pngs, tmp_path):
+    out = tmp_path / "prior"
+    assert _train(pngs, out, "--steps", "1", *SMALL).exit_code == 0
+    tensors = load_file(str(out / "checkpoint" / "state.safetensors"))
+    save_file(tensors, str(out / "checkpoint" / "state.safetensors"))  # as earlier releases
+    (out / "checkpoint" / "state.json").unlink()  # killed before renaming it into place
+    result = CliRunner().invoke(main, ["train", str(pngs), str(out), "--steps", "2", *SMALL])
+    assert result.exit_code == 1 and result.output.startswith("Error: checkpoint ")
+    assert "remove the folder" in result.output
 
 
 def test_manifest_and_glob_sources(pngs, tmp_path):

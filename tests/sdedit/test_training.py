@@ -16,6 +16,7 @@ from sdedit.training import (
     TrainState,
     ddpm_loss,
     ema_decay,
+    has_checkpoint,
     learning_rate,
     load_checkpoint,
     save_checkpoint,
@@ -162,3 +163,73 @@ def test_bf16_autocast_step_gives_a_finite_loss():
     loss = train_step(state, _images(), VPSchedule.linear())
     assert state.step == 1 and 0.0 < loss < 10.0
     assert state.unet.conv_in.weight.dtype == torch.float32  # autocast keeps fp32 master weights
+
+
+class Killed(BaseException):
+    """A SIGKILL at a chosen point of `save_checkpoint`."""
+
+
+def _kill_after_writing(monkeypatch, name: str) -> None:
+    """Make the rename that puts `name` in place the last thing the process does."""
+    import os
+
+    rename = os.replace
+
+    def dying(source, destination):
+        rename(source, destination)
+        if str(destination).endswith(name):
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", dying)
+
+
+def _same_state(first: TrainState, second: TrainState) -> bool:
+    modules = ((first.unet, second.unet), (first.ema, second.ema))
+    tensors = all(torch.equal(a, b) for x, y in modules
+                  for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+    adam = [int(slots["step"]) for slots in second.optimizer.state_dict()["state"].values()]
+    return tensors and first.step == second.step and set(adam) == {first.step}
+
+
+def test_a_save_killed_after_the_tensors_resumes_the_step_they_belong_to(tmp_path, monkeypatch):
+    """Earlier, state.json was renamed into place after state.safetensors: a kill between them
+    resumed step-2 metadata with step-5 tensors (Adam's counter at 5, the run's at 2)."""
+    images, schedule = _images(), VPSchedule.linear()
+    state = TrainState.fresh(TINY)
+    for _ in range(2):
+        train_step(state, images, schedule)
+    save_checkpoint(state, tmp_path)
+    for _ in range(3):
+        train_step(state, images, schedule)
+    with monkeypatch.context() as patched:
+        _kill_after_writing(patched, "state.safetensors")
+        with pytest.raises(Killed):
+            save_checkpoint(state, tmp_path)
+    assert has_checkpoint(tmp_path)
+    resumed = load_checkpoint(tmp_path)
+    assert resumed.step == 5 and _same_state(state, resumed)
+    save_checkpoint(resumed, tmp_path)  # the next save makes the readable copy current again
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 5
+
+
+def test_a_torn_checkpoint_of_an_earlier_release_is_refused(tmp_path):
+    """Checkpoints written before the step travelled with the tensors hold it in state.json
+    only: read when it agrees with the tensors' optimizer state, refused when it does not."""
+    from safetensors.torch import load_file, save_file
+
+    images, schedule = _images(), VPSchedule.linear()
+    state = TrainState.fresh(TINY)
+    for _ in range(2):
+        train_step(state, images, schedule)
+    folder = save_checkpoint(state, tmp_path)
+    tensors_file, json_file = folder / "state.safetensors", folder / "state.json"
+    save_file(load_file(str(tensors_file)), str(tensors_file))  # without the metadata
+    assert _same_state(state, load_checkpoint(tmp_path))
+    old_meta = json_file.read_text()
+    train_step(state, images, schedule)
+    save_checkpoint(state, tmp_path)
+    save_file(load_file(str(tensors_file)), str(tensors_file))
+    json_file.write_text(old_meta)  # step 3 tensors, step 2 metadata
+    with pytest.raises(ValueError, match="is torn: state.json says step 2, its tensors are "
+                                         "from step 3"):
+        load_checkpoint(tmp_path)
