@@ -39,12 +39,36 @@ def _check_t0(ctx: click.Context, param: click.Parameter, value: float) -> float
 
 
 def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """Refuse, before any editing, an output whose extension names no format Pillow writes
+    (unknown, read-only such as .psd, or without its writer installed such as .h5)."""
     from PIL import Image
 
-    if value.suffix.lower() not in Image.registered_extensions():
+    format_name = Image.registered_extensions().get(value.suffix.lower())
+    if format_name is None:
         raise click.BadParameter(f"cannot tell the image format of {value} from its extension; "
                                  "use e.g. .png")
+    if format_name not in Image.SAVE:
+        raise click.BadParameter(f"Pillow reads {format_name} images ({value.suffix}) but "
+                                 "cannot write them; use e.g. .png")
+    if not _writable(format_name):
+        raise click.BadParameter(f"Pillow cannot write RGB or grayscale {format_name} images "
+                                 f"({value.suffix}) here; use e.g. .png")
     return value
+
+
+def _writable(format_name: str) -> bool:
+    """Whether Pillow encodes a tiny image in `format_name` in a mode `sdedit edit` writes."""
+    import io
+
+    from PIL import Image
+
+    for mode in _MODES_FOR_CHANNELS.values():
+        try:
+            Image.new(mode, (8, 8)).save(io.BytesIO(), format=format_name)
+            return True
+        except Exception:  # noqa: BLE001 (plugins raise OSError, ValueError, KeyError...)
+            continue
+    return False
 
 
 @click.command()
@@ -190,11 +214,14 @@ def tensor_to_image(sample, size: tuple[int, int]):
 
 
 def _paste_kept(result, guide, mask, mode: MaskMode):
-    """Take the guide's own pixels where the full-size mask keeps them (0 = keep)."""
+    """Take the guide's own pixels where the full-size mask keeps them whole (binary: below
+    50%; soft: 0), which resizing the output blurred. Elsewhere `result` stays as it is:
+    `sdedit.edit` already blended a soft mask's weights, so they are not applied again."""
     from PIL import Image
 
-    weights = mask if mode == "soft" else mask.point(lambda value: 255 if value >= 128 else 0)
-    return Image.composite(result, guide, weights)
+    threshold = 128 if mode == "binary" else 1
+    return Image.composite(result, guide, mask.point(lambda value: 255 if value >= threshold
+                                                     else 0))
 
 
 def _to_channels(image, channels: int):
@@ -218,7 +245,7 @@ def _save(image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         image.save(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a format that cannot hold this mode says either
         raise click.ClickException(f"cannot write {path}: {error}") from error
 
 

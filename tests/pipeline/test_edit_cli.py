@@ -267,6 +267,36 @@ def test_unknown_output_extension(tmp_path):
     assert result.exit_code == 2 and "Invalid value for '--out'" in result.output
 
 
+@pytest.mark.parametrize("suffix", [".psd", ".xpm", ".pcd", ".h5"])
+def test_an_output_format_pillow_cannot_write_is_refused_before_editing(tmp_path, suffix):
+    """Pillow reads these (or knows their extension) but cannot write them: the edit ran, then
+    `image.save` failed with a KeyError traceback."""
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    result = sdedit_edit("--model", str(tmp_path / "no-model"), "--guide", str(guide),
+                         "--out", str(tmp_path / f"o{suffix}"))
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--out'" in result.output and "cannot write" in result.output
+    assert not (tmp_path / f"o{suffix}").exists()
+
+
+def test_a_soft_mask_is_applied_once_at_any_guide_size(tmp_path):
+    """A uniform 50% soft mask on a black guide: at twice the model's resolution the output is
+    the model-resolution output resized, not blended with the guide a second time."""
+    outputs = {}
+    for side in (64, 128):
+        guide = write_png(tmp_path / f"black{side}.png", np.zeros((side, side, 3), np.uint8))
+        grey = write_png(tmp_path / f"grey{side}.png", np.full((side, side), 128, np.uint8))
+        outputs[side] = tmp_path / f"soft{side}.png"
+        result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask",
+                             str(grey), "--mask-mode", "soft", "--t0", "0.5", "--steps", "5",
+                             "--seed", "3", "--out", str(outputs[side]))
+        assert result.exit_code == 0, result.output
+    with Image.open(outputs[64]) as small:
+        expected = np.asarray(small.resize((128, 128), Image.Resampling.LANCZOS))
+    assert pixels(outputs[64]).mean() > 5  # the edit moved away from the black guide
+    assert np.array_equal(pixels(outputs[128]), expected)
+
+
 # --- decoding and encoding -----------------------------------------------------------------
 
 
