@@ -70,10 +70,10 @@ def measure(folder: Path, names: list[str], args: argparse.Namespace) -> dict:
     reads = 0
     read_bytes = pipeline.fetch.read_bytes
 
-    def counting_read(uri, options):
+    def counting_read(uri, options, **limits):
         nonlocal reads
         reads += 1
-        return read_bytes(uri, options)
+        return read_bytes(uri, options, **limits)
 
     pipeline.fetch.read_bytes = counting_read
     started = time.perf_counter()
