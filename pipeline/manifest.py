@@ -103,7 +103,8 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
         check_columns(schema, fs.unstrip_protocol(file))
         schemas.append(schema)
     return ManifestFiles(tuple(fs.unstrip_protocol(f) for f in files),
-                         fs.unstrip_protocol(base), pa.unify_schemas(schemas))
+                         fs.unstrip_protocol(base),
+                         pa.unify_schemas(schemas, promote_options="permissive"))
 
 
 def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
@@ -450,11 +451,12 @@ def read_and_expand(
 
 
 def align(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A table with exactly the manifest's unified columns (missing ones as nulls)."""
+    """A table with exactly the manifest's unified columns and types (missing ones as nulls;
+    a file's float32 t0 lists, say, as the float64 lists another file has)."""
     for name in schema.names:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
-    return table.select(schema.names)
+    return table.select(schema.names).cast(schema)
 
 
 def expand_table(table: pa.Table, plan: Plan, committed: pa.Table) -> pa.Table:

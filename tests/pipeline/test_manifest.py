@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from run_helpers import write_manifest
 
@@ -311,3 +312,25 @@ def test_rows_that_share_keys_are_the_drivers_error_rows():
     # neither the workers' expansion nor the count of pipeline work has those rows
     assert expand_table(table, plan, keys_table([]))["id"].to_pylist() == ["a", "a"]
     assert count_work(table, plan, keys_table([])) == (10, 2)
+
+
+def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path):
+    """A file appended with float32 t0 lists beside float64 ones (and one without t0): pyarrow
+    refused to unify the schemas, a traceback before any work."""
+    from pipeline.manifest import read_and_expand
+
+    t0 = {"float": pa.list_(pa.float32()), "double": pa.list_(pa.float64())}
+    for name, kind in t0.items():
+        pq.write_table(pa.table({"id": [name], "guide": ["a.png"],
+                                 "t0": pa.array([[0.25, 0.5]], kind)}),
+                       tmp_path / f"{name}.parquet")
+    write_manifest(tmp_path / "plain.parquet", {"id": ["plain"], "guide": ["a.png"]})
+    files = find_files(str(tmp_path), {})
+    assert files.schema.field("t0").type == pa.list_(pa.float64())
+    plan = Plan(base=str(tmp_path), seed=0, t0=(0.75,))
+    blocks = list(read_and_expand({"file": list(files.files)}, plan, files.schema,
+                                  keys_table([]), {}))
+    keys = sorted(zip(*(pa.concat_tables(blocks).column(c).to_pylist() for c in ("id", "t0")),
+                      strict=True))
+    assert keys == [("double", 0.25), ("double", 0.5), ("float", 0.25), ("float", 0.5),
+                    ("plain", 0.75)]
