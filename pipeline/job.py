@@ -96,12 +96,13 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         report(f"{rows:,} manifest rows make {expected:,} outputs: {todo + shared:,} to do, "
                f"{expected - todo - shared:,} already in {config.output}")
         pipeline_started = time.time()
-        progress = Progress(todo, report, config.progress_interval)
+        progress = Progress(todo + shared, report, config.progress_interval)
+        progress.add(0, shared)  # the driver's error rows, committed above
         with storage_step(f"the run stopped when a task could not use storage (manifest "
                           f"{config.manifest}, OUTPUT {config.output}); rerun to resume"), fenced():
             stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)
-                        if todo else {}), "retried_errors": retried}
-        stats["failed"] = stats.get("failed", 0) + shared
+                        if todo else {}), "retried_errors": retried,
+                     "written": progress.written, "failed": progress.failed}
         finished = time.time()
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
         summary = close_output(config, model, (rows, expected, todo + shared), stats,

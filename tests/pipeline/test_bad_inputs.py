@@ -58,10 +58,14 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     manifest = write_manifest(inputs / "m.parquet",
                               {"id": ids, "guide": guides, "mask": masks, "t0": t0})
     output = tmp_path / "out"
+    lines = []
     summary = run(RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
                             steps=2, t0=(0.5,), batch_size=4, model_batch=4,
-                            max_pixels=100_000))
+                            max_pixels=100_000), report=lines.append)
     data, errors = read_dataset(output), read_errors(output)
+    total = len(ids) + 2  # the twins' error rows are the driver's: counted in progress too
+    assert lines[-1].startswith(f"{total} of {total} outputs (100.0%): {data.num_rows} written, "
+                                f"{errors.num_rows} failed;")
     written = set(data["id"].to_pylist())
     failed = {(r["id"], r["t0"]): r for r in errors.to_pylist()}
     assert written == {k for k, c in cases.items() if c[2] is None} | {"late", "blank"}
