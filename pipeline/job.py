@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,6 +33,7 @@ from pipeline.manifest import (
     count_work,
     duplicate_ids,
     find_files,
+    in_manifest,
     read_plan_columns,
     shared_key_errors,
 )
@@ -87,6 +89,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     manifest, plan_columns, plan, model = plan_job(config)
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
         retried, committed = open_output(config, model)
+        outside = outside_manifest(plan_columns, plan, committed)
         rows = plan_columns.num_rows
         keys = committed.keys  # one copy of every committed key for both counts
         expected, todo = count_work(plan_columns, plan, keys)
@@ -105,7 +108,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
                      "written": progress.written, "failed": progress.failed}
         finished = time.time()
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-        summary = close_output(config, model, (rows, expected, todo + shared), stats,
+        summary = close_output(config, model, (rows, expected, todo + shared), outside, stats,
                                (started, pipeline_started, finished))
     check_error_rate(config, summary)
     return summary
@@ -127,6 +130,15 @@ def add_shared_key_errors(config: RunConfig, plan_columns: pa.Table, plan: Plan,
         report(f"{errors.num_rows:,} outputs of manifest rows that repeat an id or have none "
                f"are error rows (stage validate) in {folder}")
     return errors.num_rows
+
+
+def outside_manifest(plan_columns: pa.Table, plan: Plan, committed: Committed) -> Committed:
+    """What OUTPUT holds for keys the manifest does not make (rows removed from it, t0 values
+    a row no longer lists): kept, but not counted as the manifest's outputs or errors."""
+    written = in_manifest(plan_columns, plan, committed.written)
+    failed = in_manifest(plan_columns, plan, committed.failed)
+    return Committed(committed.written.filter(pa.array(~written)),
+                     committed.failed.filter(pa.array(~failed)))
 
 
 def check_error_rate(config: RunConfig, summary: Mapping) -> None:
@@ -188,13 +200,14 @@ def open_output(config: RunConfig, model: ModelInfo) -> tuple[int, Committed]:
 
 
 def close_output(config: RunConfig, model: ModelInfo, counts: tuple[int, int, int],
-                 stats: Mapping, times: tuple[float, float, float]) -> dict:
+                 outside: Committed, stats: Mapping, times: tuple[float, float, float]) -> dict:
     """Recount what OUTPUT holds, index it for the next run and write summary.json; `counts`
-    is (manifest rows, expected outputs, outputs to do at the start)."""
+    is (manifest rows, expected outputs, outputs to do at the start), `outside` what OUTPUT
+    held at the start for keys the manifest does not make (a run adds none of those)."""
     with storage_step(f"cannot recount OUTPUT {config.output} after the run"):
         final = read_committed(config.output, config.format, config.storage_options)
         write_index(config.output, final, config.storage_options)
-        summary = build_summary(config, model, *counts, final, stats, times)
+        summary = build_summary(config, model, *counts, final, outside, stats, times)
         write_summary(config, summary)
     return summary
 
@@ -455,10 +468,17 @@ def actor_resources(config: RunConfig) -> ActorResources:
 
 
 def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int, todo: int,
-                  final: Committed, stats: Mapping, times: tuple[float, float, float]) -> dict:
-    """Counts that reconcile (written + errors = expected), timings, config and versions."""
+                  final: Committed, outside: Committed, stats: Mapping,
+                  times: tuple[float, float, float]) -> dict:
+    """Counts of the manifest's outputs that reconcile (written + errors = expected; what
+    OUTPUT holds for keys the manifest no longer makes is `outside_manifest`), timings, config
+    and versions."""
     started, pipeline_started, finished = times
-    written, errors = final.written_keys, final.error_rows
+    written = final.written_keys - outside.written_keys
+    errors = final.error_rows - outside.error_rows
+    data_rows = final.data_rows - outside.data_rows
+    stages = Counter(final.errors_by_stage)
+    stages.subtract(outside.errors_by_stage)
     seconds = finished - pipeline_started
     run_written = int(stats.get("written", 0))
     return {
@@ -466,10 +486,11 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
         "expected_outputs": expected,
         "written": written,
         "errors": errors,
-        "errors_by_stage": dict(sorted(final.errors_by_stage.items())),
+        "errors_by_stage": {stage: count for stage, count in sorted(stages.items()) if count},
         "error_rate": errors / expected if expected else 0.0,
-        "duplicate_rows": final.data_rows - written,
-        "reconciled": written + errors == expected and final.data_rows == written,
+        "duplicate_rows": data_rows - written,
+        "reconciled": written + errors == expected and data_rows == written,
+        "outside_manifest": {"written": outside.written_keys, "errors": outside.error_rows},
         "this_run": {
             "todo": todo,
             "skipped_already_committed": expected - todo,

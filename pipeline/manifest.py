@@ -251,6 +251,23 @@ def count_work(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
     return expected, todo
 
 
+def in_manifest(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
+                chunk_rows: int = COUNT_CHUNK_ROWS) -> np.ndarray:
+    """True for each committed row whose key (id, t0, sample) is one of the manifest rows'
+    work keys; False for rows of ids or t0 values the manifest no longer has. Matched
+    `chunk_rows` manifest rows at a time, as `count_work` counts."""
+    inside = np.zeros(committed.num_rows, dtype=bool)
+    at = committed.select(KEY_SCHEMA.names).append_column(
+        "at", pa.array(np.arange(committed.num_rows, dtype=np.int64)))
+    for start in range(0, plan_columns.num_rows, chunk_rows):
+        chunk = plan_columns.slice(start, chunk_rows)
+        candidates = committed_for(chunk["id"], at)
+        if candidates.num_rows:
+            hit = committed_mask(candidates, key_table(chunk, plan))
+            inside[candidates["at"].to_numpy()[hit]] = True
+    return inside
+
+
 def shared_keys(ids: pa.ChunkedArray | pa.Array, plan: Plan) -> np.ndarray:
     """True for rows whose keys other rows share: a repeated id, or none (null). No worker can
     tell such rows apart, so they are never pipeline work: every one is an error row, which the

@@ -262,3 +262,25 @@ def test_actors_that_cannot_load_the_model_stop_the_run_with_one_clear_error(sma
                               "this actor loaded sha256:")
     assert message.endswith(f"What was committed stays in {tmp_path / 'out'}; rerun to resume")
     assert "Traceback" not in message
+
+
+def test_outputs_of_keys_the_manifest_no_longer_makes_are_not_counted_as_its(tmp_path):
+    """A row removed and a t0 value a row no longer lists: their output and error stay in
+    OUTPUT, but summary.json counted them as the manifest's (reconciled false) and
+    --max-error-rate exited 3 over an error of a row no longer in the manifest."""
+    names = write_images(tmp_path / "inputs", 2)
+    manifest = tmp_path / "inputs" / "m.parquet"
+    write_manifest(manifest, {"id": ["a", "b", "bad"], "guide": [*names, "gone.png"],
+                              "t0": [[0.3, 0.5], None, None]})
+    output = tmp_path / "out"
+    first = run(config(manifest, output))
+    assert (first["expected_outputs"], first["written"], first["errors"]) == (4, 3, 1)
+    write_manifest(manifest, {"id": ["a", "b"], "guide": names, "t0": [[0.5, 0.7], None]})
+    second = run(config(manifest, output))
+    assert second["this_run"]["todo"] == 1  # a at 0.7
+    assert (second["expected_outputs"], second["written"], second["errors"]) == (3, 3, 0)
+    assert second["errors_by_stage"] == {} and second["reconciled"]
+    assert second["outside_manifest"] == {"written": 1, "errors": 1}  # a at 0.3, bad
+    third = run(config(manifest, output, max_error_rate=0.2))  # was ErrorRateExceeded
+    assert third["this_run"]["todo"] == 0 and third["error_rate"] == 0.0
+    assert len(read_dataset(output)) == 4 and read_errors(output).num_rows == 1  # kept
