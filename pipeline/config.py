@@ -70,6 +70,7 @@ class RunConfig:
     actors: tuple[int, int] | None = None  # None: one per GPU of the cluster, else 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
+    threads: int | None = None  # torch threads per CPU actor; None: node cores / actors
     max_pixels: int = MAX_PIXELS
     max_error_rate: float = 1.0
     progress_interval: float = 30.0  # seconds between progress lines on stderr; 0: none
@@ -121,7 +122,7 @@ def _check_types(config: RunConfig) -> None:
 def _check_sizes(config: RunConfig) -> None:
     for name in ("batch_size", "model_batch", "rows_per_shard", "max_pixels"):
         _positive_int(name, getattr(config, name))
-    for name in ("samples", "steps", "repeats"):
+    for name in ("samples", "steps", "repeats", "threads"):
         if getattr(config, name) is not None:
             _positive_int(name, getattr(config, name))
     if isinstance(config.seed, bool) or not isinstance(config.seed, int):

@@ -448,8 +448,8 @@ def describe_actors(resources: ActorResources) -> str:
 
 def actor_resources(config: RunConfig) -> ActorResources:
     """One GPU per actor and one actor per GPU by default when the cluster has GPUs; on CPU
-    clusters one actor by default, a fractional CPU reservation and each node's cores shared
-    among its actors (torch threads)."""
+    clusters one actor by default, a fractional CPU reservation and, unless --threads says,
+    each node's cores shared among its actors (torch threads)."""
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -461,9 +461,10 @@ def actor_resources(config: RunConfig) -> ActorResources:
         return ActorResources(gpus, config.cpus_per_actor or 1.0, None,
                               config.actors or (every_gpu, every_gpu))
     actors = config.actors or (1, 1)
-    nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+    nodes = [cpus for n in ray.nodes()  # a head started with --num-cpus 0 runs no actor
+             if n.get("Alive") and (cpus := n["Resources"].get("CPU", 0)) > 0] or [1]
     actors_per_node = -(-actors[1] // len(nodes))
-    threads = max(1, int(min(nodes)) // actors_per_node)
+    threads = config.threads or max(1, int(min(nodes)) // actors_per_node)
     return ActorResources(0.0, config.cpus_per_actor or 0.5, threads, actors)
 
 

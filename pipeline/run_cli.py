@@ -53,6 +53,10 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
                                "(GPUs / --gpus-per-actor), or 1 without GPUs.")
 @click.option("--gpus-per-actor", type=float, help="Default 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-actor", type=float, help="Default 1 with GPUs, else 0.5.")
+@click.option("--threads", type=int,
+              help="torch threads of each CPU actor. Default: each node's cores shared among "
+                   "its actors. On CPU the thread count changes summation order (a rare pixel "
+                   "by one level): give it for bit-identical outputs across --actors and nodes.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
 @click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
 @click.option("--progress-interval", type=float, metavar="SECONDS",

@@ -39,17 +39,21 @@ def ray_head(closed_port, tmp_path):
     Token authentication is off on both sides, as on a machine without a Ray token. Its files,
     and the address `ray start` records for `ray.init()` to find, stay in a temporary folder
     (short: Ray's socket paths must fit 107 bytes), not in /tmp/ray."""
+    yield from start_head(closed_port, tmp_path, cpus=2)
+
+
+def start_head(port: int, tmp_path, cpus: int):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="ray-")
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               "--port", str(closed_port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+               "--port", str(port), "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1",
                "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir]
     with open(tmp_path / "head.log", "wb") as log:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        wait_until_listening(head, closed_port)
-        yield f"127.0.0.1:{closed_port}", env
+        wait_until_listening(head, port)
+        yield f"127.0.0.1:{port}", env
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
@@ -104,6 +108,60 @@ def test_a_run_on_a_ray_cluster_writes_what_a_local_run_writes(ray_head, tmp_pat
          "print(ray.get(ray.remote(lambda: 'ran').remote()))"],
         capture_output=True, text=True, timeout=120, env=env)
     assert probe.stdout.split() == ["ran"], probe.stderr[-2000:]
+
+
+@pytest.fixture
+def ray_nodes(ray_head_without_cpus, tmp_path):
+    """A three-node cluster on loopback, as on Kubernetes: a head that runs no work (0 CPUs)
+    and two worker nodes of 1 CPU each, so every task and actor runs away from the driver's
+    node and blocks travel between nodes."""
+    address, env = ray_head_without_cpus
+    workers = []
+    try:
+        for number in range(2):  # one at a time: two raylets starting at once on one host hang
+            log_path = tmp_path / f"worker{number}.log"
+            with open(log_path, "wb") as log:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
+                     "--address", address, "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                     "--disable-usage-stats"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + START_SECONDS
+            while b"Ray runtime started" not in log_path.read_bytes():
+                if workers[-1].poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"worker node {number} did not start: {log_path.read_text()}")
+                time.sleep(0.2)
+        yield address, env
+    finally:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+
+
+@pytest.fixture
+def ray_head_without_cpus(closed_port, tmp_path):
+    yield from start_head(closed_port, tmp_path, cpus=0)
+
+
+def test_a_run_on_worker_nodes_away_from_the_driver_writes_what_a_local_run_writes(ray_nodes,
+                                                                                   tmp_path):
+    address, env = ray_nodes
+    names = write_images(tmp_path / "inputs", 5)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": [f"r{i}" for i in range(5)], "guide": names})
+    on_nodes = sdedit_run(manifest, tmp_path / "nodes", "--address", address, "--threads", "1",
+                          "--progress-interval", "30", env=env)
+    assert on_nodes.returncode == 0, on_nodes.stderr[-3000:]
+    assert f"sdedit: Ray: the cluster at {address} (3 nodes, 2 CPUs, 0 GPUs)" in on_nodes.stderr
+    assert "starting 1 SDEdit actor (0.5 CPU, 1 thread each)" in on_nodes.stderr
+    local = sdedit_run(manifest, tmp_path / "local", "--threads", "1")
+    assert local.returncode == 0, local.stderr[-3000:]
+    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    assert summary["written"] == 10 and summary["reconciled"]
+    nodes, here = read_dataset(tmp_path / "nodes"), read_dataset(tmp_path / "local")
+    for column in ("id", "t0", "sample", "seed", "image", "l2_to_guide"):
+        assert nodes[column].to_pylist() == here[column].to_pylist(), column
 
 
 def job_environment(address: str, env: dict | None = None) -> dict:
