@@ -145,24 +145,46 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
 
 
 def file_limit(max_pixels: int) -> int:
-    """The most bytes read for an image of at most `max_pixels` pixels: 16 per pixel (no mode
-    the pipeline accepts stores more than 8 uncompressed) plus 1 MiB of headers and metadata."""
-    return 16 * max_pixels + (1 << 20)
+    """The most bytes read for an image of at most `max_pixels` pixels: 24 per pixel (no mode
+    the pipeline accepts stores more than 8 uncompressed; a plain-text 16-bit PPM takes up to
+    18) plus 1 MiB of headers and metadata."""
+    return 24 * max_pixels + (1 << 20)
 
 
 def _first_bytes(fs, path: str, length: int) -> bytes:
-    """The first `length` bytes at `path` (all of a shorter file) in one ranged GET."""
+    """The first `length` bytes at `path` (all of a shorter file) in one GET: ranged for object
+    stores and files, streamed and cut off for http(s), whose servers may ignore a Range."""
+    if "http" in fs.protocol:
+        return _streamed(fs, path, length)
     try:
         return fs.cat_file(path, start=0, end=length)
     except Exception as error:
-        if _error_code(error) == "InvalidRange" or getattr(error, "status", None) == 416:
-            return b""  # S3 and http servers refuse any range of an empty file
+        if _error_code(error) == "InvalidRange":
+            return b""  # S3 refuses any range of an empty object
         raise
 
 
+def _streamed(fs, url: str, length: int) -> bytes:
+    """At most `length` bytes of an http(s) answer, read as they arrive (fsspec's cat_file
+    would take the whole body of a server that ignores Range); failures as cat_file's."""
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import HTTPStreamFile
+
+    session = sync(fs.loop, fs.set_session)
+    with HTTPStreamFile(fs, url, loop=fs.loop, session=session, **fs.kwargs) as stream:
+        chunks, size = [], 0
+        while size < length and (chunk := stream.read(length - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
 def _error_code(error: BaseException) -> str | None:
-    """The error code an object store answered (botocore's ClientError under s3fs's error)."""
-    return getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
+    """The error code an object store answered (botocore's ClientError under s3fs's error;
+    other libraries hang other things on `response`, e.g. huggingface_hub a requests one)."""
+    response = getattr(error.__cause__, "response", None)
+    detail = response.get("Error") if isinstance(response, dict) else None
+    return detail.get("Code") if isinstance(detail, dict) else None
 
 
 # What S3-compatible stores answer when they refuse the credentials themselves (not one

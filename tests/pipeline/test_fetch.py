@@ -215,7 +215,7 @@ def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(t
     the pixel limit could refuse it."""
     from tasks.images import file_limit
 
-    assert file_limit(100) == 1600 + 2**20
+    assert file_limit(100) == 2400 + 2**20
     huge = tmp_path / "huge.png"
     huge.write_bytes(b"\x89PNG" + bytes(file_limit(100)))  # 4 bytes over the limit
     with pytest.raises(InputError) as error:
@@ -227,3 +227,16 @@ def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(t
     with pytest.raises(InputError) as error:
         prepare(str(tmp_path / "empty.png"), None, 8, {}, max_pixels=100)
     assert error.value.stage == "decode"
+
+
+def test_errors_whose_cause_carries_another_kind_of_response_are_sorted_too():
+    """huggingface_hub chains a requests Response (no .get) under its FileNotFoundError: the
+    lookup of an S3 error code raised AttributeError, which stopped the whole run."""
+    from tasks.images import _error_code, _may_pass
+
+    class RepositoryNotFound(Exception):
+        response = object()
+
+    missing = FileNotFoundError("hf://datasets/someone/images/cat.png")
+    missing.__cause__ = RepositoryNotFound()
+    assert _error_code(missing) is None and _may_pass(missing) is False

@@ -4,10 +4,12 @@ may succeed when tried again, and names the status it got."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import socket
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -26,11 +28,21 @@ class Answers(http.server.BaseHTTPRequestHandler):
     /private.png: 403 without the header `Authorization: Bearer T`."""
 
     gets: Counter = Counter()
+    sent = 0  # bytes of /huge.png written
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         route = self.path.split("?", 1)[0]  # what a signed URL's query string leaves
         if self.command == "GET":
             self.gets[self.path] += 1
+        if route == "/huge.png":  # 64 MiB, whatever Range says (as `python -m http.server`)
+            self.send_response(200)
+            self.send_header("Content-Length", str(64 << 20))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    self.wfile.write(bytes(1 << 20))
+                    Answers.sent += 1 << 20
+            return
         if route == "/drop":
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -99,6 +111,14 @@ def test_signed_urls_are_retried_and_name_their_status_like_any_url(server):
     with pytest.raises(InputError) as failed:
         read_bytes(f"{server}/403{signed}", {})
     assert str(failed.value) == f"cannot read {server}/403{signed}: HTTP 403 Forbidden"
+
+
+def test_a_huge_answer_is_cut_off_at_the_byte_limit_not_downloaded(server):
+    """fsspec's cat_file reads a whole body, and a server that ignores Range sends it all."""
+    with pytest.raises(InputError, match=r"huge.png is larger than 1,000 bytes"):
+        read_bytes(f"{server}/huge.png", {}, max_bytes=1000)
+    time.sleep(0.5)  # the server notices the closed connection
+    assert Answers.sent < 16 << 20
 
 
 def test_a_host_that_does_not_answer_is_one_rows_error(closed_port):
