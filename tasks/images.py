@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -70,11 +71,27 @@ def storage_step(failure: str) -> Iterator[None]:
     except Exception as error:
         cause = getattr(error, "cause", None) or error  # a Ray task's error wraps the original
         client = type(cause).__module__.split(".")[0] in STORAGE_CLIENTS
-        option = isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)
+        option = _option_refused(cause, error)
         if not (client or option or isinstance(cause, OSError)):
             raise
         hint = " (a --storage-option this file system does not take?)" if option else ""
         raise StorageError(f"{failure}: {type(cause).__name__}: {cause}{hint}") from error
+
+
+def _option_refused(cause: BaseException, error: BaseException) -> bool:
+    """Whether `cause` is the TypeError of a storage option the file system does not take: a
+    keyword argument refused in a storage client's own code (s3fs hands unknown options on to
+    botocore's session), not in this project's. Across Ray the traceback is only text, in the
+    wrapping `error`'s message: its innermost file decides."""
+    if not (isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)):
+        return False
+    trace = cause.__traceback__
+    if trace is None:
+        files = re.findall(r'File "([^"]+)"', str(error))
+        return bool(files) and any(f"/{name}/" in files[-1] for name in STORAGE_CLIENTS)
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace.tb_frame.f_globals.get("__name__", "").split(".")[0] in STORAGE_CLIENTS
 
 
 def is_local(uri: str) -> bool:

@@ -141,3 +141,14 @@ def test_a_storage_option_the_file_system_does_not_take_is_one_clear_error(tmp_p
     message = str(error.value)
     assert message.startswith("the run stopped when a task could not use storage")
     assert unknown in message and message.endswith(hint)
+
+
+def test_a_keyword_typo_in_the_projects_own_code_is_not_taken_for_a_storage_option():
+    from tasks.images import storage_step
+
+    def write_shard(compression=None):
+        return compression
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'compresion'"):
+        with storage_step("cannot write OUTPUT"):
+            write_shard(compresion="zstd")
