@@ -149,6 +149,6 @@ def test_a_keyword_typo_in_the_projects_own_code_is_not_taken_for_a_storage_opti
     def write_shard(compression=None):
         return compression
 
-    with pytest.raises(TypeError, match="unexpected keyword argument 'compresion'"):
-        with storage_step("cannot write OUTPUT"):
-            write_shard(compresion="zstd")
+    with (pytest.raises(TypeError, match="unexpected keyword argument 'compresion'"),
+          storage_step("cannot write OUTPUT")):
+        write_shard(compresion="zstd")
