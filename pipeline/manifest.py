@@ -102,9 +102,54 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
             schema = pq.ParquetFile(stream).schema_arrow
         check_columns(schema, fs.unstrip_protocol(file))
         schemas.append(schema)
-    return ManifestFiles(tuple(fs.unstrip_protocol(f) for f in files),
-                         fs.unstrip_protocol(base),
-                         pa.unify_schemas(schemas, promote_options="permissive"))
+    names = [fs.unstrip_protocol(f) for f in files]
+    return ManifestFiles(tuple(names), fs.unstrip_protocol(base), unified(schemas, names))
+
+
+def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
+    """One schema for every manifest file: types that differ between files must widen without
+    loss (float32 to float64, also in t0 lists; an integer to a wider one of its sign; string
+    to large_string), so each file's rows can be cast to it as they are read; anything else (a
+    seed column int64 in one file and float64 in another would change the seeds) stops the job
+    with a message naming the column and the files."""
+    try:
+        return pa.unify_schemas(schemas)
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+        raise ManifestError(f"manifest files {', '.join(files)} do not agree on their columns' "
+                            f"types: {error}") from error
+    for file_schema, file in zip(schemas, files, strict=True):
+        for column in file_schema:
+            if not _widens(column.type, schema.field(column.name).type):
+                other, kind = next((f, s.field(column.name).type)
+                                   for s, f in zip(schemas, files, strict=True)
+                                   if column.name in s.names
+                                   and s.field(column.name).type != column.type)
+                raise ManifestError(
+                    f"manifest column {column.name!r} is {column.type} in {file} but {kind} in "
+                    f"{other}; its files must agree on each column's type (or differ only by "
+                    "widening without loss, e.g. float32 to float64)")
+    return schema
+
+
+def _widens(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether every value of `source` casts to `target` unchanged."""
+    types = pa.types
+    if source == target or types.is_null(source):
+        return True
+    if types.is_floating(source) and types.is_floating(target):
+        return source.bit_width <= target.bit_width
+    if types.is_integer(source) and types.is_integer(target):
+        return (types.is_signed_integer(source) == types.is_signed_integer(target)
+                and source.bit_width <= target.bit_width)
+    if (types.is_list(source) or types.is_large_list(source)) and (
+            types.is_list(target) or types.is_large_list(target)):
+        return _widens(source.value_type, target.value_type)
+    return (types.is_string(source) and types.is_large_string(target)) or (
+        types.is_binary(source) and types.is_large_binary(target))
 
 
 def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
