@@ -140,7 +140,7 @@ def edit_image(prior, guide, mask, options: EditOptions):
                       generator=sdedit.generators([options.seed]))
     result = tensor_to_image(out[0], guide.size)
     if resized and mask is not None:
-        result = _paste_kept(result, guide, mask, options.mask_mode)
+        result = _paste_kept(result, guide, mask, options.mask_mode, resolution)
     return result
 
 
@@ -213,15 +213,26 @@ def tensor_to_image(sample, size: tuple[int, int]):
     return image
 
 
-def _paste_kept(result, guide, mask, mode: MaskMode):
-    """Take the guide's own pixels where the full-size mask keeps them whole (binary: below
-    50%; soft: 0), which resizing the output blurred. Elsewhere `result` stays as it is:
-    `sdedit.edit` already blended a soft mask's weights, so they are not applied again."""
+def _paste_kept(result, guide, mask, mode: MaskMode, resolution: int):
+    """Give the full-size output back what resizing took from the kept region. Binary masks:
+    the guide's own pixels where the mask is below 50%. Soft masks: `sdedit.edit` already
+    blended m * edit + (1 - m) * guide at the model's resolution, so only the guide's detail
+    lost to that resolution comes back, in proportion to the keep weight 1 - m (the guide
+    exactly where m is 0), continuous in m and without weighing the edit twice."""
+    import numpy as np
     from PIL import Image
 
-    threshold = 128 if mode == "binary" else 1
-    return Image.composite(result, guide, mask.point(lambda value: 255 if value >= threshold
-                                                     else 0))
+    if mode == "binary":
+        return Image.composite(result, guide, mask.point(lambda v: 255 if v >= 128 else 0))
+    lanczos = Image.Resampling.LANCZOS
+    blurred = guide.resize((resolution, resolution), lanczos).resize(guide.size, lanczos)
+    shape = (guide.height, guide.width, -1)
+    exact = np.asarray(guide, np.float32).reshape(shape)
+    detail = exact - np.asarray(blurred, np.float32).reshape(shape)
+    keep = 1.0 - np.asarray(mask, np.float32).reshape(guide.height, guide.width, 1) / 255.0
+    pixels = np.asarray(result, np.float32).reshape(shape) + keep * detail
+    pixels = np.where(keep == 1.0, exact, np.clip(np.round(pixels), 0, 255)).astype(np.uint8)
+    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
 
 
 def _to_channels(image, channels: int):

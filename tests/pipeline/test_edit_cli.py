@@ -297,6 +297,24 @@ def test_a_soft_mask_is_applied_once_at_any_guide_size(tmp_path):
     assert np.array_equal(pixels(outputs[128]), expected)
 
 
+def test_a_feathered_soft_mask_leaves_no_seam_at_a_larger_guide_size(tmp_path):
+    """Pasting the full-size guide only where the mask is 0 made the output jump from the sharp
+    guide to the blurred model-resolution result at the first mask value above 0."""
+    guide = write_png(tmp_path / "noise.png", noise_pixels(256, 256, seed=5))
+    weights = np.zeros((256, 256), np.uint8)
+    weights[:, 128:192], weights[:, 192:] = 3, 255  # keep | a faint feather | synthesize
+    mask = write_png(tmp_path / "feather.png", weights)
+    out = tmp_path / "out.png"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--mask-mode", "soft", "--t0", "0.05", "--steps", "5", "--seed", "1",
+                         "--out", str(out))
+    assert result.exit_code == 0, result.output
+    change = np.abs(pixels(out).astype(int) - pixels(guide).astype(int))
+    assert change[:, :128].max() == 0  # kept exactly
+    assert change[:, 132:188].mean() < 6  # 1% synthesized: about the guide (was 62 off)
+    assert change[:, 196:].mean() > 30  # synthesized
+
+
 # --- decoding and encoding -----------------------------------------------------------------
 
 
