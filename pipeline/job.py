@@ -250,7 +250,7 @@ def _preset(name: str) -> TaskDefaults | None:
 def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,
             model: ModelInfo, progress: Progress, run_id: str) -> dict:
     """Stream the uncommitted work through Ray Data, committing as run `run_id` (the holder of
-    OUTPUT's lease); returns this run's counts."""
+    OUTPUT's lease) and counting in `progress`; returns the actors' timings and the runtime."""
     import ray
 
     started_ray = init_ray(config.address)
@@ -276,8 +276,7 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
                     f"stays in {config.output}; rerun to resume") from error
             raise
         progress.finish()
-        return {"written": progress.written, "failed": progress.failed,
-                "edit_seconds": edit_seconds, "first_edit_at": min(edit_times, default=None),
+        return {"edit_seconds": edit_seconds, "first_edit_at": min(edit_times, default=None),
                 "last_edit_at": max(edit_times, default=None), "actors": resources.actors,
                 "ray": runtime}
     finally:

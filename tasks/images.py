@@ -2,8 +2,8 @@
 `guides`, `inspect` and `evaluate` share, so a file is accepted, rejected and converted the same
 way everywhere.
 
-Bytes come from any fsspec URI in one ranged GET, at most `file_limit(max_pixels)` of them (a
-larger file is refused before it fills memory); transient I/O errors are retried with backoff
+Bytes come from any fsspec URI in one GET, at most `file_limit(max_pixels)` of them (a larger
+file is refused before it fills memory); transient I/O errors are retried with backoff
 (for http(s) URIs: no answer, timeouts, 408, 429 and 5xx; a 404 or 403 is final); a malformed
 URI is its row's read error; credentials the store refuses stop the run. Guides become 8-bit
 RGB: grayscale, 1-bit and palette images are expanded; 16-bit images are scaled to 8 bits
@@ -125,13 +125,13 @@ def _protocols() -> frozenset[str]:
 
 def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS,
                max_bytes: int | None = None) -> bytes:
-    """The bytes at a URI, read in one request (a ranged GET for object stores and http(s), no
-    HEAD first); failures that may pass are retried with exponential backoff. A file larger
-    than `max_bytes` (default: `file_limit(MAX_PIXELS)`) is refused after reading that much, so
-    a huge object cannot exhaust a worker's memory. A failure of this URI is its row's
-    InputError; one of the store (refused credentials, an object store that does not answer, a
-    storage option its file system does not take) is raised as it is, for `storage_step` to
-    stop the run with."""
+    """The bytes at a URI, read in one request (`_first_bytes`: a ranged GET, or a streamed one
+    over http(s); no HEAD first); failures that may pass are retried with exponential backoff.
+    A file larger than `max_bytes` (default: `file_limit(MAX_PIXELS)`) is refused after reading
+    that much, so a huge object cannot exhaust a worker's memory. A failure of this URI is its
+    row's InputError; one of the store (refused credentials, an object store that does not
+    answer, a storage option its file system does not take) is raised as it is, for
+    `storage_step` to stop the run with."""
     import fsspec
 
     max_bytes = file_limit(MAX_PIXELS) if max_bytes is None else max_bytes
