@@ -154,8 +154,9 @@ def _widens(source: pa.DataType, target: pa.DataType) -> bool:
 
 def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     http = uri.split("://", 1)[0].lower() in ("http", "https")
-    if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):  # over http(s) '?' starts
-        files = sorted(fs.glob(path))                                # the query, as fsspec says
+    # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
+    if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):
+        files = sorted(fs.glob(path))
         base = path[: magic.start()].rsplit("/", 1)[0]
     elif fs.isdir(path):
         files = sorted(f for f in fs.find(path)
