@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +456,14 @@ def web_root(tmp_path):
     httpd.server_close()
 
 
+def copy_folder(folder: Path, served: Path) -> Path:
+    """A copy of a model folder's files under the web root, to be served there."""
+    served.mkdir()
+    for file in folder.iterdir():
+        (served / file.name).write_bytes(file.read_bytes())
+    return served
+
+
 @pytest.mark.parametrize("versions", [True, False], ids=["last-modified", "no-version-headers"])
 def test_a_model_replaced_on_a_web_server_is_fetched_again(web_root, ddpm_folder, tmp_path,
                                                            monkeypatch, versions):
@@ -466,10 +475,7 @@ def test_a_model_replaced_on_a_web_server_is_fetched_again(web_root, ddpm_folder
     ModelFolder.versions = versions
     root, base = web_root
     folder, _ = ddpm_folder
-    served = root / "ddpm"
-    served.mkdir()
-    for file in folder.iterdir():
-        (served / file.name).write_bytes(file.read_bytes())
+    served = copy_folder(folder, root / "ddpm")
     uri, weights = f"{base}/ddpm/", "/ddpm/diffusion_pytorch_model.safetensors"
     first = sdedit.load(uri, device="cpu")
     assert first.digest == sdedit.load(folder).digest == describe(uri).digest
@@ -502,10 +508,7 @@ def test_a_web_folder_that_cannot_be_read_is_a_model_error_without_credentials(
     monkeypatch.setenv("SDEDIT_CACHE", str(tmp_path / "cache"))
     root, base = web_root
     folder, _ = ddpm_folder
-    served = root / "broken"
-    served.mkdir()
-    for file in folder.iterdir():
-        (served / file.name).write_bytes(file.read_bytes())
+    served = copy_folder(folder, root / "broken")
     (served / "zz_extra.json").symlink_to(tmp_path / "nowhere")  # listed, answered with 404
     uri = base.replace("http://", "http://alice:s3cr3t@") + "/broken/"
     shown = base.replace("http://", "http://alice:***@") + "/broken/"
