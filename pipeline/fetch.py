@@ -22,7 +22,7 @@ from tasks.images import (
     open_image,
     oriented_size,
     read_bytes,
-    to_mask,
+    read_image,
     to_rgb,
 )
 
@@ -44,8 +44,7 @@ def decode_guide(data: bytes, uri: str, max_pixels: int,
 def load_mask(uri: str, guide_uri: str, size: tuple[int, int], options: Mapping,
               max_pixels: int) -> Image.Image:
     """Read and decode a mask; it must have the guide's size."""
-    data = read_bytes(uri, options, max_bytes=file_limit(max_pixels))
-    mask = to_mask(open_image(data, uri, max_pixels), uri)
+    mask = read_image(uri, options, max_pixels, mask=True)
     if mask.size != size:
         raise InputError("validate", f"mask {uri} is {mask.size[0]}x{mask.size[1]} but guide "
                          f"{guide_uri} is {size[0]}x{size[1]}; they must match")

@@ -25,12 +25,8 @@ from tasks.editing import edit_guide
 from tasks.images import (
     MAX_PIXELS,
     InputError,
-    file_limit,
-    open_image,
     options_for,
-    read_bytes,
-    to_mask,
-    to_rgb,
+    read_image,
 )
 from tasks.regions import Box
 from tasks.strokes import simulate_strokes
@@ -154,10 +150,8 @@ def read_images(row: dict, job: GuideJob) -> Images:
     images = {}
     for key in ("source", "mask", "foreground"):
         if row.get(key):
-            uri = row[key]
-            data = read_bytes(uri, job.storage_options, max_bytes=file_limit(job.max_pixels))
-            image = open_image(data, uri, job.max_pixels)
-            images[key] = to_mask(image, uri) if key == "mask" else to_rgb(image, uri)
+            images[key] = read_image(row[key], job.storage_options, job.max_pixels,
+                                     mask=key == "mask")
     return images
 
 

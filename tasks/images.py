@@ -161,6 +161,15 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
     raise AssertionError("unreachable")
 
 
+def read_image(uri: str, storage_options: Mapping, max_pixels: int = MAX_PIXELS,
+               mask: bool = False) -> Image.Image:
+    """A guide as 8-bit RGB or, with `mask`, a mask as "L", read from any URI (at most
+    `file_limit(max_pixels)` bytes) and decoded by this module's contract."""
+    image = open_image(read_bytes(uri, storage_options, max_bytes=file_limit(max_pixels)),
+                       uri, max_pixels)
+    return to_mask(image, uri) if mask else to_rgb(image, uri)
+
+
 def file_limit(max_pixels: int) -> int:
     """The most bytes read for an image of at most `max_pixels` pixels: 24 per pixel (no mode
     the pipeline accepts stores more than 8 uncompressed; a plain-text 16-bit PPM takes up to

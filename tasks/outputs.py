@@ -22,12 +22,8 @@ from PIL import Image
 from pipeline.config import Format
 from tasks.images import (
     MAX_PIXELS,
-    file_limit,
-    open_image,
     options_for,
-    read_bytes,
-    to_mask,
-    to_rgb,
+    read_image,
 )
 from tasks.sources import is_remote, resolve
 
@@ -207,19 +203,18 @@ def decode(image_bytes: bytes) -> Image.Image:
 
 
 @lru_cache(maxsize=64)
-def _read_bytes(uri: str, options: str, max_pixels: int) -> bytes:
-    return read_bytes(uri, json.loads(options), max_bytes=file_limit(max_pixels))
+def _decoded(uri: str, options: str, mask: bool, max_pixels: int) -> Image.Image:
+    return read_image(uri, json.loads(options), max_pixels, mask=mask)
 
 
 def load_image(uri: str, storage_options: dict, mode: str = "RGB",
                max_pixels: int = MAX_PIXELS) -> Image.Image:
     """A guide (mode "RGB") or mask (mode "L") from any URI, decoded as `sdedit run` decodes it
-    (`tasks.images`: EXIF orientation, 16-bit, transparency over white...), so what is compared
-    with an output is what the run edited; InputError when it cannot be (cached: many outputs
-    share a guide)."""
+    (`tasks.images.read_image`: EXIF orientation, 16-bit, transparency over white...), so what
+    is compared with an output is what the run edited; InputError when it cannot be (cached:
+    many outputs share a guide)."""
     options = json.dumps(storage_options, sort_keys=True)  # hashable, nested options too
-    image = open_image(_read_bytes(uri, options, max_pixels), uri, max_pixels)
-    return to_mask(image, uri) if mode == "L" else to_rgb(image, uri)
+    return _decoded(uri, options, mode == "L", max_pixels).copy()
 
 
 def pixel_limit(summary: dict) -> int:
