@@ -109,9 +109,10 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
 def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
     """One schema for every manifest file: types that differ between files must widen without
     loss (float32 to float64, also in t0 lists; an integer to a wider one of its sign; string
-    to large_string), so each file's rows can be cast to it as they are read; anything else (a
-    seed column int64 in one file and float64 in another would change the seeds) stops the job
-    with a message naming the column and the files."""
+    to large_string; a timestamp to a finer unit, same time zone), so each file's rows can be
+    cast to it as they are read; anything else (a seed column int64 in one file and float64 in
+    another would change the seeds) stops the job with a message naming the column and the
+    files."""
     try:
         return pa.unify_schemas(schemas)
     except (pa.ArrowTypeError, pa.ArrowInvalid):
@@ -135,6 +136,9 @@ def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
     return schema
 
 
+UNITS = ("s", "ms", "us", "ns")  # timestamp units, coarsest first
+
+
 def _widens(source: pa.DataType, target: pa.DataType) -> bool:
     """Whether every value of `source` casts to `target` unchanged."""
     types = pa.types
@@ -145,6 +149,8 @@ def _widens(source: pa.DataType, target: pa.DataType) -> bool:
     if types.is_integer(source) and types.is_integer(target):
         return (types.is_signed_integer(source) == types.is_signed_integer(target)
                 and source.bit_width <= target.bit_width)
+    if types.is_timestamp(source) and types.is_timestamp(target):  # casts refuse overflow
+        return source.tz == target.tz and UNITS.index(source.unit) <= UNITS.index(target.unit)
     if (types.is_list(source) or types.is_large_list(source)) and (
             types.is_list(target) or types.is_large_list(target)):
         return _widens(source.value_type, target.value_type)

@@ -104,16 +104,33 @@ def options_for(uri: str, storage_options: Mapping) -> dict:
     options not scoped to a protocol, then those under its protocol's name (`s3.endpoint_url=`,
     `https.headers.Authorization=`). http(s) URIs take only their scoped options: fsspec's
     http file system passes unknown options into every request, so an object store's options
-    (endpoint_url, key, ...) made every http read fail, reported as a missing file."""
+    (endpoint_url, key, ...) made every http read fail, reported as a missing file. A chained
+    URI (`zip://img.png::s3://bucket/a.zip`) gets each layer's options under its protocol's
+    name, as fsspec hands them on: the unscoped ones to the innermost layer, the store."""
+    if "::" in uri:
+        *outer, inner = uri.split("::")
+        nested = {_protocol(layer): dict(_scoped(storage_options, _protocol(layer)))
+                  for layer in outer}
+        nested[_protocol(inner)] = options_for(inner, storage_options)
+        return {protocol: options for protocol, options in nested.items() if options}
     if is_local(uri):
         return {}
-    protocol = uri.split("://", 1)[0].lower()
+    protocol = _protocol(uri)
     scoped = {name for name, value in storage_options.items()
               if isinstance(value, Mapping) and name in _protocols()}
     own = dict(storage_options.get(protocol, {})) if protocol in scoped else {}
     if protocol in ("http", "https"):
         return own
     return {**{k: v for k, v in storage_options.items() if k not in scoped}, **own}
+
+
+def _scoped(storage_options: Mapping, protocol: str) -> Mapping:
+    value = storage_options.get(protocol)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
 @functools.cache
@@ -135,12 +152,12 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
     import fsspec
 
     max_bytes = file_limit(MAX_PIXELS) if max_bytes is None else max_bytes
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
-    except (ValueError, ImportError) as error:  # an unknown protocol, or its library missing
-        raise InputError("read", f"cannot read {uri}: {_reason(error)}") from error
+    fs = None
     for attempt in range(attempts):
         try:
+            # an unknown protocol or its library missing fails here, and so does the archive
+            # of a chained URI (zip://member::s3://bucket/a.zip): missing, or not an archive
+            fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
             data = _first_bytes(fs, path, max_bytes + 1)
         except Exception as error:  # noqa: BLE001 (sorted by _may_pass; the rest re-raised)
             may_pass = _may_pass(error)
@@ -222,15 +239,20 @@ REFUSED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", 
 def _may_pass(error: Exception) -> bool | None:
     """Whether a failed read may succeed when tried again (no answer, a timeout, throttling:
     HTTP 408 or 429, a server error: 5xx); False when it failed for good and is this URI's
-    (missing, forbidden, not a file, not a valid object name: 404, 403...); None when it is the
+    (missing, forbidden, not a file, not a valid object name: 404, 403..., a protocol no
+    library here reads, a chained URI's archive that is not one); None when it is the
     store's rather than the row's (refused credentials, an endpoint botocore cannot reach)."""
+    import tarfile
+    import zipfile
+
     status = getattr(error, "status", None)
     if isinstance(status, int):  # an http(s) answer
         return status in (408, 429) or status >= 500
     if _error_code(error) in REFUSED_CREDENTIALS:
         return None
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                          PermissionError, ValueError)):
+                          PermissionError, ValueError, ImportError, zipfile.BadZipFile,
+                          tarfile.TarError)):
         return False
     if type(error).__name__ == "ParamValidationError":  # botocore: e.g. an invalid bucket name
         return False

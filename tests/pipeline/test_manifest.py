@@ -355,3 +355,28 @@ def test_manifest_files_whose_types_do_not_widen_without_loss_are_refused_by_nam
                    tmp_path / "text.parquet")
     with pytest.raises(ManifestError, match="do not agree on their columns' types: .*seed"):
         find_files(str(tmp_path), {})
+
+
+def test_timestamp_columns_in_units_that_widen_are_read_as_one_table(tmp_path):
+    """A pass-through timestamp written in ms by one tool and us by another: refused before,
+    although every ms value is a us value; a time zone on one side only is still refused."""
+    from datetime import datetime
+
+    from pipeline.manifest import read_and_expand
+
+    taken = datetime(2026, 5, 1, 12, 30, 15, 250000)
+    for unit in ("ms", "us"):
+        pq.write_table(pa.table({"id": [unit], "guide": ["a.png"],
+                                 "taken": pa.array([taken], pa.timestamp(unit))}),
+                       tmp_path / f"{unit}.parquet")
+    files = find_files(str(tmp_path), {})
+    assert files.schema.field("taken").type == pa.timestamp("us")
+    plan = Plan(base=str(tmp_path), seed=0, t0=(0.5,))
+    table = pa.concat_tables(read_and_expand({"file": list(files.files)}, plan, files.schema,
+                                             keys_table([]), {}))
+    assert table["taken"].to_pylist() == [taken, taken]
+    pq.write_table(pa.table({"id": ["utc"], "guide": ["a.png"],
+                             "taken": pa.array([taken], pa.timestamp("us", tz="UTC"))}),
+                   tmp_path / "utc.parquet")
+    with pytest.raises(ManifestError, match="do not agree on their columns' types: .*taken"):
+        find_files(str(tmp_path), {})

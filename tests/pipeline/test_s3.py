@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,16 +43,24 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
     buffer = io.BytesIO()
     guides = {"ok": "img0.png", "gone": "nothing.png", "nokey": f"{bucket}/",
               "badbucket": "s3://Bad_Bucket!/x.png", "protocol": "foo://x/y.png",
-              "empty": "empty.png"}
+              "empty": "empty.png", "zipped": f"zip://img0.png::{bucket}/inputs/pics.zip",
+              "notzip": f"zip://img0.png::{bucket}/inputs/img0.png",
+              "nozip": f"zip://img0.png::{bucket}/inputs/gone.zip"}
     fs.pipe_file(f"{bucket}/inputs/empty.png", b"")  # S3 refuses any byte range of it
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as pics:
+        pics.writestr("img0.png", fs.cat_file(f"{bucket}/inputs/img0.png"))
+    fs.pipe_file(f"{bucket}/inputs/pics.zip", archive.getvalue())
     pq.write_table(pa.table({"id": list(guides), "guide": list(guides.values())}), buffer)
     fs.pipe_file(f"{bucket}/inputs/partial.parquet", buffer.getvalue())
     summary = run(RunConfig(manifest=f"{bucket}/inputs/partial.parquet",
                             output=f"{bucket}/out2", model="builtin:tiny", steps=2, t0=(0.5,),
                             batch_size=2, model_batch=2,
                             storage_options=s3_server.storage_options))
-    # the last three raised ValueError or botocore's ParamValidationError, which stopped the run
-    assert (summary["written"], summary["errors_by_stage"]) == (1, {"read": 4, "decode": 1})
+    # nokey, badbucket and protocol raised ValueError or botocore's ParamValidationError, which
+    # stopped the run; so did the archives of chained URIs: BadZipFile, or FileNotFoundError
+    # taken for a store failure; and the store's options did not reach a chained URI's store
+    assert (summary["written"], summary["errors_by_stage"]) == (2, {"read": 6, "decode": 1})
     errors = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(shard)))
                               for shard in fs.glob(f"{bucket}/out2/errors/*.parquet"))
     messages = dict(zip(errors["id"].to_pylist(), errors["error"].to_pylist(), strict=True))
@@ -62,3 +71,6 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
         'cannot read s3://Bad_Bucket!/x.png: ParamValidationError: Parameter validation failed:'
         '\nInvalid bucket name "Bad_Bucket!"')
     assert messages["protocol"] == "cannot read foo://x/y.png: ValueError: Protocol not known: foo"
+    assert messages["notzip"] == (f"cannot read {guides['notzip']}: BadZipFile: File is not a "
+                                  "zip file")
+    assert messages["nozip"].startswith(f"cannot read {guides['nozip']}: FileNotFoundError")

@@ -154,3 +154,10 @@ def test_options_apply_by_protocol():
     assert options_for("https://h/x.png", options) == {"headers": {"Authorization": "Bearer T"}}
     assert options_for("http://h/x.png", options) == {}
     assert options_for("/data/x.png", options) == options_for("file:///x.png", options) == {}
+    # a chained URI: each layer's own under its protocol, the unscoped ones to the store
+    assert options_for("zip://x.png::s3://b/a.zip", {**options, "zip": {"allowZip64": True}}) == {
+        "zip": {"allowZip64": True}, "s3": {"endpoint_url": "http://s3:9000",
+                                            "client_kwargs": {"region_name": "eu"}, "anon": False}}
+    assert options_for("tar://x.png::https://h/a.tar", options) == {
+        "https": {"headers": {"Authorization": "Bearer T"}}}
+    assert options_for("zip://x.png::/data/a.zip", options) == {}
