@@ -100,7 +100,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
                f"{expected - todo - shared:,} already in {config.output}")
         pipeline_started = time.time()
         progress = Progress(todo + shared, report, config.progress_interval)
-        progress.add(0, shared)  # the driver's error rows, committed above
+        progress.settle(shared)  # the driver's error rows, committed above
         with storage_step(f"the run stopped when a task could not use storage (manifest "
                           f"{config.manifest}, OUTPUT {config.output}); rerun to resume"), fenced():
             stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)

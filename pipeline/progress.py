@@ -21,7 +21,8 @@ def quiet(line: str) -> None:
 @dataclass
 class Progress:
     """Counts this run's outputs as shards commit and reports them every `interval` seconds
-    (0: never); the rate is over the whole run so far, start-up included."""
+    (0: never); the rate is over the whole run so far, start-up included, of the outputs the
+    run made (not those `settled` before it started, such as the driver's error rows)."""
 
     todo: int
     report: Report
@@ -29,6 +30,7 @@ class Progress:
     clock: Callable[[], float] = time.monotonic
     written: int = 0
     failed: int = 0
+    settled: int = 0
     started: float = field(init=False)
     last_report: float = field(init=False)
 
@@ -45,6 +47,11 @@ class Progress:
             self.last_report = now
             self.report(self.line(now))
 
+    def settle(self, failed: int) -> None:
+        """Count outputs that failed before the run started (no line, no share of the rate)."""
+        self.failed += failed
+        self.settled += failed
+
     def finish(self) -> None:
         """Report the run's totals and how long it took."""
         now = self.clock()
@@ -54,7 +61,8 @@ class Progress:
         """e.g. `1,536 of 20,000 outputs (7.7%): 1,530 written, 6 failed; 41.2/s; about 7 min
         28 s left`."""
         done = self.written + self.failed
-        rate = done / (now - self.started) if now > self.started else 0.0
+        made = done - self.settled
+        rate = made / (now - self.started) if now > self.started else 0.0
         share = f" ({100 * done / self.todo:.1f}%)" if self.todo else ""
         more = self.todo - done
         left = f"; about {duration(more / rate)} left" if rate > 0 and more > 0 else ""

@@ -45,6 +45,17 @@ def test_the_last_shard_leaves_the_last_line_to_finish():
     assert lines == ["10 of 10 outputs (100.0%): 8 written, 2 failed; 1.8/s; done in 6 s"]
 
 
+def test_outputs_settled_before_the_start_count_as_done_but_not_in_the_rate():
+    """The driver's error rows (rows repeating an id) are committed before any work: counted
+    in the rate, 900 of them made the first line say 30.3/s and 3 s left for 4 min of work."""
+    run, clock, lines = progress(todo=1000, interval=30)
+    run.settle(failed=900)
+    clock.now += 30
+    run.add(written=10, failed=0)
+    assert lines == ["910 of 1,000 outputs (91.0%): 10 written, 900 failed; 0.3/s; "
+                     "about 4 min 30 s left"]
+
+
 def test_interval_zero_reports_only_the_end():
     run, clock, lines = progress(todo=1000, interval=0)
     for _ in range(100):
