@@ -12,7 +12,7 @@ from PIL import Image
 
 from tasks.presets import Preset
 from tasks.regions import Box, binary_mask, box_mask, random_box
-from tasks.strokes import simulate_strokes
+from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 PRESET = Preset(
     name="editing",
@@ -33,15 +33,18 @@ def edit_guide(
     seed: int = 0,
     min_fraction: float = 0.25,
     max_fraction: float = 0.5,
+    paint_side: int | None = PAINT_SIDE,
 ) -> tuple[Image.Image, Image.Image]:
     """(guide, mask) for a photo: strokes painted over `region`, the photo untouched elsewhere.
 
     `region` is a box, a mask image (white = paint and synthesize) or None for a box drawn
-    from `seed`. The guide is RGB; the mask is "L" with 255 = synthesize, 0 = keep.
+    from `seed`. The strokes are painted at `paint_side` (see `simulate_strokes`). The guide is
+    RGB; the mask is "L" with 255 = synthesize, 0 = keep.
     """
     photo = photo.convert("RGB")
     mask = region_mask(photo.size, region, np.random.default_rng(seed), min_fraction, max_fraction)
-    strokes = simulate_strokes(photo, stroke_size=stroke_size, palette_size=palette_size, seed=seed)
+    strokes = simulate_strokes(photo, stroke_size=stroke_size, palette_size=palette_size, seed=seed,
+                               paint_side=paint_side)
     guide = photo.copy()
     guide.paste(strokes, (0, 0), mask)
     return guide, mask

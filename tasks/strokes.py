@@ -4,6 +4,9 @@ SDEdit (Meng et al. 2021, appendix on stroke-based generation) turns a photo int
 by smoothing it with a median filter and then reducing it to a handful of flat colours. The
 reference code never released this step; this is that recipe: median filter of `stroke_size`,
 then k-means quantisation to at most `palette_size` colours, fitted on a seeded pixel sample.
+A photo larger than `paint_side` (short side, pixels) is painted at that size and the painting
+scaled back, so `stroke_size` is in pixels of a `paint_side`-pixel image and a painting looks
+the same whatever the photo's resolution (a 9-pixel window left a 2048-pixel photo a photo).
 """
 
 from __future__ import annotations
@@ -11,29 +14,49 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+PAINT_SIDE = 64  # short side (pixels) photos are painted at: SDEdit's look for 9-pixel strokes
 PALETTE_FIT_PIXELS = 8192  # pixels sampled to fit the palette; enough for a dozen colours
 KMEANS_ITERATIONS = 12
 
 
 def simulate_strokes(
-    image: Image.Image, stroke_size: int = 9, palette_size: int = 12, seed: int = 0
+    image: Image.Image, stroke_size: int = 9, palette_size: int = 12, seed: int = 0,
+    paint_side: int | None = PAINT_SIDE,
 ) -> Image.Image:
     """A stroke painting of `image`: median filter, then at most `palette_size` flat colours.
 
-    Follows SDEdit's stroke simulation (median filter + colour quantisation). The same image,
-    parameters and seed always give the same painting; the seed picks the pixels the palette
-    is fitted on and the k-means initialisation. Returns an RGB image of the input's size.
+    Follows SDEdit's stroke simulation (median filter + colour quantisation). An image whose
+    short side exceeds `paint_side` is painted at that short side and the painting scaled back
+    (nearest neighbour, so it keeps its flat colours); None paints at the image's own size. The
+    same image, parameters and seed always give the same painting; the seed picks the pixels
+    the palette is fitted on and the k-means initialisation. Returns an RGB image of the
+    input's size.
     """
     if stroke_size < 1:
         raise ValueError(f"stroke_size must be >= 1, got {stroke_size}")
     if palette_size < 1:
         raise ValueError(f"palette_size must be >= 1, got {palette_size}")
-    smooth = median_smooth(image.convert("RGB"), stroke_size)
+    if paint_side is not None and paint_side < 1:
+        raise ValueError(f"paint_side must be >= 1, got {paint_side}")
+    photo = image.convert("RGB")
+    smooth = median_smooth(shrunk(photo, paint_side), stroke_size)
     pixels = np.asarray(smooth, dtype=np.float32).reshape(-1, 3)
     palette = fit_palette(pixels, palette_size, np.random.default_rng(seed))
     indices = nearest_colour(pixels, palette)
     painted = palette.round().clip(0, 255).astype(np.uint8)[indices]
-    return Image.fromarray(painted.reshape(smooth.height, smooth.width, 3), "RGB")
+    painting = Image.fromarray(painted.reshape(smooth.height, smooth.width, 3), "RGB")
+    if painting.size == photo.size:
+        return painting
+    return painting.resize(photo.size, Image.Resampling.NEAREST)
+
+
+def shrunk(image: Image.Image, side: int | None) -> Image.Image:
+    """`image` with its short side cut to `side` pixels (aspect kept); as it is if not larger."""
+    short = min(image.size)
+    if side is None or short <= side:
+        return image
+    width, height = (max(1, round(length * side / short)) for length in image.size)
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def median_smooth(image: Image.Image, stroke_size: int) -> Image.Image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from PIL import Image
 
 from tasks.presets import Preset
-from tasks.strokes import simulate_strokes
+from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 PRESET = Preset(
     name="synthesis",
@@ -23,7 +23,9 @@ PRESET = Preset(
 
 
 def stroke_guide(
-    photo: Image.Image, stroke_size: int = 9, palette_size: int = 12, seed: int = 0
+    photo: Image.Image, stroke_size: int = 9, palette_size: int = 12, seed: int = 0,
+    paint_side: int | None = PAINT_SIDE,
 ) -> Image.Image:
     """The synthesis guide for a photo: its simulated stroke painting (RGB, same size)."""
-    return simulate_strokes(photo, stroke_size=stroke_size, palette_size=palette_size, seed=seed)
+    return simulate_strokes(photo, stroke_size=stroke_size, palette_size=palette_size, seed=seed,
+                            paint_side=paint_side)

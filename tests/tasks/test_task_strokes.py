@@ -42,6 +42,26 @@ def test_painting_is_close_to_the_photo_it_simulates():
     assert distinct_colours(image) > 1000
 
 
+def test_a_painting_looks_the_same_whatever_the_photos_resolution():
+    """Strokes were in the photo's own pixels: a 9-pixel window left a 512-pixel photo nearly
+    a photo (mean error 7.8 levels at 64 pixels, against 27.9 for the same photo at 64 pixels).
+    Photos are now painted at a 64-pixel short side and the painting scaled back."""
+    large = photo("astronaut", (512, 512))
+    small = large.resize((64, 64), Image.Resampling.LANCZOS)
+    painting = simulate_strokes(large)
+    assert painting.size == (512, 512) and distinct_colours(painting) <= 12
+    at_64 = np.asarray(painting.resize((64, 64), Image.Resampling.NEAREST))
+    assert np.array_equal(at_64, np.asarray(simulate_strokes(small)))
+
+    def error(image: Image.Image) -> float:
+        return np.abs(np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC), float)
+                      - np.asarray(small, float)).mean()
+
+    assert error(painting) > 25 > 10 > error(simulate_strokes(large, paint_side=None))
+    wide = simulate_strokes(photo("coffee", (300, 100)), paint_side=50)
+    assert wide.size == (300, 100) and distinct_colours(wide) <= 12
+
+
 def test_few_colours_already_are_kept_exactly():
     image = Image.new("RGB", (20, 10), (200, 10, 10))
     image.paste((10, 10, 200), (0, 0, 10, 10))
