@@ -10,6 +10,7 @@ import click
 
 from tasks.images import MAX_PIXELS, StorageError, storage_step
 from tasks.regions import Box
+from tasks.strokes import PAINT_SIDE
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict:
@@ -34,6 +35,13 @@ def parse_box(text: str | None) -> Box | None:
         raise click.BadParameter(str(error), param_hint="--box") from error
 
 
+FRACTION = click.FloatRange(0, 1, min_open=True)  # of an image's side, for random boxes
+paint_size = click.option(
+    "--paint-size", type=click.IntRange(min=1), default=PAINT_SIDE, show_default=True,
+    help="Short side (px) photos are painted at, then scaled back: --stroke-size is in its "
+         "pixels, so paintings look alike at any photo size. Finer strokes for larger models: "
+         "e.g. --paint-size 256 --stroke-size 37.")
+
 storage_option = click.option(
     "--storage-option",
     "storage_options",
@@ -51,10 +59,10 @@ def ray_options(command: Callable) -> Callable:
         click.option("--seed", default=0, show_default=True, help="Run seed; per image derived."),
         click.option("--address", default=None,
                      help="Ray cluster address; default: the Ray job's cluster, else local."),
-        click.option("--batch-size", default=8, show_default=True, help="Images per Ray task."),
-        click.option(
-            "--num-cpus", default=0.5, show_default=True, help="CPUs per Ray task (fractional)."
-        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Images per Ray task."),
+        click.option("--num-cpus", type=click.FloatRange(min=0, min_open=True), default=0.5,
+                     show_default=True, help="CPUs per Ray task (fractional)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS,
                      show_default=True, help="Largest accepted source image (width x height)."),
         storage_option,
@@ -73,6 +81,15 @@ def reported(failure: str) -> Iterator[None]:
         raise click.ClickException(str(error)) from error
 
 
+def fractions(min_fraction: float, max_fraction: float) -> tuple[float, float]:
+    """--min-fraction and --max-fraction, refused unless 0 < min <= max <= 1."""
+    if min_fraction > max_fraction:
+        raise click.BadParameter(
+            f"{min_fraction} is over --max-fraction {max_fraction} (a random box's smallest "
+            "side fraction cannot exceed its largest)", param_hint="--min-fraction")
+    return min_fraction, max_fraction
+
+
 def run_builder(task: str, source: str, output: str, options, settings: dict) -> None:
     """Read the sources, run the Ray Data guide job, report what was written."""
     from pipeline.job import ClusterUnreachable, init_ray
@@ -80,20 +97,19 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     from tasks.sources import source_rows
 
     storage = parse_storage_options(settings["storage_options"])
+    output = output.rstrip("/")
     try:
         with storage_step(f"cannot build {task} guides from {source} into {output}"):
-            rows = source_rows(source, storage)
+            rows = source_rows(source, storage, exclude=(output,))  # not an earlier run's guides
             init_ray(settings["address"])  # as `sdedit run` chooses its Ray runtime
-            job = GuideJob(task, output.rstrip("/"), options, storage, settings["batch_size"],
+            job = GuideJob(task, output, options, storage, settings["batch_size"],
                            settings["num_cpus"], settings["max_pixels"])
             report = build_guides(rows, job)
-    except (StorageError, ClusterUnreachable) as error:
+    except (ValueError, StorageError, ClusterUnreachable) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
-    from sdedit.loading import redact
-
-    for error in list(report.errors.values())[:10]:
-        click.echo(f"failed: {redact(str(error))}", err=True)
+    for _, error in report.errors[:10]:
+        click.echo(f"failed: {error}", err=True)  # credentials already masked
     if report.errors:
         click.echo(
             f"{len(report.errors)} row(s) failed; all listed in {output}/guide_errors.parquet",
@@ -116,26 +132,34 @@ def guides() -> None:
 
 @guides.command()
 @ray_options
-@click.option("--stroke-size", default=9, show_default=True, help="Median filter window (px).")
-@click.option("--palette-size", default=12, show_default=True, help="Colours in the painting.")
-def strokes(source, output, stroke_size, palette_size, seed, **settings) -> None:
+@click.option("--stroke-size", type=click.IntRange(min=1), default=9, show_default=True,
+              help="Median filter window (px).")
+@click.option("--palette-size", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Colours in the painting.")
+@paint_size
+def strokes(source, output, stroke_size, palette_size, paint_size, seed, **settings) -> None:
     """Stroke paintings simulated from photos (median filter + colour quantisation)."""
     from tasks.guides import StrokeOptions
 
-    run_builder(
-        "synthesis", source, output, StrokeOptions(stroke_size, palette_size, seed), settings
-    )
+    options = StrokeOptions(stroke_size, palette_size, seed, paint_side=paint_size)
+    run_builder("synthesis", source, output, options, settings)
 
 
 @guides.command()
 @ray_options
-@click.option("--stroke-size", default=9, show_default=True, help="Median filter window (px).")
-@click.option("--palette-size", default=6, show_default=True, help="Colours in the strokes.")
+@click.option("--stroke-size", type=click.IntRange(min=1), default=9, show_default=True,
+              help="Median filter window (px).")
+@click.option("--palette-size", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Colours in the strokes.")
 @click.option("--box", default=None, help="Region 'left,top,right,bottom'; default: random.")
-@click.option("--min-fraction", default=0.25, show_default=True, help="Random box: min side.")
-@click.option("--max-fraction", default=0.5, show_default=True, help="Random box: max side.")
+@click.option("--min-fraction", type=FRACTION, default=0.25, show_default=True,
+              help="Random box: min side.")
+@click.option("--max-fraction", type=FRACTION, default=0.5, show_default=True,
+              help="Random box: max side.")
+@paint_size
 def edits(
-    source, output, stroke_size, palette_size, box, min_fraction, max_fraction, seed, **settings
+    source, output, stroke_size, palette_size, box, min_fraction, max_fraction, paint_size, seed,
+    **settings
 ) -> None:
     """Strokes painted over a region of each photo, with its mask (white = synthesize).
 
@@ -144,7 +168,8 @@ def edits(
     from tasks.guides import EditOptions
 
     options = EditOptions(
-        stroke_size, palette_size, seed, min_fraction, max_fraction, parse_box(box)
+        stroke_size, palette_size, seed, *fractions(min_fraction, max_fraction), parse_box(box),
+        paint_side=paint_size,
     )
     run_builder("editing", source, output, options, settings)
 
@@ -153,8 +178,10 @@ def edits(
 @ray_options
 @click.option("--box", default=None, help="Foreground region 'left,top,right,bottom'.")
 @click.option("--same-place", is_flag=True, help="Paste --box where it was, not at random.")
-@click.option("--min-fraction", default=0.25, show_default=True, help="Random box: min side.")
-@click.option("--max-fraction", default=0.5, show_default=True, help="Random box: max side.")
+@click.option("--min-fraction", type=FRACTION, default=0.25, show_default=True,
+              help="Random box: min side.")
+@click.option("--max-fraction", type=FRACTION, default=0.5, show_default=True,
+              help="Random box: max side.")
 def composites(
     source, output, box, same_place, min_fraction, max_fraction, seed, **settings
 ) -> None:
@@ -164,7 +191,11 @@ def composites(
     """
     from tasks.guides import CompositeOptions
 
-    options = CompositeOptions(seed, min_fraction, max_fraction, parse_box(box), same_place)
+    if same_place and box is None:
+        raise click.UsageError("--same-place pastes --box where it was; give --box too")
+    options = CompositeOptions(
+        seed, *fractions(min_fraction, max_fraction), parse_box(box), same_place
+    )
     run_builder("compositing", source, output, options, settings)
 
 

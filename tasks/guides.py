@@ -5,7 +5,10 @@ Each builder is a pure per-image function `(images, options, seed) -> (guide, ma
 build and write `OUTPUT/guides/<id>.png` (and `OUTPUT/masks/<id>.png`); the driver then
 writes `OUTPUT/manifest.parquet` (last, so its presence means the guides are complete) with
 `id`, `guide`, `mask`, `task`, `source` and the pass-through columns, paths relative to OUTPUT.
-Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped.
+Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped; so is a
+row whose id cannot name its files (null, unsafe, too long, or on several rows), which is
+never built. Every file appears whole (`pipeline.writers.commit`), and a rerun that builds
+no guide removes the earlier run's manifest.
 Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency over white,
 16-bit scaled to 8 bits, masks as "L", at most `GuideJob.max_pixels` pixels.
 """
@@ -13,6 +16,8 @@ Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency
 from __future__ import annotations
 
 import io
+import posixpath
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,7 +34,8 @@ from tasks.images import (
     read_image,
 )
 from tasks.regions import Box
-from tasks.strokes import simulate_strokes
+from tasks.sources import MAX_ID_BYTES
+from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 GuideTask = Literal["synthesis", "editing", "compositing"]
 Images = dict[str, Image.Image]
@@ -43,6 +49,7 @@ class StrokeOptions:
     stroke_size: int = 9
     palette_size: int = 12
     seed: int = 0
+    paint_side: int = PAINT_SIDE  # photos are painted at this short side (tasks.strokes)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class EditOptions:
     min_fraction: float = 0.25
     max_fraction: float = 0.5
     box: Box | None = None
+    paint_side: int = PAINT_SIDE
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,8 @@ GuideOptions = StrokeOptions | EditOptions | CompositeOptions
 
 def strokes_for(images: Images, options: StrokeOptions, seed: int) -> GuideAndMask:
     """Synthesis guide: the source photo's stroke painting; no mask."""
-    painting = simulate_strokes(images["source"], options.stroke_size, options.palette_size, seed)
+    painting = simulate_strokes(images["source"], options.stroke_size, options.palette_size, seed,
+                                options.paint_side)
     return painting, None
 
 
@@ -88,6 +97,7 @@ def edits_for(images: Images, options: EditOptions, seed: int) -> GuideAndMask:
         seed=seed,
         min_fraction=options.min_fraction,
         max_fraction=options.max_fraction,
+        paint_side=options.paint_side,
     )
 
 
@@ -110,6 +120,12 @@ BUILDERS: dict[GuideTask, Callable[[Images, GuideOptions, int], GuideAndMask]] =
     "editing": edits_for,
     "compositing": composites_for,
 }
+# the images each builder reads from a row; a row's other image columns are never opened
+INPUTS: dict[GuideTask, tuple[str, ...]] = {
+    "synthesis": ("source",),
+    "editing": ("source", "mask"),
+    "compositing": ("source", "foreground"),
+}
 
 
 @dataclass(frozen=True)
@@ -127,11 +143,12 @@ class GuideJob:
 
 @dataclass(frozen=True)
 class GuideReport:
-    """What a run wrote: the manifest URI, how many guides, and the failures by id."""
+    """What a run wrote: the manifest URI, how many guides, and one (id, error) per failed row
+    in source order (ids may repeat or be None: those rows are among the failures)."""
 
     manifest: str
     written: int
-    errors: dict[str, str]
+    errors: list[tuple[str | None, str]]
 
 
 def image_seed(seed: int, row_id: str) -> int:
@@ -141,14 +158,38 @@ def image_seed(seed: int, row_id: str) -> int:
     return stable_seed("guides", seed, row_id) % (2**32)
 
 
+def id_problem(row_id: str | None, rows: int = 1) -> str | None:
+    """Why `row_id` cannot name a row's guide file, or None: the rules `sdedit run` applies to
+    ids (not null, safe as a file name, on one row only), plus at most MAX_ID_BYTES bytes."""
+    from pipeline.manifest import unsafe_id_reason
+
+    if row_id is None:
+        return "the id is missing (null)"
+    reason = unsafe_id_reason(row_id)
+    if reason is None and len(row_id.encode()) > MAX_ID_BYTES:
+        reason = f"it takes {len(row_id.encode())} bytes in UTF-8, over {MAX_ID_BYTES}"
+    if reason:
+        return f"id {row_id!r} is unsafe as a file name: {reason}"
+    if rows > 1:
+        return (f"id {row_id!r} appears on {rows} rows; every such row is an error "
+                "(give each row its own id)")
+    return None
+
+
+def id_problems(rows: list[dict]) -> list[str | None]:
+    """`id_problem` for every row, counting how many rows share each id."""
+    counts = Counter(row.get("id") for row in rows)
+    return [id_problem(row.get("id"), counts[row.get("id")]) for row in rows]
+
+
 def read_images(row: dict, job: GuideJob) -> Images:
-    """The row's source and foreground as 8-bit RGB and its mask as "L".
+    """The images the job's builder uses: source and foreground as 8-bit RGB, mask as "L".
 
     Decoding follows `tasks.images` (alpha over white, 16-bit scaled, size limit), so a
     guide looks as the run will read it; a bad file raises `InputError` naming its URI.
     """
     images = {}
-    for key in ("source", "mask", "foreground"):
+    for key in INPUTS[job.task]:
         if row.get(key):
             images[key] = read_image(row[key], job.storage_options, job.max_pixels,
                                      mask=key == "mask")
@@ -156,20 +197,38 @@ def read_images(row: dict, job: GuideJob) -> Images:
 
 
 def write_png(image: Image.Image, uri: str, storage_options: dict) -> None:
-    """Write `image` as a PNG at `uri` in one request."""
-    import fsspec
+    """Write `image` as a PNG at `uri`, whole or not at all (`pipeline.writers.commit`)."""
+    from pipeline.writers import commit
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    with fsspec.open(uri, "wb", **options_for(uri, storage_options)) as file:
-        file.write(buffer.getvalue())
+    folder, name = posixpath.split(uri)
+    commit(folder, name, buffer.getvalue(), storage_options)
+
+
+def write_parquet(records: list[dict], uri: str, storage_options: dict) -> None:
+    """Write `records` as a Parquet file at `uri`, whole or not at all: an interrupted write
+    leaves the previous file as it was (`pipeline.writers.commit`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.writers import commit
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buffer)
+    folder, name = posixpath.split(uri)
+    commit(folder or ".", name, buffer.getvalue(), storage_options)
 
 
 def build_one(row: dict, job: GuideJob) -> dict:
     """Build and write one row's guide (and mask); returns relative paths or the error.
 
-    Pure apart from reading the row's images and writing the two PNGs.
+    Pure apart from reading the row's images and writing the two PNGs. A row whose id is
+    unsafe as a file name is an error, never a file outside OUTPUT.
     """
+    problem = id_problem(row["id"])
+    if problem:
+        return _failed(row, problem, job.task)
     try:
         images = read_images(row, job)
         guide, mask = BUILDERS[job.task](
@@ -180,7 +239,7 @@ def build_one(row: dict, job: GuideJob) -> dict:
         if mask is not None:
             write_png(mask, f"{job.output}/{mask_path}", job.storage_options)
     except (InputError, OSError, ValueError, KeyError) as error:
-        return {"index": row["index"], "guide": None, "mask": None, "error": _describe(row, error)}
+        return _failed(row, f"{type(error).__name__}: {error}", job.task)
     return {
         "index": row["index"],
         "guide": guide_path,
@@ -189,11 +248,14 @@ def build_one(row: dict, job: GuideJob) -> dict:
     }
 
 
-def _describe(row: dict, error: BaseException) -> str:
-    uris = ", ".join(
-        f"{key}={row[key]}" for key in ("source", "mask", "foreground") if row.get(key)
-    )
-    return f"row {row['id']!r} ({uris}): {type(error).__name__}: {error}"
+def _failed(row: dict, problem: str, task: GuideTask) -> dict:
+    """The result of a failed row: an error line naming the row, its id, the URIs its task
+    reads (credentials masked, as in every line `sdedit` writes) and the problem."""
+    from sdedit.loading import redact
+
+    parts = [f"id {row['id']!r}", *(f"{key}={row[key]}" for key in INPUTS[task] if row.get(key))]
+    error = redact(f"row {row['index']} ({', '.join(parts)}): {problem}")
+    return {"index": row["index"], "guide": None, "mask": None, "error": error}
 
 
 def draw_foregrounds(rows: list[dict], seed: int) -> list[dict]:
@@ -214,21 +276,29 @@ def draw_foregrounds(rows: list[dict], seed: int) -> list[dict]:
 def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:
     """Build every row's guide as a Ray Data job and write the ready-to-run manifest.
 
-    1. pair rows with foregrounds (compositing); 2. map the builder over the rows on Ray
-    workers (fractional CPUs, so reads never starve); 3. write the manifest and error list.
+    1. pair rows with foregrounds (compositing); 2. set aside rows whose id cannot name a
+    file (`id_problems`) as errors; 3. map the builder over the other rows on Ray workers
+    (fractional CPUs, so reads never starve); 4. write the manifest and error list.
     """
-    import ray
-
     if job.task == "compositing":
         rows = draw_foregrounds(rows, job.options.seed)
     _make_folders(job)
-    work = [
-        {
-            "index": i,
-            **{key: str(row.get(key) or "") for key in ("id", "source", "mask", "foreground")},
-        }
-        for i, row in enumerate(rows)
-    ]
+    work, results = [], []
+    for index, (row, problem) in enumerate(zip(rows, id_problems(rows), strict=True)):
+        item = {"index": index, "id": row.get("id"),
+                **{key: str(row.get(key) or "") for key in ("source", "mask", "foreground")}}
+        if problem:
+            results.append(_failed(item, problem, job.task))
+        else:
+            work.append(item)
+    results += _build_on_ray(work, job) if work else []
+    results.sort(key=lambda result: result["index"])
+    return write_manifest(rows, results, job)
+
+
+def _build_on_ray(work: list[dict], job: GuideJob) -> list[dict]:
+    import ray
+
     dataset = ray.data.from_items(work, override_num_blocks=max(1, len(work) // job.batch_size))
     built = dataset.map_batches(
         _build_batch,
@@ -237,9 +307,7 @@ def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:
         batch_size=job.batch_size,
         num_cpus=job.num_cpus,
     )
-    results = [r for batch in built.iter_batches(batch_format="pyarrow") for r in batch.to_pylist()]
-    results.sort(key=lambda result: result["index"])
-    return write_manifest(rows, results, job)
+    return [r for batch in built.iter_batches(batch_format="pyarrow") for r in batch.to_pylist()]
 
 
 def _build_batch(batch, job: GuideJob):
@@ -274,29 +342,27 @@ def manifest_records(rows: list[dict], results: list[dict], task: GuideTask) -> 
         if task != "synthesis":
             record["mask"] = result["mask"]
         record |= {"task": task, "source": row["source"]}
-        record |= {k: v for k, v in row.items() if k not in ("id", "source", "mask", "index")}
+        record |= {k: v for k, v in row.items() if k not in ("id", "source", "mask")}
         records.append(record)
     return records
 
 
 def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> GuideReport:
-    """Write OUTPUT/manifest.parquet (and guide_errors.parquet when rows failed)."""
+    """Write OUTPUT/guide_errors.parquet (row, id, error per failed row) and then
+    OUTPUT/manifest.parquet, each whole; remove either left by an earlier run into OUTPUT
+    when this run has no errors or no guides (so a manifest always describes this run)."""
     import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     records = manifest_records(rows, results, job.task)
-    errors = {row["id"]: r["error"] for row, r in zip(rows, results, strict=True) if r["error"]}
+    errors = [
+        {"row": result["index"], "id": row.get("id"), "error": result["error"]}
+        for row, result in zip(rows, results, strict=True) if result["error"]
+    ]
     fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
-    errors_path = f"{root}/guide_errors.parquet"
-    if errors:
-        table = pa.table({"id": list(errors), "error": list(errors.values())})
-        with fs.open(errors_path, "wb") as file:
-            pq.write_table(table, file)
-    elif fs.exists(errors_path):
-        fs.rm(errors_path)  # stale from an earlier run
-    manifest = f"{job.output}/manifest.parquet"
-    if records:
-        with fs.open(f"{root}/manifest.parquet", "wb") as file:
-            pq.write_table(pa.Table.from_pylist(records), file)
-    return GuideReport(manifest=manifest, written=len(records), errors=errors)
+    for name, content in (("guide_errors.parquet", errors), ("manifest.parquet", records)):
+        if content:
+            write_parquet(content, f"{job.output}/{name}", job.storage_options)
+        elif fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}")  # stale from an earlier run
+    errors_by_row = [(error["id"], error["error"]) for error in errors]
+    return GuideReport(f"{job.output}/manifest.parquet", len(records), errors_by_row)

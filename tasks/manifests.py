@@ -3,33 +3,39 @@ hand-written Parquet.
 
 The manifest has `id`, `guide` (the image itself), optional `mask`, `task`, `source` and
 `label` (the image's sub-folder) when images sit in sub-folders. Local paths under the
-manifest's folder are written relative to it; everything else as a full URI.
+manifest's folder (a plain path or a file:// URI) are written relative to it; everything else
+as a full URI. A masks folder inside the images' folder is not taken for images.
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 from pathlib import PurePosixPath
 
-from tasks.images import options_for
 from tasks.presets import get_preset
-from tasks.sources import folder_rows, is_remote, list_images, relative_to
+from tasks.sources import folder_rows, is_remote, list_images, local_path, relative_to
 
 
 def match_masks(rows: list[dict], masks: str, storage_options: dict | None = None) -> None:
     """Set each row's `mask` to the image under `masks` with the same relative stem.
 
     A mask matches by its path relative to `masks` without suffix ("cats/01.png" for
-    "cats/01.jpg"), or failing that by file stem alone. Rows without a match keep no mask.
+    "cats/01.jpg"), or failing that by file stem alone, but only where that is no guess: the
+    mask lies at the top of `masks` (a flat folder of masks, so no sub-folder disagrees with
+    the image's) and no other mask and no other image has its stem. Rows without a match keep
+    no mask, so a masked task names them instead of borrowing another image's mask.
     """
-    by_path, by_stem = {}, {}
-    for uri, relative in list_images(masks, storage_options):
-        by_path[str(PurePosixPath(relative).with_suffix(""))] = uri
-        by_stem.setdefault(PurePosixPath(relative).stem, uri)
-    for row in rows:
-        relative = str(PurePosixPath(row.pop("_relative")).with_suffix(""))
-        match = by_path.get(relative) or by_stem.get(PurePosixPath(relative).name)
-        row["mask"] = match  # None: no mask for this image
+    found = [(uri, str(PurePosixPath(relative).with_suffix("")))
+             for uri, relative in list_images(masks, storage_options)]
+    by_path = {key: uri for uri, key in found}
+    mask_stems = Counter(PurePosixPath(key).name for _, key in found)
+    by_stem = {key: uri for uri, key in found if "/" not in key and mask_stems[key] == 1}
+    keys = [str(PurePosixPath(row.pop("_relative")).with_suffix("")) for row in rows]
+    image_stems = Counter(PurePosixPath(key).name for key in keys)
+    for row, key in zip(rows, keys, strict=True):
+        stem = PurePosixPath(key).name
+        row["mask"] = by_path.get(key) or (by_stem.get(stem) if image_stems[stem] == 1 else None)
 
 
 def manifest_records(
@@ -45,9 +51,10 @@ def manifest_records(
     Raises ValueError naming the images without a mask when the task requires masks.
     """
     preset = get_preset(task)
-    rows = folder_rows(location, storage_options)
+    inside = (masks,) if masks else ()  # masks kept under the images' folder are not images
+    rows = folder_rows(location, storage_options, inside)
     if masks:
-        relatives = dict(list_images(location, storage_options))
+        relatives = dict(list_images(location, storage_options, inside))
         for row in rows:
             row["_relative"] = relatives[row["source"]]
         match_masks(rows, masks, storage_options)
@@ -57,7 +64,8 @@ def manifest_records(
             f"task {task!r} needs a mask per image; none found for {len(missing)} image(s), "
             f"e.g. {missing[0]} (pass --masks FOLDER with files named like the images)"
         )
-    base = posixpath.dirname(output) if is_remote(output) else str(PurePosixPath(output).parent)
+    base = (posixpath.dirname(output) if is_remote(output)
+            else str(PurePosixPath(local_path(output)).parent))
     return [_record(row, base, task, labels) for row in rows]
 
 
@@ -80,14 +88,10 @@ def write_manifest(
     labels: bool = True,
     storage_options: dict | None = None,
 ) -> int:
-    """Write the manifest for `location` to the Parquet file `output`; returns its row count."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write the manifest for `location` to the Parquet file `output`, whole (an interrupted
+    write leaves an earlier manifest there as it was); returns its row count."""
+    from tasks.guides import write_parquet
 
     records = manifest_records(location, output, task, masks, labels, storage_options)
-    fs, path = fsspec.core.url_to_fs(output, **options_for(output, storage_options or {}))
-    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "wb") as file:
-        pq.write_table(pa.Table.from_pylist(records), file)
+    write_parquet(records, output, storage_options or {})
     return len(records)

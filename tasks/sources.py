@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import re
 import unicodedata
+from itertools import groupby
 from pathlib import Path, PurePosixPath
 
 from tasks.images import options_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 GLOB_CHARS = "*?["
-UNSAFE_ID_CHARS = re.compile(r"[^\w.-]+")  # letters and digits of any script stay
+ID_PUNCTUATION = "_.-"  # kept in ids besides letters, digits and combining marks
+COMBINING_MARKS = ("Mn", "Mc")  # Unicode categories of vowel signs, viramas, harakat, ...
 MAX_ID_LENGTH = 200  # the longest id `sdedit run` accepts (pipeline.manifest)
+# the most UTF-8 bytes an id may take: guides/<id>.png and its temporary name while it is
+# written (`pipeline.writers.commit`, 42 bytes more) must fit a file name's 255 bytes
+MAX_ID_BYTES = 200
+ID_DIGEST_LENGTH = 16
 # manifest columns a guide builder replaces rather than passes through
 REPLACED_COLUMNS = ("guide", "mask", "task", "t0")
 
@@ -55,37 +60,68 @@ def relative_to(uri: str, base: str) -> str:
 
 def image_id(relative: str) -> str:
     """A file-name-safe id from a path relative to its root: "cats/01.jpg" -> "cats__01",
-    "猫/01.jpg" -> "猫__01"; one over MAX_ID_LENGTH characters is cut, with a digest of the
-    whole path so that ids stay distinct."""
+    "猫/01.jpg" -> "猫__01", "हिंदी.png" -> "हिंदी" (letters, digits and combining marks of any
+    script stay; other runs become "_"); one over MAX_ID_LENGTH characters or MAX_ID_BYTES
+    UTF-8 bytes is cut, with a digest of the whole path so that ids stay distinct."""
     stem = unicodedata.normalize("NFC", str(PurePosixPath(relative).with_suffix("")))
-    name = UNSAFE_ID_CHARS.sub("_", stem.replace("/", "__"))  # NFC: macOS names come as NFD
-    if len(name) <= MAX_ID_LENGTH:
+    text = stem.replace("/", "__")  # NFC: macOS names come as NFD
+    name = "".join("".join(run) if safe else "_" for safe, run in groupby(text, key=_id_char))
+    if len(name) <= MAX_ID_LENGTH and len(name.encode()) <= MAX_ID_BYTES:
         return name
-    digest = hashlib.sha256(relative.encode()).hexdigest()[:16]
-    return f"{name[:MAX_ID_LENGTH - 17]}-{digest}"
+    digest = hashlib.sha256(relative.encode()).hexdigest()[:ID_DIGEST_LENGTH]
+    keep = MAX_ID_BYTES - ID_DIGEST_LENGTH - 1
+    head = name[: MAX_ID_LENGTH - ID_DIGEST_LENGTH - 1].encode()[:keep].decode(errors="ignore")
+    return f"{head}-{digest}"
 
 
-def list_images(location: str, storage_options: dict | None = None) -> list[tuple[str, str]]:
+def _id_char(char: str) -> bool:
+    """Whether `char` stays in an id as it is (what `\\w` keeps, plus combining marks)."""
+    return (char.isalnum() or char in ID_PUNCTUATION
+            or unicodedata.category(char) in COMBINING_MARKS)
+
+
+def list_images(
+    location: str, storage_options: dict | None = None, exclude: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
     """(URI, path relative to the root) of every image under a folder, glob or single file.
 
-    Sorted by relative path so ids and seeded choices are stable across runs.
+    A folder or file that exists is taken as it is even when its name holds glob characters
+    ("Photos [2020]"). Images under a folder of `exclude` (a masks folder or a guide OUTPUT
+    inside the source) are left out. Sorted by relative path so ids and seeded choices are
+    stable across runs.
     """
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location, **options_for(location, storage_options or {}))
-    if any(char in location for char in GLOB_CHARS):
+    if any(char in location for char in GLOB_CHARS) and not fs.exists(path):
         root = _glob_root(path)
         found = fs.glob(path)
     elif fs.isdir(path):
         root, found = path.rstrip("/"), fs.find(path)
     else:
         root, found = posixpath.dirname(path), [path]
+    skipped = _excluded_folders(fs, root, exclude, storage_options or {})
     images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES)
-                    and not _hidden(_relative(p, root)))
+                    and not _hidden(_relative(p, root)) and not p.startswith(skipped))
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {location}")
     remote = is_remote(location)
     return [(fs.unstrip_protocol(p) if remote else p, _relative(p, root)) for p in images]
+
+
+def _excluded_folders(
+    fs, root: str, exclude: tuple[str, ...], storage_options: dict
+) -> tuple[str, ...]:
+    """The paths on `fs` of the folders in `exclude` inside `root`, each ending in "/" so that
+    a sibling "out2" is not taken for "out" (`root` itself, or a folder around it, never)."""
+    import fsspec
+
+    folders = []
+    for location in exclude:
+        other, path = fsspec.core.url_to_fs(location, **options_for(location, storage_options))
+        if other.protocol == fs.protocol and path.startswith(root.rstrip("/") + "/"):
+            folders.append(path.rstrip("/") + "/")
+    return tuple(folders)
 
 
 def _hidden(relative: str) -> bool:
@@ -104,13 +140,16 @@ def _relative(path: str, root: str) -> str:
     return path[len(root) :].lstrip("/") if root and path.startswith(root) else path
 
 
-def folder_rows(location: str, storage_options: dict | None = None) -> list[dict]:
+def folder_rows(
+    location: str, storage_options: dict | None = None, exclude: tuple[str, ...] = ()
+) -> list[dict]:
     """Source rows for a folder or glob: id from the relative path, label from its sub-folder.
 
-    Rows get a `label` only when at least one image sits in a sub-folder.
+    Rows get a `label` only when at least one image sits in a sub-folder; images under a
+    folder of `exclude` are left out (see `list_images`).
     """
     rows = []
-    for uri, relative in list_images(location, storage_options):
+    for uri, relative in list_images(location, storage_options, exclude):
         parent = posixpath.dirname(relative)
         rows.append({"id": image_id(relative), "source": uri, "label": parent or None})
     if all(row["label"] is None for row in rows):
@@ -137,7 +176,8 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
 
     Relative URIs resolve against the manifest's folder; `foreground` (compositing pairs) and
     `mask` resolve too. Guide-specific columns (guide, mask, task, t0) are kept under their
-    names only where a builder reads them; all others pass through.
+    names only where a builder reads them; all others pass through. Ids become strings
+    (0 -> "0", null stays None); `tasks.guides.id_problems` judges them, row by row.
     """
     import fsspec
     import pyarrow.parquet as pq
@@ -151,6 +191,7 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     rows = []
     for record in table.to_pylist():
         row = {key: value for key, value in record.items() if key not in REPLACED_COLUMNS}
+        row["id"] = None if record["id"] is None else str(record["id"])  # 0 -> "0"
         row["source"] = resolve(str(record[image_column]), base)
         for column in ("mask", "foreground"):
             if record.get(column):
@@ -159,8 +200,11 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     return rows
 
 
-def source_rows(location: str, storage_options: dict | None = None) -> list[dict]:
-    """Source rows for a manifest (`.parquet`) or a folder/glob of images."""
+def source_rows(
+    location: str, storage_options: dict | None = None, exclude: tuple[str, ...] = ()
+) -> list[dict]:
+    """Source rows for a manifest (`.parquet`) or a folder/glob of images (less the images
+    under a folder of `exclude`)."""
     if location.lower().endswith(".parquet"):
         return manifest_rows(location, storage_options)
-    return folder_rows(location, storage_options)
+    return folder_rows(location, storage_options, exclude)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -79,3 +81,89 @@ def test_guides_max_pixels_turns_large_sources_into_error_rows(ray_local, photo_
     assert result.exit_code == 1
     assert "over the limit of 100" in result.output and "raise --max-pixels" in result.output
     assert "4 row(s) failed" in result.output and "no guide could be built" in result.output
+
+
+@pytest.fixture
+def ray_never_starts(monkeypatch):
+    """Fail the test if a command starts Ray."""
+    import pipeline.job
+
+    def refuse(address):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipeline.job, "init_ray", refuse)
+
+
+def out_of_range(option: str, value: str, bounds: str) -> str:
+    return f"Invalid value for '{option}': {value} is not in the range {bounds}."
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["strokes", "--batch-size", "0"], out_of_range("--batch-size", "0", "x>=1")),
+    (["strokes", "--num-cpus", "0"], out_of_range("--num-cpus", "0.0", "x>0")),
+    (["strokes", "--stroke-size", "0"], out_of_range("--stroke-size", "0", "x>=1")),
+    (["strokes", "--palette-size", "0"], out_of_range("--palette-size", "0", "x>=1")),
+    (["edits", "--palette-size", "0"], out_of_range("--palette-size", "0", "x>=1")),
+    (["edits", "--min-fraction", "0"], out_of_range("--min-fraction", "0.0", "0<x<=1")),
+    (["edits", "--min-fraction", "0.9", "--max-fraction", "0.1"],
+     "Invalid value for --min-fraction: 0.9 is over --max-fraction 0.1 (a random box's "
+     "smallest side fraction cannot exceed its largest)"),
+    (["composites", "--max-fraction", "1.5"], out_of_range("--max-fraction", "1.5", "0<x<=1")),
+    (["composites", "--same-place"], "--same-place pastes --box where it was; give --box too"),
+    (["strokes", "--paint-size", "0"], out_of_range("--paint-size", "0", "x>=1")),
+])
+def test_guide_options_are_checked_before_ray_starts(ray_never_starts, photo_folder, tmp_path,
+                                                     args, message):
+    command, *options = args
+    result = CliRunner().invoke(main, ["guides", command, str(photo_folder), str(tmp_path / "out"),
+                                       *options])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_builder_value_errors_end_with_one_error_line(ray_never_starts, tmp_path):
+    (tmp_path / "clash").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "clash" / "a b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "clash" / "a_b.png")
+    result = CliRunner().invoke(main, ["guides", "strokes", str(tmp_path / "clash"),
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert result.output == (
+        f"Error: images {tmp_path}/clash/a b.png and {tmp_path}/clash/a_b.png under "
+        f"{tmp_path}/clash both map to id 'a_b'; rename one (ids come from the path without "
+        "its suffix)\n")
+    pq.write_table(pa.table({"name": ["x"]}), tmp_path / "m.parquet")
+    result = CliRunner().invoke(main, ["guides", "edits", str(tmp_path / "m.parquet"),
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: manifest {tmp_path}/m.parquet needs columns 'id' and 'source' or 'guide'\n")
+
+
+def test_a_single_image_cannot_be_composited(monkeypatch, tmp_path):
+    import pipeline.job
+
+    monkeypatch.setattr(pipeline.job, "init_ray", lambda address: None)
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "x.png")
+    result = CliRunner().invoke(main, ["guides", "composites", str(tmp_path / "one"),
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output == (
+        "Error: compositing needs at least two images, or a 'foreground' column\n")
+
+
+def test_guides_in_an_output_inside_the_source_are_not_sources(monkeypatch, photo_folder):
+    import pipeline.job
+    from tasks import guides
+
+    monkeypatch.setattr(pipeline.job, "init_ray", lambda address: None)
+    monkeypatch.setattr(guides, "_build_on_ray",
+                        lambda work, job: [guides.build_one(row, job) for row in work])
+    output = photo_folder / "strokes"
+    for _ in range(2):
+        result = invoke("guides", "strokes", str(photo_folder), str(output) + "/")
+        assert "wrote 4 synthesis guides" in result.output
+    rows = pq.read_table(output / "manifest.parquet").to_pylist()
+    assert [row["id"] for row in rows] == [
+        "animals__chelsea", "astronaut", "objects__coffee", "objects__rocket"]
+    assert len(list((output / "guides").iterdir())) == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
@@ -21,7 +22,7 @@ from tasks.guides import (
     draw_foregrounds,
 )
 from tasks.regions import Box
-from tasks.sources import folder_rows
+from tasks.sources import folder_rows, manifest_rows
 
 
 def read_manifest(path: str) -> list[dict]:
@@ -45,7 +46,7 @@ def test_build_one_reports_unreadable_images_with_row_and_uri(tmp_path):
     job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions())
     result = build_one({"index": 3, "id": "broken", "source": str(broken)}, job)
     assert result["guide"] is None and result["index"] == 3
-    assert "row 'broken'" in result["error"] and str(broken) in result["error"]
+    assert result["error"].startswith(f"row 3 (id 'broken', source={broken}): ")
     missing = build_one({"index": 4, "id": "gone", "source": str(tmp_path / "gone.png")}, job)
     assert "FileNotFoundError" in missing["error"]
 
@@ -164,7 +165,7 @@ def test_strokes_job_writes_guides_and_a_ready_manifest(ray_local, photo_folder,
     output = tmp_path / "strokes"
     job = GuideJob("synthesis", str(output), StrokeOptions(palette_size=6), batch_size=2)
     report = build_guides(folder_rows(str(photo_folder)), job)
-    assert report.written == 4 and report.errors == {}
+    assert report.written == 4 and report.errors == []
     rows = assert_manifest_resolves(report.manifest, "synthesis", masked=False)
     assert [row["id"] for row in rows] == [
         "animals__chelsea",
@@ -223,7 +224,180 @@ def test_failed_rows_are_listed_not_dropped(ray_local, photo_folder, tmp_path):
         folder_rows(str(photo_folder)), GuideJob("synthesis", str(output), StrokeOptions())
     )
     assert report.written == 4
-    assert list(report.errors) == ["objects__truncated"]
+    assert [row_id for row_id, _ in report.errors] == ["objects__truncated"]
     errors = pq.read_table(output / "guide_errors.parquet").to_pylist()
     assert errors[0]["id"] == "objects__truncated" and "truncated.png" in errors[0]["error"]
     assert "objects__truncated" not in {row["id"] for row in read_manifest(report.manifest)}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Build rows in this process instead of on Ray workers (the job's other steps run as
+    they are), so the driver's checks are tested without starting Ray."""
+    from tasks import guides
+
+    def build_here(work: list[dict], job: GuideJob) -> list[dict]:
+        return [build_one(row, job) for row in work]
+
+    monkeypatch.setattr(guides, "_build_on_ray", build_here)
+
+
+def manifest_source(tmp_path: Path, ids: list, **columns: list) -> str:
+    """A manifest SOURCE whose row i is a flat image of grey level 20 * i."""
+    guides = []
+    for index in range(len(ids)):
+        flat_grey = Image.new("RGB", (16, 16), (20 * index,) * 3)
+        flat_grey.save(tmp_path / f"{index}.png")
+        guides.append(f"{index}.png")
+    pq.write_table(pa.table({"id": ids, "guide": guides, **columns}), tmp_path / "m.parquet")
+    return str(tmp_path / "m.parquet")
+
+
+def test_manifest_ids_that_cannot_name_a_file_are_one_error_row_each(no_ray, tmp_path):
+    longest = "x" * 80 + "猫" * 40  # 200 bytes in UTF-8: fits guides/<id>.png while written
+    ids = ["../../escaped", "dup", "dup", None, "", "ok", longest, "x" + longest]
+    source = manifest_source(tmp_path, ids)
+    output = tmp_path / "out"
+    job = GuideJob("synthesis", str(output), StrokeOptions(stroke_size=1))
+    report = build_guides(manifest_rows(source), job)
+    assert sorted(path.name for path in (output / "guides").iterdir()) == [
+        "ok.png", f"{longest}.png"]
+    assert not (tmp_path.parent / "escaped.png").exists()
+    assert report.written == 2
+    assert [row["id"] for row in read_manifest(report.manifest)] == ["ok", longest]
+    unsafe = "is unsafe as a file name: it"
+    repeated = "appears on 2 rows; every such row is an error (give each row its own id)"
+    expected = [
+        (0, "../../escaped", f"id '../../escaped' {unsafe} contains a path separator"),
+        (1, "dup", f"id 'dup' {repeated}"),
+        (2, "dup", f"id 'dup' {repeated}"),
+        (3, None, "the id is missing (null)"),
+        (4, "", f"id '' {unsafe} is empty"),
+        (7, "x" + longest, f"id {'x' + longest!r} {unsafe} takes 201 bytes in UTF-8, over 200"),
+    ]
+    messages = [f"row {row} (id {row_id!r}, source={tmp_path / f'{row}.png'}): {problem}"
+                for row, row_id, problem in expected]
+    assert report.errors == [(row_id, message)
+                             for (_, row_id, _), message in zip(expected, messages, strict=True)]
+    listed = pq.read_table(output / "guide_errors.parquet").to_pylist()
+    assert listed == [{"row": row, "id": row_id, "error": message}
+                      for (row, row_id, _), message in zip(expected, messages, strict=True)]
+
+
+def test_integer_ids_become_their_string_form(no_ray, tmp_path):
+    source = manifest_source(tmp_path, pa.array([0, 1, None], pa.int64()))
+    report = build_guides(manifest_rows(source),
+                          GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions()))
+    rows = read_manifest(report.manifest)
+    assert [(row["id"], row["guide"]) for row in rows] == [("0", "guides/0.png"),
+                                                           ("1", "guides/1.png")]
+    assert sorted(path.name for path in (tmp_path / "out" / "guides").iterdir()) == [
+        "0.png", "1.png"]
+    assert report.errors == [
+        (None, f"row 2 (id None, source={tmp_path / '2.png'}): the id is missing (null)")]
+
+
+def test_build_one_refuses_an_unsafe_id_without_writing(tmp_path):
+    photo("chelsea").save(tmp_path / "cat.png")
+    job = GuideJob("synthesis", str(tmp_path / "a" / "out"), StrokeOptions())
+    result = build_one({"index": 5, "id": "../../cat", "source": str(tmp_path / "cat.png")}, job)
+    assert result == {"index": 5, "guide": None, "mask": None, "error": (
+        f"row 5 (id '../../cat', source={tmp_path / 'cat.png'}): "
+        "id '../../cat' is unsafe as a file name: it contains a path separator")}
+    assert sorted(path.name for path in tmp_path.rglob("*.png")) == ["cat.png"]
+
+
+def test_an_interrupted_manifest_write_keeps_the_previous_manifest(no_ray, tmp_path, monkeypatch):
+    source = manifest_source(tmp_path, ["a", "b"])
+    job = GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions())
+    report = build_guides(manifest_rows(source), job)
+    before = (tmp_path / "out" / "manifest.parquet").read_bytes()
+
+    def killed(table, where, *args, **kwargs):
+        where.write(b"PAR1")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(pq, "write_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_guides(manifest_rows(source), job)
+    assert (tmp_path / "out" / "manifest.parquet").read_bytes() == before
+    assert [row["id"] for row in read_manifest(report.manifest)] == ["a", "b"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "guides", "manifest.parquet"]  # the temporary file is not left behind either
+
+
+def test_a_rerun_replaces_what_an_earlier_run_left_in_output(no_ray, tmp_path):
+    source = manifest_rows(manifest_source(tmp_path, ["a", "b"]))
+    output = tmp_path / "out"
+    build_guides(source, GuideJob("synthesis", str(output), StrokeOptions()))
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    report = build_guides(source, GuideJob("synthesis", str(output), StrokeOptions()))
+    assert [row_id for row_id, _ in report.errors] == ["b"]
+    assert [row["id"] for row in read_manifest(report.manifest)] == ["a"]
+    report = build_guides(source, GuideJob("synthesis", str(output), StrokeOptions(stroke_size=0)))
+    assert report.written == 0 and [row_id for row_id, _ in report.errors] == ["a", "b"]
+    assert sorted(path.name for path in output.iterdir()) == ["guide_errors.parquet", "guides"]
+    photo("chelsea").save(tmp_path / "1.png")
+    report = build_guides(source, GuideJob("synthesis", str(output), StrokeOptions()))
+    assert report.written == 2 and report.errors == []
+    assert sorted(path.name for path in output.iterdir()) == ["guides", "manifest.parquet"]
+
+
+def test_error_records_mask_credentials_in_uris(no_ray, tmp_path, monkeypatch):
+    from tasks import guides
+    from tasks.images import InputError
+
+    def refused(uri, *args, **kwargs):
+        raise InputError("read", f"cannot read {uri}: HTTP 403")
+
+    monkeypatch.setattr(guides, "read_image", refused)
+    signed = "http://user:pw@127.0.0.1:1/a.png?X-Amz-Signature=SECRETSIG&x=1"
+    masked = "http://user:***@127.0.0.1:1/a.png?X-Amz-Signature=***&x=1"
+    report = build_guides([{"id": "a", "source": signed}],
+                          GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions()))
+    message = f"row 0 (id 'a', source={masked}): InputError: cannot read {masked}: HTTP 403"
+    assert report.errors == [("a", message)]
+    listed = pq.read_table(tmp_path / "out" / "guide_errors.parquet").to_pylist()
+    assert listed == [{"row": 0, "id": "a", "error": message}]
+
+
+def test_only_the_images_a_task_uses_are_read(tmp_path):
+    gone = str(tmp_path / "gone.png")
+    row = {"index": 0, "id": "x", "mask": gone}
+    photo("chelsea").save(tmp_path / "a.png")
+    photo("coffee").save(tmp_path / "b.png")
+    strokes = GuideJob("synthesis", str(tmp_path / "strokes"), StrokeOptions())
+    result = build_one({**row, "source": str(tmp_path / "a.png")}, strokes)
+    assert result == {"index": 0, "guide": "guides/x.png", "mask": None, "error": None}
+    composites = GuideJob("compositing", str(tmp_path / "composites"), CompositeOptions())
+    pair = {**row, "source": str(tmp_path / "a.png"), "foreground": str(tmp_path / "b.png")}
+    result = build_one(pair, composites)
+    assert result == {"index": 0, "guide": "guides/x.png", "mask": "masks/x.png", "error": None}
+    edits = GuideJob("editing", str(tmp_path / "edits"), EditOptions())
+    result = build_one({**row, "source": str(tmp_path / "a.png")}, edits)
+    assert result["error"].startswith(f"row 0 (id 'x', source={tmp_path / 'a.png'}, mask={gone})")
+    assert "FileNotFoundError" in result["error"]
+
+
+def test_a_pass_through_index_column_is_kept(no_ray, tmp_path):
+    source = manifest_source(tmp_path, ["a", "b"], index=[10, 20], label=["p", "q"])
+    report = build_guides(manifest_rows(source),
+                          GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions()))
+    rows = read_manifest(report.manifest)
+    assert [(row["id"], row["index"], row["label"]) for row in rows] == [
+        ("a", 10, "p"), ("b", 20, "q")]
+    assert list(rows[0]) == ["id", "guide", "task", "source", "index", "label"]
+
+
+@pytest.mark.parametrize("task", ["synthesis", "editing"])
+def test_the_paint_size_reaches_stroke_and_edit_guides(tmp_path, task):
+    """--paint-size 16 on a 128-pixel photo: strokes painted at 16 pixels, so the guide is
+    made of 8x8 blocks of one colour (the default paints at 64: 2x2 blocks)."""
+    options = (StrokeOptions(paint_side=16) if task == "synthesis"
+               else EditOptions(box=Box(0, 0, 128, 128), paint_side=16))
+    result, out = build_from(tmp_path, GuideJob(task, str(tmp_path / "out"), options),
+                             source=photo("chelsea", (128, 128)))
+    guide = Image.open(out / result["guide"])
+    blocks = guide.resize((16, 16), Image.Resampling.NEAREST).resize((128, 128),
+                                                                     Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(guide), np.asarray(blocks))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -93,3 +94,108 @@ def test_globs_and_clashing_ids(photo_folder):
         folder_rows(str(photo_folder))
     with pytest.raises(FileNotFoundError, match="no images"):
         list_images(str(photo_folder / "nothing-*.png"))
+
+
+def test_ids_keep_combining_marks_so_names_stay_apart():
+    from pipeline.manifest import unsafe_id_reason
+
+    names = {"हिंदी.png": "हिंदी", "हिंदू.png": "हिंदू", "مُحَمَّد.jpg": "مُحَمَّد",
+             "a\u0301 b.png": "\u00e1_b", "x\u0301\u0327.png": "x\u0327\u0301"}
+    assert {name: image_id(name) for name in names} == names
+    assert all(unsafe_id_reason(row_id) is None for row_id in names.values())
+
+
+def test_long_non_ascii_ids_are_cut_to_fit_a_file_name(tmp_path):
+    from pipeline.manifest import unsafe_id_reason
+    from tasks.guides import GuideJob, StrokeOptions, build_one
+
+    relative = "猫" * 80 + "/" + "犬" * 80 + ".png"
+    (tmp_path / "src" / ("猫" * 80)).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / relative)
+    [row] = folder_rows(str(tmp_path / "src"))
+    digest = hashlib.sha256(relative.encode()).hexdigest()[:16]
+    assert row["id"] == "猫" * 61 + f"-{digest}"  # 61 * 3 + 17 = 200 bytes
+    assert len(row["id"].encode()) == 200 and unsafe_id_reason(row["id"]) is None
+    result = build_one({"index": 0, **row}, GuideJob("synthesis", str(tmp_path / "out"),
+                                                     StrokeOptions()))
+    assert result == {"index": 0, "guide": f"guides/{row['id']}.png", "mask": None, "error": None}
+    assert (tmp_path / "out" / result["guide"]).is_file()
+
+
+def test_a_folder_named_like_a_glob_is_a_folder(tmp_path):
+    for name in ("Photos [2020]", "what?", "star*"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+        assert list_images(str(tmp_path / name)) == [(str(tmp_path / name / "a.png"), "a.png")]
+    assert list_images(str(tmp_path / "what?" / "a.png")) == [
+        (str(tmp_path / "what?" / "a.png"), "a.png")]
+    assert [relative for _, relative in list_images(str(tmp_path / "*" / "a.png"))] == [
+        "Photos [2020]/a.png", "star*/a.png", "what?/a.png"]
+
+
+def test_a_mask_by_stem_alone_only_where_no_other_could_be_meant(tmp_path):
+    for path in ("imgs/cats/01.jpg", "imgs/dogs/01.jpg", "imgs/dogs/02.jpg",
+                 "masks/cats/01.png", "masks/02.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    records = manifest_records(str(tmp_path / "imgs"), str(tmp_path / "m.parquet"),
+                               masks=str(tmp_path / "masks"))
+    assert {row["id"]: row["mask"] for row in records} == {
+        "cats__01": "masks/cats/01.png",
+        "dogs__01": None,  # masks/cats/01.png is the cat's, not a dog's
+        "dogs__02": "masks/02.png",  # a flat folder of masks, one 02 among them
+    }
+    with pytest.raises(ValueError, match=r"none found for 1 image\(s\), e\.g\. .*dogs/01\.jpg"):
+        manifest_records(str(tmp_path / "imgs"), str(tmp_path / "m.parquet"), "editing",
+                         str(tmp_path / "masks"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "02.jpg")  # two images named 02 now
+    records = manifest_records(str(tmp_path / "imgs"), str(tmp_path / "m.parquet"),
+                               masks=str(tmp_path / "masks"))
+    assert {row["id"]: row["mask"] for row in records}["dogs__02"] is None
+    assert {row["id"]: row["mask"] for row in records}["02"] == "masks/02.png"  # by its path
+
+
+def test_a_masks_folder_inside_the_images_is_not_images(tmp_path):
+    for path in ("data/01.jpg", "data/masks/01.png", "data/sub/02.jpg", "data/masks/sub/02.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    records = manifest_records(str(tmp_path / "data"), str(tmp_path / "m.parquet"), "editing",
+                               str(tmp_path / "data" / "masks"))
+    assert [(row["id"], row["guide"], row["mask"]) for row in records] == [
+        ("01", "data/01.jpg", "data/masks/01.png"),
+        ("sub__02", "data/sub/02.jpg", "data/masks/sub/02.png"),
+    ]
+
+
+def test_an_output_inside_the_source_is_left_out_of_its_rows(tmp_path):
+    for path in ("photos/a.png", "photos/out/guides/a.png", "photos/outside/b.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    rows = folder_rows(str(tmp_path / "photos"), exclude=(str(tmp_path / "photos" / "out"),))
+    assert [(row["id"], row["label"]) for row in rows] == [("a", None), ("outside__b", "outside")]
+    around = folder_rows(str(tmp_path / "photos" / "out"), exclude=(str(tmp_path / "photos"),))
+    assert [row["id"] for row in around] == ["guides__a"]  # a folder around SOURCE: no effect
+
+
+def test_file_uri_outputs_get_paths_relative_to_themselves(photo_folder, tmp_path):
+    output = tmp_path / "m.parquet"
+    assert write_manifest(str(photo_folder), f"file://{output}", labels=False) == 4
+    assert [row["guide"] for row in pq.read_table(output).to_pylist()] == [
+        "photos/animals/chelsea.png", "photos/astronaut.png", "photos/objects/coffee.jpg",
+        "photos/objects/rocket.png"]
+
+
+def test_an_interrupted_write_keeps_the_previous_manifest(photo_folder, tmp_path, monkeypatch):
+    output = tmp_path / "m.parquet"
+    write_manifest(str(photo_folder), str(output))
+    before = output.read_bytes()
+
+    def killed(table, where, *args, **kwargs):
+        where.write(b"PAR1")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(pq, "write_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(str(photo_folder / "objects"), str(output))
+    assert output.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.parquet", "photos"]
