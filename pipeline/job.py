@@ -36,6 +36,7 @@ from pipeline.manifest import (
     in_manifest,
     read_plan_columns,
     shared_key_errors,
+    superseded_errors,
 )
 from pipeline.progress import Progress, Report, quiet
 from pipeline.resume import (
@@ -90,6 +91,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
         retried, committed = open_output(config, model)
         outside = outside_manifest(plan_columns, plan, committed)
+        superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
+            plan_columns, plan, committed.written, committed.failed))))
         rows = plan_columns.num_rows
         keys = committed.keys  # one copy of every committed key for both counts
         expected, todo = count_work(plan_columns, plan, keys)
@@ -108,8 +111,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
                      "written": progress.written, "failed": progress.failed}
         finished = time.time()
         del committed  # the recount reads OUTPUT afresh; do not hold two copies of every key
-        summary = close_output(config, model, (rows, expected, todo + shared), outside, stats,
-                               (started, pipeline_started, finished))
+        summary = close_output(config, model, (rows, expected, todo + shared),
+                               (outside, superseded), stats, (started, pipeline_started, finished))
     check_error_rate(config, summary)
     return summary
 
@@ -200,14 +203,16 @@ def open_output(config: RunConfig, model: ModelInfo) -> tuple[int, Committed]:
 
 
 def close_output(config: RunConfig, model: ModelInfo, counts: tuple[int, int, int],
-                 outside: Committed, stats: Mapping, times: tuple[float, float, float]) -> dict:
+                 uncounted: tuple[Committed, Committed], stats: Mapping,
+                 times: tuple[float, float, float]) -> dict:
     """Recount what OUTPUT holds, index it for the next run and write summary.json; `counts`
-    is (manifest rows, expected outputs, outputs to do at the start), `outside` what OUTPUT
-    held at the start for keys the manifest does not make (a run adds none of those)."""
+    is (manifest rows, expected outputs, outputs to do at the start), `uncounted` what OUTPUT
+    held at the start for keys the manifest does not make and the error rows superseded by
+    data rows (`superseded_errors`): a run adds none of either."""
     with storage_step(f"cannot recount OUTPUT {config.output} after the run"):
         final = read_committed(config.output, config.format, config.storage_options)
         write_index(config.output, final, config.storage_options)
-        summary = build_summary(config, model, *counts, final, outside, stats, times)
+        summary = build_summary(config, model, *counts, final, uncounted, stats, times)
         write_summary(config, summary)
     return summary
 
@@ -468,17 +473,19 @@ def actor_resources(config: RunConfig) -> ActorResources:
 
 
 def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int, todo: int,
-                  final: Committed, outside: Committed, stats: Mapping,
+                  final: Committed, uncounted: tuple[Committed, Committed], stats: Mapping,
                   times: tuple[float, float, float]) -> dict:
     """Counts of the manifest's outputs that reconcile (written + errors = expected; what
-    OUTPUT holds for keys the manifest no longer makes is `outside_manifest`), timings, config
-    and versions."""
+    OUTPUT holds for keys the manifest no longer makes is `outside_manifest`, error rows of
+    keys written since are `superseded_errors`), timings, config and versions."""
     started, pipeline_started, finished = times
+    outside, superseded = uncounted
     written = final.written_keys - outside.written_keys
-    errors = final.error_rows - outside.error_rows
+    errors = final.error_rows - outside.error_rows - superseded.error_rows
     data_rows = final.data_rows - outside.data_rows
     stages = Counter(final.errors_by_stage)
     stages.subtract(outside.errors_by_stage)
+    stages.subtract(superseded.errors_by_stage)
     seconds = finished - pipeline_started
     run_written = int(stats.get("written", 0))
     return {
@@ -491,6 +498,7 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
         "duplicate_rows": data_rows - written,
         "reconciled": written + errors == expected and data_rows == written,
         "outside_manifest": {"written": outside.written_keys, "errors": outside.error_rows},
+        "superseded_errors": superseded.error_rows,
         "this_run": {
             "todo": todo,
             "skipped_already_committed": expected - todo,

@@ -12,7 +12,7 @@ Rows that cannot be processed become keys carrying an error (stage "validate"), 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -342,7 +342,6 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan,
     before an appended row repeated its id). The name covers the keys and those counts, so
     each run's shard is new and a rerun of the same state writes the same one."""
     import hashlib
-    from collections import Counter
 
     import pyarrow.compute as pc
 
@@ -369,6 +368,33 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan,
     })
     counted = [(key, wanted[key], have[key]) for key, _ in missing]
     return table, f"part-{hashlib.sha256(repr(counted).encode()).hexdigest()[:24]}.parquet"
+
+
+def superseded_errors(plan_columns: pa.Table, plan: Plan, written: pa.Table,
+                      failed: pa.Table) -> np.ndarray:
+    """True for each error row that no longer counts: its key has a data row, and the manifest
+    makes the key fewer times than that row and the key's error rows before it add up to (the
+    error row of an appended row that repeated a written id, left once that row is removed
+    from the manifest again). Keys the manifest does not make are `in_manifest`'s, not these."""
+    import pyarrow.compute as pc
+
+    superseded = np.zeros(failed.num_rows, dtype=bool)
+    if not failed.num_rows or not written.num_rows:
+        return superseded
+    rows = np.flatnonzero(pc.is_in(failed["id"], value_set=pc.unique(written["id"]))
+                          .to_numpy(zero_copy_only=False))  # ids with data: few, usually none
+    candidates = failed.take(rows)
+    ids = pc.unique(candidates["id"])
+    with_data = set(_loose_keys(written.filter(pc.is_in(written["id"], value_set=ids))))
+    table = conform(plan_columns)
+    wanted = Counter(_loose_keys(key_table(table.filter(pc.is_in(table["id"], value_set=ids)),
+                                           plan)))
+    seen: Counter = Counter()
+    for index, key in zip(rows, _loose_keys(candidates), strict=True):
+        if key in with_data and wanted[key]:
+            seen[key] += 1
+            superseded[index] = 1 + seen[key] > wanted[key]
+    return superseded
 
 
 def _loose_keys(keys: pa.Table) -> list[tuple]:

@@ -112,6 +112,19 @@ def test_rows_sharing_keys_get_one_error_row_each_across_runs(tmp_path):
     third = run(config)
     assert third["this_run"]["todo"] == 0 and read_errors(output).num_rows == 4
     assert third["reconciled"]
+    # the appended rows leave the manifest: the repeated 'a''s error row (its key written) no
+    # longer counts; it did (2 written + 1 error of 2 outputs, not reconciled, and a nightly
+    # --max-error-rate 0.2 exited 3 every night)
+    write_manifest(manifest, {"id": ["a", "b"], "guide": names})
+    fourth = run(config)
+    assert (fourth["expected_outputs"], fourth["written"], fourth["errors"]) == (2, 2, 0)
+    assert fourth["reconciled"] and fourth["superseded_errors"] == 1
+    assert fourth["outside_manifest"] == {"written": 0, "errors": 3}  # twin, twin, None
+    write_manifest(manifest, {"id": ["a", "b", "a"], "guide": [*names, names[1]]})
+    fifth = run(config)  # 'a' twice again: its error row counts again, none is added
+    assert (fifth["expected_outputs"], fifth["written"], fifth["errors"]) == (3, 2, 1)
+    assert fifth["reconciled"] and fifth["superseded_errors"] == 0
+    assert read_errors(output).num_rows == 4
 
 
 def test_missing_columns_stop_before_any_work(tmp_path):
