@@ -11,6 +11,7 @@ Rows that cannot be processed become keys carrying an error (stage "validate"), 
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Set
@@ -202,10 +203,18 @@ def check_columns(schema: pa.Schema, where: str) -> None:
 
 
 def resolve_uri(uri: str, base: str) -> str:
-    """An absolute URI: relative paths resolve against the manifest's folder."""
+    """An absolute URI: relative paths resolve against the manifest's folder, `..` and `.`
+    segments included (object stores take them for part of a key: `s3://b/m/../g.png` is
+    not `s3://b/g.png` there, as it is on a disk)."""
     if "://" in uri or uri.startswith("/"):
         return uri
-    return base.rstrip("/") + "/" + uri
+    joined = base.rstrip("/") + "/" + uri
+    if not {".", ".."} & set(uri.split("/")):
+        return joined
+    scheme, _, rest = joined.partition("://") if "://" in joined else ("", "", joined)
+    root, _, path = rest.partition("/")  # a bucket or host stays; "" for an absolute path
+    path = posixpath.normpath(path)
+    return f"{scheme}://{root}/{path}" if scheme else f"{root}/{path}"
 
 
 def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:

@@ -23,6 +23,7 @@ module is cheap.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import math
@@ -254,6 +255,8 @@ def _may_pass(error: Exception) -> bool | None:
                           PermissionError, ValueError, ImportError, zipfile.BadZipFile,
                           tarfile.TarError)):
         return False
+    if isinstance(error, OSError) and error.errno == errno.EINVAL:
+        return False  # s3fs's HTTP 400 (InvalidRequest, a malformed key): the request's own
     if type(error).__name__ == "ParamValidationError":  # botocore: e.g. an invalid bucket name
         return False
     if isinstance(error, OSError) or type(error).__module__.split(".")[0] == "aiohttp":

@@ -45,7 +45,8 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
               "badbucket": "s3://Bad_Bucket!/x.png", "protocol": "foo://x/y.png",
               "empty": "empty.png", "zipped": f"zip://img0.png::{bucket}/inputs/pics.zip",
               "notzip": f"zip://img0.png::{bucket}/inputs/img0.png",
-              "nozip": f"zip://img0.png::{bucket}/inputs/gone.zip"}
+              "nozip": f"zip://img0.png::{bucket}/inputs/gone.zip",
+              "dotdot": "../inputs/./img0.png", "above": "../../x.png"}
     fs.pipe_file(f"{bucket}/inputs/empty.png", b"")  # S3 refuses any byte range of it
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as pics:
@@ -60,7 +61,8 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
     # nokey, badbucket and protocol raised ValueError or botocore's ParamValidationError, which
     # stopped the run; so did the archives of chained URIs: BadZipFile, or FileNotFoundError
     # taken for a store failure; and the store's options did not reach a chained URI's store
-    assert (summary["written"], summary["errors_by_stage"]) == (2, {"read": 6, "decode": 1})
+    # dotdot: the key "inputs/../inputs/./img0.png" was a 400 from the store, retried 4 times
+    assert (summary["written"], summary["errors_by_stage"]) == (3, {"read": 7, "decode": 1})
     errors = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(shard)))
                               for shard in fs.glob(f"{bucket}/out2/errors/*.parquet"))
     messages = dict(zip(errors["id"].to_pylist(), errors["error"].to_pylist(), strict=True))
@@ -74,3 +76,5 @@ def test_missing_objects_and_malformed_uris_are_error_rows_not_a_crash(s3_server
     assert messages["notzip"] == (f"cannot read {guides['notzip']}: BadZipFile: File is not a "
                                   "zip file")
     assert messages["nozip"].startswith(f"cannot read {guides['nozip']}: FileNotFoundError")
+    assert messages["above"].startswith(f"cannot read {bucket}/../x.png: ")
+    assert "attempts" not in messages["above"]  # a 400 is the request's own: not retried
