@@ -36,6 +36,8 @@ from pipeline.manifest import (
     in_manifest,
     read_plan_columns,
     shared_key_errors,
+    shared_key_guides,
+    shared_keys,
     superseded_errors,
 )
 from pipeline.progress import Progress, Report, quiet
@@ -96,7 +98,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         rows = plan_columns.num_rows
         keys = committed.keys  # one copy of every committed key for both counts
         expected, todo = count_work(plan_columns, plan, keys)
-        shared = add_shared_key_errors(config, plan_columns, plan, keys, report)
+        shared = add_shared_key_errors(config, manifest, plan_columns, plan, keys, report)
         del keys
         del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
         report(f"{rows:,} manifest rows make {expected:,} outputs: {todo + shared:,} to do, "
@@ -117,14 +119,18 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     return summary
 
 
-def add_shared_key_errors(config: RunConfig, plan_columns: pa.Table, plan: Plan,
-                          committed: pa.Table, report: Report) -> int:
+def add_shared_key_errors(config: RunConfig, manifest: ManifestFiles, plan_columns: pa.Table,
+                          plan: Plan, committed: pa.Table, report: Report) -> int:
     """Commit, as one error shard, the error rows still missing for manifest rows that repeat
     an id or have none (`shared_key_errors`: no worker can tell such rows apart), given the
     committed keys; how many."""
     from pipeline.writers import ERRORS_DIR, ParquetShardWriter, commit
 
-    errors, name = shared_key_errors(plan_columns, plan, committed)
+    if not shared_keys(plan_columns["id"], plan).any():
+        return 0
+    with storage_step(f"cannot read manifest {config.manifest}"):
+        guides = shared_key_guides(manifest, plan, config.storage_options)
+    errors, name = shared_key_errors(plan_columns, plan, committed, guides)
     if errors.num_rows:
         folder = f"{config.output.rstrip('/')}/{ERRORS_DIR}"
         with storage_step(f"cannot write error rows to OUTPUT {config.output}"):

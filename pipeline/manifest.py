@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from sdedit.loading import redact
 from tasks.images import options_for
 from tasks.sources import MAX_ID_LENGTH  # ids that `sdedit manifest` makes fit it too
 
@@ -263,6 +264,8 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
     for t0 in t0s:
         key_t0 = _round_t0(t0)
         error = problem or _t0_problem(key_t0, row_id)
+        if error and row.get("guide"):
+            error = f"{error} (guide {redact(str(row['guide']))})"  # which row, beside the id
         for sample in range(samples):
             seed = stable_seed(plan.seed, row.get("seed"), row_id, key_t0, sample)
             yield Work((row_id, key_t0, sample), seed, repeats, error)
@@ -342,9 +345,11 @@ def shared_keys(ids: pa.ChunkedArray | pa.Array, plan: Plan) -> np.ndarray:
     return np.asarray(missing.to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def shared_key_errors(plan_columns: pa.Table, plan: Plan,
-                      committed: pa.Table) -> tuple[pa.Table, str]:
+def shared_key_errors(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
+                      guides: Mapping | None = None) -> tuple[pa.Table, str]:
     """The error rows still missing for the rows `shared_keys` picks, and a shard name for them.
+    Each names the guides of the rows making its key: `guides` (id -> URIs, from
+    `shared_key_guides`), else the plan columns' own guide column, if any.
 
     Such rows share keys, so they are counted per key: as many error rows as rows make the
     key, less the rows OUTPUT holds for it already (an earlier run's, or the output written
@@ -363,6 +368,8 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan,
                                    pc.is_in(committed["id"], value_set=pc.unique(ids))))
     have = Counter(_loose_keys(held))
     rows_per_id = Counter(ids.to_pylist())
+    if guides is None:
+        guides = _guides_by_id(rows)
     missing = sorted(((key, count - have[key]) for key, count in wanted.items()
                       if count > have[key]), key=repr)  # a t0 may be "nan" beside floats
     errors = [(None if key[0] == NULL_ID else key[0], float(key[1]), key[2])
@@ -372,7 +379,8 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan,
         "t0": pa.array([key[1] for key in errors], pa.float64()),
         "sample": pa.array([key[2] for key in errors], pa.int32()),
         "stage": pa.array(["validate"] * len(errors), pa.string()),
-        "error": pa.array([_shared_key_problem(key[0], rows_per_id[key[0]]) for key in errors],
+        "error": pa.array([_shared_key_problem(key[0], rows_per_id[key[0]],
+                                               guides.get(key[0], [])) for key in errors],
                           pa.string()),
     })
     counted = [(key, wanted[key], have[key]) for key, _ in missing]
@@ -413,11 +421,43 @@ def _loose_keys(keys: pa.Table) -> list[tuple]:
     return list(zip(ids, t0s, keys["sample"].to_pylist(), strict=True))
 
 
-def _shared_key_problem(row_id: str | None, rows: int) -> str:
+SHOWN_GUIDES = 3  # guides an error row of a shared key names
+
+
+def shared_key_guides(manifest: ManifestFiles, plan: Plan,
+                      storage_options: Mapping) -> dict[str | None, list[str]]:
+    """The guide URIs (as the manifest has them, credentials masked) of the rows that
+    `shared_keys` picks, by id: read from the id and guide columns of every manifest file,
+    only when such rows exist (the driver keeps no guide column otherwise)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    guides: dict[str | None, list[str]] = defaultdict(list)
+    for file in manifest.files:
+        fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
+        with fs.open(path, "rb") as stream:
+            table = conform(pq.ParquetFile(stream).read(columns=["id", "guide"]))
+        for row_id, found in _guides_by_id(table.filter(pa.array(shared_keys(table["id"], plan)))
+                                           ).items():
+            guides[row_id] += found
+    return guides
+
+
+def _guides_by_id(rows: pa.Table) -> dict[str | None, list[str]]:
+    guides: dict[str | None, list[str]] = defaultdict(list)
+    for row_id, guide in zip(rows["id"].to_pylist(), _column(rows, "guide"), strict=True):
+        if guide:
+            guides[row_id].append(redact(str(guide)))
+    return guides
+
+
+def _shared_key_problem(row_id: str | None, rows: int, guides: list[str]) -> str:
+    named = ", ".join(guides[:SHOWN_GUIDES]) + (", ..." if len(guides) > SHOWN_GUIDES else "")
+    named = f", guides {named}" if guides else ""
     if row_id is None:
-        return "id is missing (null)"
-    return (f"id {row_id!r} appears on more than one manifest row ({rows} rows); every such "
-            "row is an error (give each row its own id)")
+        return f"id is missing (null) ({rows} row{'s' * (rows > 1)} without one{named})"
+    return (f"id {row_id!r} appears on more than one manifest row ({rows} rows{named}); every "
+            "such row is an error (give each row its own id)")
 
 
 def committed_for(ids: pa.ChunkedArray | pa.Array, committed: pa.Table) -> pa.Table:

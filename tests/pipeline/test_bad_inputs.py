@@ -73,8 +73,14 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
         if stage:
             assert failed[(row_id, 0.5)]["stage"] == stage, row_id
     assert failed[("twin", 0.5)]["stage"] == "validate"
-    assert "more than one manifest row" in failed[("twin", 0.5)]["error"]
-    assert "t0 1.5 for id 'late' is outside (0, 1]" in failed[("late", 1.5)]["error"]
+    # each names the rows it is about by their guides (the twins' rows were indistinguishable)
+    assert failed[("twin", 0.5)]["error"] == (
+        "id 'twin' appears on more than one manifest row (2 rows, guides img0.png, img1.png); "
+        "every such row is an error (give each row its own id)")
+    assert failed[("late", 1.5)]["error"] == (
+        "t0 1.5 for id 'late' is outside (0, 1] (guide img0.png)")
+    assert failed[("../escape", 0.5)]["error"] == ("id '../escape' is unsafe as a file name: it "
+                                                   "contains a path separator (guide img0.png)")
     blank = [r for r in errors.to_pylist() if r["id"] == "blank"]
     assert len(blank) == 1 and math.isnan(blank[0]["t0"]) and "outside (0, 1]" in blank[0]["error"]
     assert "nowhere.png" in failed[("missing", 0.5)]["error"]

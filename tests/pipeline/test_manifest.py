@@ -293,9 +293,10 @@ def test_rows_that_share_keys_are_the_drivers_error_rows():
     assert Counter((r["id"], r["t0"], r["sample"]) for r in rows) == {
         ("twin", 0.3, 0): 2, ("twin", 0.5, 0): 2, (None, 0.3, 0): 2, (None, 0.5, 0): 2}
     assert {r["error"] for r in rows if r["id"] == "twin"} == {
-        "id 'twin' appears on more than one manifest row (2 rows); every such row is an error "
-        "(give each row its own id)"}
-    assert {r["error"] for r in rows if r["id"] is None} == {"id is missing (null)"}
+        "id 'twin' appears on more than one manifest row (2 rows, guides g, g); every such row "
+        "is an error (give each row its own id)"}
+    assert {r["error"] for r in rows if r["id"] is None} == {
+        "id is missing (null) (2 rows without one, guides g, g)"}
     assert {r["stage"] for r in rows} == {"validate"}
     # what OUTPUT holds counts: e.g. twin's output at 0.3, written before the id repeated
     fewer, other = shared_key_errors(table, plan, keys_table([("twin", 0.3, 0)]))
