@@ -61,7 +61,12 @@ PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec",
 
 
 class ErrorRateExceeded(RuntimeError):
-    """More outputs failed than --max-error-rate allows; everything possible was written."""
+    """More outputs failed than --max-error-rate allows; everything possible was written, and
+    `summary` says what (as summary.json)."""
+
+    def __init__(self, message: str, summary: Mapping) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class ClusterUnreachable(RuntimeError):
@@ -157,7 +162,7 @@ def check_error_rate(config: RunConfig, summary: Mapping) -> None:
         raise ErrorRateExceeded(
             f"{summary['errors']} of {expected} outputs failed (rate "
             f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
-            f"{config.output.rstrip('/')}/errors/")
+            f"{config.output.rstrip('/')}/errors/", summary)
 
 
 def preview(config: RunConfig) -> dict:

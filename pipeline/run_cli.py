@@ -102,7 +102,8 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
                    f"{redact(config.output)}, "
                    "rerun to resume", err=True)
         sys.exit(EXIT_TERMINATED)
-    except ErrorRateExceeded as error:
+    except ErrorRateExceeded as error:  # the counts on stdout as after any run, for schedulers
+        click.echo(json.dumps(_headline(error.summary, config.output), indent=2))
         click.echo(f"error: {redact(str(error))}", err=True)
         sys.exit(EXIT_ERROR_RATE)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
