@@ -36,6 +36,7 @@ from tasks.images import options_for
 
 RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
+DERIVED = ("evaluation.json", "inspect")  # `sdedit evaluate` and `sdedit inspect` by default
 INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
 READ_THREADS = 16  # shards whose keys are read at once
 SHARD = pa.field("shard", pa.dictionary(pa.int32(), pa.string()))  # file name under data/errors
@@ -237,14 +238,20 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     With `overwrite`, everything a previous run left (shards, errors, summary) is deleted first.
     """
     fs, root = output_fs(output, storage_options)
-    if overwrite:
-        for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values()):
+    if overwrite:  # also what `sdedit evaluate` and `inspect` made of the outputs replaced
+        for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values(), *DERIVED):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
     elif recorded(output, record, storage_options):
         return
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
            storage_options)  # whole or not at all: a torn record would refuse every rerun
+
+
+def _shown(value, other):
+    """A recorded value as a mismatch shows it: a switch recorded only when on is off (False),
+    not None, where the other side has it on."""
+    return False if value is None and isinstance(other, bool) else value
 
 
 def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
@@ -263,7 +270,8 @@ def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
             "replace it") from error
     changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
     if changed:
-        details = "; ".join(f"{k}: {stored.get(k)!r} -> {record.get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
+                            f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)
         raise ConfigMismatchError(
             f"{output} holds a run with a different configuration ({details}). Use the "
             "same options to resume, another OUTPUT, or --overwrite to replace it")

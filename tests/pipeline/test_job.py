@@ -90,11 +90,16 @@ def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp
     replacing = preview(config(small_manifest, output, steps=3, overwrite=True))
     assert (replacing["todo"], replacing["already_committed"]) == (4, 0)
     assert len(read_dataset(output)) == 4  # a dry run removes nothing
+    (output / "evaluation.json").write_text("{}")  # sdedit evaluate's and inspect's reports
+    (output / "inspect").mkdir()
+    (output / "inspect" / "contact_sheet.png").write_bytes(b"png")
     summary = run(config(small_manifest, output, steps=3, overwrite=True))
+    # replaced with the outputs they describe (they stayed, describing outputs now gone)
+    assert not (output / "evaluation.json").exists() and not (output / "inspect").exists()
     assert summary["written"] == 4
     eager = read_dataset(output)
     assert set(eager["steps"].to_pylist()) == {3}
-    with pytest.raises(ConfigMismatchError, match=r"compile: None -> True"):
+    with pytest.raises(ConfigMismatchError, match=r"compile: False -> True"):
         run(config(small_manifest, output, steps=3, compile=True))
     compiled = run(config(small_manifest, output, steps=3, compile=True, channels_last=True,
                           overwrite=True))
