@@ -248,6 +248,11 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
            storage_options)  # whole or not at all: a torn record would refuse every rerun
 
 
+def _same_outputs(value):
+    """A recorded value as outputs depend on it: a list of t0 values in any order is one."""
+    return sorted(value, key=repr) if isinstance(value, list) else value
+
+
 def _shown(value, other):
     """A recorded value as a mismatch shows it: a switch recorded only when on is off (False),
     not None, where the other side has it on."""
@@ -268,7 +273,8 @@ def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
             f"{output.rstrip('/')}/{RUN_CONFIG} does not hold a run's configuration ({error}); "
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
             "replace it") from error
-    changed = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
+    changed = sorted(k for k in set(stored) | set(record)
+                     if _same_outputs(stored.get(k)) != _same_outputs(record.get(k)))
     if changed:
         details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
                             f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)

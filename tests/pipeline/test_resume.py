@@ -119,3 +119,14 @@ def test_a_torn_run_record_is_named_and_leftovers_of_the_holders_files_are_remov
         (tmp_path / name).write_bytes(b"half")
     assert clean_temporaries(str(tmp_path), {}) == 3
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-_run_lease.json.3c"]
+
+
+def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path):
+    """`--t0 0.8 --t0 0.4` into an OUTPUT made with `--t0 0.4 --t0 0.8` makes the same outputs
+    (keys and seeds are per t0 value): it was refused as a different configuration."""
+    record = {"model": "builtin:tiny", "t0": [0.4, 0.8], "steps": 2, "samples": None}
+    claim_output(str(tmp_path), record, overwrite=False, storage_options={})
+    claim_output(str(tmp_path), {**record, "t0": [0.8, 0.4]}, overwrite=False, storage_options={})
+    with pytest.raises(ConfigMismatchError, match=r"t0: \[0.4, 0.8\] -> \[0.4, 0.7\]"):
+        claim_output(str(tmp_path), {**record, "t0": [0.4, 0.7]}, overwrite=False,
+                     storage_options={})
