@@ -226,7 +226,8 @@ def build_one(row: dict, job: GuideJob) -> dict:
     Pure apart from reading the row's images and writing the two PNGs. A row whose id is
     unsafe as a file name is an error, never a file outside OUTPUT.
     """
-    problem = id_problem(row["id"])
+    problem = id_problem(row["id"]) or (
+        None if row.get("source") else "the row has no image (its 'source' or 'guide' is empty)")
     if problem:
         return _failed(row, problem, job.task)
     try:

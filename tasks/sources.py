@@ -104,7 +104,10 @@ def list_images(
     images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES)
                     and not _hidden(_relative(p, root)) and not p.startswith(skipped))
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {location}")
+        manifests = any(p.lower().endswith(".parquet") for p in found)
+        hint = "; it holds .parquet files: a manifest SOURCE is one .parquet file" * manifests
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {location}{hint}")
     remote = is_remote(location)
     return [(fs.unstrip_protocol(p) if remote else p, _relative(p, root)) for p in images]
 
@@ -192,7 +195,8 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     for record in table.to_pylist():
         row = {key: value for key, value in record.items() if key not in REPLACED_COLUMNS}
         row["id"] = None if record["id"] is None else str(record["id"])  # 0 -> "0"
-        row["source"] = resolve(str(record[image_column]), base)
+        image = record[image_column]
+        row["source"] = resolve(str(image), base) if image else None  # None: the row's error
         for column in ("mask", "foreground"):
             if record.get(column):
                 row[column] = resolve(str(record[column]), base)

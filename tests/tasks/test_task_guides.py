@@ -401,3 +401,23 @@ def test_the_paint_size_reaches_stroke_and_edit_guides(tmp_path, task):
     blocks = guide.resize((16, 16), Image.Resampling.NEAREST).resize((128, 128),
                                                                      Image.Resampling.NEAREST)
     assert np.array_equal(np.asarray(guide), np.asarray(blocks))
+
+
+def test_a_manifest_row_without_an_image_is_an_error_row_saying_so(no_ray, tmp_path):
+    """A null guide became the path "<folder>/None" and a FileNotFoundError for it."""
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(tmp_path / "a.png")
+    pq.write_table(pa.table({"id": ["a", "b"], "guide": ["a.png", None]}), tmp_path / "m.parquet")
+    report = build_guides(manifest_rows(str(tmp_path / "m.parquet")),
+                          GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions()))
+    assert report.written == 1
+    assert report.errors == [("b", "row 1 (id 'b'): the row has no image (its 'source' or "
+                                   "'guide' is empty)")]
+
+
+def test_a_folder_of_manifests_given_as_images_says_what_it_holds(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "guide": ["a.png"]}), tmp_path / "part-0.parquet")
+    with pytest.raises(FileNotFoundError) as error:
+        folder_rows(str(tmp_path))
+    assert str(error.value) == (
+        f"no images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) found at {tmp_path}; it "
+        "holds .parquet files: a manifest SOURCE is one .parquet file")
