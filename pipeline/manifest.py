@@ -398,11 +398,11 @@ def superseded_errors(plan_columns: pa.Table, plan: Plan, written: pa.Table,
     superseded = np.zeros(failed.num_rows, dtype=bool)
     if not failed.num_rows or not written.num_rows:
         return superseded
-    rows = np.flatnonzero(pc.is_in(failed["id"], value_set=pc.unique(written["id"]))
-                          .to_numpy(zero_copy_only=False))  # ids with data: few, usually none
+    data = written.filter(pc.is_in(written["id"], value_set=pc.unique(failed["id"])))
+    ids = pc.unique(data["id"])  # ids with data rows and error rows: few, usually none
+    rows = np.flatnonzero(pc.is_in(failed["id"], value_set=ids).to_numpy(zero_copy_only=False))
     candidates = failed.take(rows)
-    ids = pc.unique(candidates["id"])
-    with_data = set(_loose_keys(written.filter(pc.is_in(written["id"], value_set=ids))))
+    with_data = set(_loose_keys(data))
     table = conform(plan_columns)
     wanted = Counter(_loose_keys(key_table(table.filter(pc.is_in(table["id"], value_set=ids)),
                                            plan)))
