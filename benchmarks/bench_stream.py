@@ -7,7 +7,8 @@ For each `--rows` count, writes a manifest of that many rows (distinct ids; guid
 `--images` generated PNGs, so the inputs stay small on disk), runs `sdedit run` on it in a
 subprocess (its own local Ray runtime) and samples, every 0.25 s, the resident memory of the
 driver and of every Ray process (workers, actors, raylet, GCS; shared pages are counted in each
-process, so the total over-counts what the machine holds). Prints a JSON line per count: wall
+process, so the total over-counts what the machine holds; every Ray process on the machine
+counts, so run it where no other Ray runtime is running). Prints a JSON line per count: wall
 seconds, outputs/s, the driver's peak RSS, the peak of the sum over all processes, and the
 raylet's peak resident shared memory (the object store's pages it has touched: a high-water
 mark, as freed pages stay mapped). Streaming means these stay

@@ -11,7 +11,6 @@ Rows that cannot be processed become keys carrying an error (stage "validate"), 
 
 from __future__ import annotations
 
-import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Set
@@ -22,7 +21,10 @@ import pyarrow as pa
 
 from sdedit.loading import redact
 from tasks.images import options_for
-from tasks.sources import MAX_ID_LENGTH  # ids that `sdedit manifest` makes fit it too
+from tasks.sources import (  # ids that `sdedit manifest` makes fit MAX_ID_LENGTH too
+    MAX_ID_LENGTH,
+    in_store,
+)
 
 REQUIRED_COLUMNS = ("id", "guide")
 PLAN_COLUMNS = ("id", "guide", "mask", "t0", "seed", "task")
@@ -111,10 +113,10 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
 def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
     """One schema for every manifest file: types that differ between files must widen without
     loss (float32 to float64, also in t0 lists; an integer to a wider one of its sign; string
-    to large_string; a timestamp to a finer unit, same time zone), so each file's rows can be
-    cast to it as they are read; anything else (a seed column int64 in one file and float64 in
-    another would change the seeds) stops the job with a message naming the column and the
-    files."""
+    to large_string; a timestamp to a finer unit short of ns, same time zone), so each file's
+    rows can be cast to it as they are read; anything else (a seed column int64 in one file
+    and float64 in another would change the seeds) stops the job with a message naming the
+    column and the files."""
     try:
         return pa.unify_schemas(schemas)
     except (pa.ArrowTypeError, pa.ArrowInvalid):
@@ -151,8 +153,9 @@ def _widens(source: pa.DataType, target: pa.DataType) -> bool:
     if types.is_integer(source) and types.is_integer(target):
         return (types.is_signed_integer(source) == types.is_signed_integer(target)
                 and source.bit_width <= target.bit_width)
-    if types.is_timestamp(source) and types.is_timestamp(target):  # casts refuse overflow
-        return source.tz == target.tz and UNITS.index(source.unit) <= UNITS.index(target.unit)
+    if types.is_timestamp(source) and types.is_timestamp(target):  # ns holds 1677-2262 only
+        return source.tz == target.tz and (source.unit == target.unit or target.unit != "ns"
+                                           and UNITS.index(source.unit) <= UNITS.index(target.unit))
     if (types.is_list(source) or types.is_large_list(source)) and (
             types.is_list(target) or types.is_large_list(target)):
         return _widens(source.value_type, target.value_type)
@@ -204,18 +207,11 @@ def check_columns(schema: pa.Schema, where: str) -> None:
 
 
 def resolve_uri(uri: str, base: str) -> str:
-    """An absolute URI: relative paths resolve against the manifest's folder, `..` and `.`
-    segments included (object stores take them for part of a key: `s3://b/m/../g.png` is
-    not `s3://b/g.png` there, as it is on a disk)."""
+    """An absolute URI: relative paths resolve against the manifest's folder, on an object
+    store with their `..` and `.` segments resolved too (`tasks.sources.in_store`)."""
     if "://" in uri or uri.startswith("/"):
         return uri
-    joined = base.rstrip("/") + "/" + uri
-    if not {".", ".."} & set(uri.split("/")):
-        return joined
-    scheme, _, rest = joined.partition("://") if "://" in joined else ("", "", joined)
-    root, _, path = rest.partition("/")  # a bucket or host stays; "" for an absolute path
-    path = posixpath.normpath(path)
-    return f"{scheme}://{root}/{path}" if scheme else f"{root}/{path}"
+    return in_store(base.rstrip("/") + "/" + uri)
 
 
 def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:
@@ -435,11 +431,12 @@ def shared_key_guides(manifest: ManifestFiles, plan: Plan,
     guides: dict[str | None, list[str]] = defaultdict(list)
     for file in manifest.files:
         fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
-        with fs.open(path, "rb") as stream:
-            table = conform(pq.ParquetFile(stream).read(columns=["id", "guide"]))
-        for row_id, found in _guides_by_id(table.filter(pa.array(shared_keys(table["id"], plan)))
-                                           ).items():
-            guides[row_id] += found
+        with fs.open(path, "rb") as stream:  # a batch at a time: the columns may be large
+            for batch in pq.ParquetFile(stream).iter_batches(columns=["id", "guide"]):
+                table = conform(pa.Table.from_batches([batch]))
+                shared = table.filter(pa.array(shared_keys(table["id"], plan)))
+                for row_id, found in _guides_by_id(shared).items():
+                    guides[row_id] += found
     return guides
 
 

@@ -107,7 +107,8 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
             report = build_guides(rows, job)
     except (ValueError, StorageError, ClusterUnreachable) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"wrote {report.written} {task} guides; manifest: {report.manifest}")
+    manifest = f"; manifest: {report.manifest}" if report.written else ""  # none: removed
+    click.echo(f"wrote {report.written} {task} guides{manifest}")
     for _, error in report.errors[:10]:
         click.echo(f"failed: {error}", err=True)  # credentials already masked
     if report.errors:

@@ -226,8 +226,7 @@ def build_one(row: dict, job: GuideJob) -> dict:
     Pure apart from reading the row's images and writing the two PNGs. A row whose id is
     unsafe as a file name is an error, never a file outside OUTPUT.
     """
-    problem = id_problem(row["id"]) or (
-        None if row.get("source") else "the row has no image (its 'source' or 'guide' is empty)")
+    problem = id_problem(row["id"]) or _missing_image(row, job.task)
     if problem:
         return _failed(row, problem, job.task)
     try:
@@ -249,6 +248,14 @@ def build_one(row: dict, job: GuideJob) -> dict:
     }
 
 
+def _missing_image(row: dict, task: GuideTask) -> str | None:
+    if not row.get("source"):
+        return "the row has no image (its 'source' or 'guide' is empty)"
+    if task == "compositing" and not row.get("foreground"):
+        return "the row has no foreground: no 'foreground' and no other row's image to paste"
+    return None
+
+
 def _failed(row: dict, problem: str, task: GuideTask) -> dict:
     """The result of a failed row: an error line naming the row, its id, the URIs its task
     reads (credentials masked, as in every line `sdedit` writes) and the problem."""
@@ -260,16 +267,19 @@ def _failed(row: dict, problem: str, task: GuideTask) -> dict:
 
 
 def draw_foregrounds(rows: list[dict], seed: int) -> list[dict]:
-    """Give each row without a `foreground` another row's source, drawn per row from `seed`."""
+    """Give each row without a `foreground` another row's source, drawn per row from `seed`
+    among the rows that have one (a row without an image is its own error, no partner)."""
     if len(rows) < 2 and not all(row.get("foreground") for row in rows):
         raise ValueError("compositing needs at least two images, or a 'foreground' column")
+    with_image = [position for position, row in enumerate(rows) if row.get("source")]
+    place = {position: index for index, position in enumerate(with_image)}
     paired = []
     for position, row in enumerate(rows):
-        if not row.get("foreground"):
+        if not row.get("foreground") and position in place and len(with_image) > 1:
             rng = np.random.default_rng(image_seed(seed, row["id"]))
-            other = int(rng.integers(0, len(rows) - 1))
-            other += other >= position  # skip the row itself
-            row = {**row, "foreground": rows[other]["source"]}
+            other = int(rng.integers(0, len(with_image) - 1))
+            other += other >= place[position]  # skip the row itself
+            row = {**row, "foreground": rows[with_image[other]]["source"]}
         paired.append(row)
     return paired
 

@@ -108,10 +108,10 @@ def options_for(uri: str, storage_options: Mapping) -> dict:
     (endpoint_url, key, ...) made every http read fail, reported as a missing file. A chained
     URI (`zip://img.png::s3://bucket/a.zip`) gets each layer's options under its protocol's
     name, as fsspec hands them on: the unscoped ones to the innermost layer, the store."""
-    if "::" in uri:
+    if "::" in uri:  # outer layers: "zip://member" or a bare protocol ("simplecache")
         *outer, inner = uri.split("::")
-        nested = {_protocol(layer): dict(_scoped(storage_options, _protocol(layer)))
-                  for layer in outer}
+        protocols = [layer.split("://", 1)[0].lower() for layer in outer]
+        nested = {protocol: dict(_scoped(storage_options, protocol)) for protocol in protocols}
         nested[_protocol(inner)] = options_for(inner, storage_options)
         return {protocol: options for protocol, options in nested.items() if options}
     if is_local(uri):

@@ -42,8 +42,19 @@ def resolve(uri: str, base: str) -> str:
     if "://" in uri or uri.startswith("/"):
         return uri
     if is_remote(base):
-        return posixpath.join(base.rstrip("/"), uri)
+        return in_store(posixpath.join(base.rstrip("/"), uri))
     return str(Path(local_path(base), uri))
+
+
+def in_store(uri: str) -> str:
+    """A remote URI with its `.` and `..` segments resolved: object stores take them for part
+    of a key (`s3://b/m/../g.png` is not `s3://b/g.png` there). Local paths keep theirs, which
+    the disk resolves (through symbolic links, as text cannot)."""
+    if not is_remote(uri) or not {".", ".."} & set(uri.split("/")):
+        return uri
+    scheme, _, rest = uri.partition("://")
+    root, _, path = rest.partition("/")  # the bucket or host stays
+    return f"{scheme}://{root}/{posixpath.normpath(path)}"
 
 
 def relative_to(uri: str, base: str) -> str:

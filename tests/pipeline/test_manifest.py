@@ -381,3 +381,20 @@ def test_timestamp_columns_in_units_that_widen_are_read_as_one_table(tmp_path):
                    tmp_path / "utc.parquet")
     with pytest.raises(ManifestError, match="do not agree on their columns' types: .*taken"):
         find_files(str(tmp_path), {})
+    # nanoseconds hold the years 1677-2262 only: a "valid until 9999-12-31" in us cannot widen
+    (tmp_path / "utc.parquet").unlink()
+    pq.write_table(pa.table({"id": ["ns"], "guide": ["a.png"],
+                             "taken": pa.array([taken], pa.timestamp("ns"))}),
+                   tmp_path / "ns.parquet")
+    with pytest.raises(ManifestError, match="'taken' is timestamp\\[ms\\] in .* but timestamp"):
+        find_files(str(tmp_path), {})
+
+
+def test_relative_uris_resolve_their_dot_segments_on_object_stores_only():
+    """s3://b/m/../g.png is a key of its own on an object store (every such guide failed
+    there); on a disk the path stays as written, for the disk to resolve through links."""
+    assert resolve_uri("../guides/./g.png", "s3://b/runs/m") == "s3://b/runs/guides/g.png"
+    assert resolve_uri("../g.png", "https://h:8080/m") == "https://h:8080/g.png"
+    assert resolve_uri("../g.png", "file:///data/m") == "file:///data/m/../g.png"
+    assert resolve_uri("../g.png", "/data/m") == "/data/m/../g.png"
+    assert resolve_uri("g.png", "s3://b/m/") == "s3://b/m/g.png"

@@ -144,6 +144,25 @@ def test_drawn_foregrounds_are_other_images_and_repeat_per_seed():
         draw_foregrounds(rows[:1], seed=0)
 
 
+def test_foregrounds_are_drawn_from_rows_that_have_an_image(no_ray, tmp_path):
+    """A row without an image was a partner like any other: the row given it failed with
+    `KeyError: 'foreground'`, though its own image was fine."""
+    rows = [{"id": f"img{i}", "source": f"/data/{i}.png"} for i in range(4)]
+    assert draw_foregrounds(rows, seed=1) == draw_foregrounds(  # pairings without gaps stay
+        [*rows, {"id": "none", "source": None}], seed=1)[:4]
+    for i in range(2):
+        Image.new("RGB", (32, 32), (60 * i, 90, 90)).save(tmp_path / f"{i}.png")
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "guide": ["0.png", None, "1.png"]}),
+                   tmp_path / "m.parquet")
+    report = build_guides(manifest_rows(str(tmp_path / "m.parquet")),
+                          GuideJob("compositing", str(tmp_path / "out"), CompositeOptions()))
+    assert report.written == 2
+    assert report.errors == [("b", "row 1 (id 'b'): the row has no image (its 'source' or "
+                                   "'guide' is empty)")]
+    alone = [{"id": "a", "source": "/data/a.png"}, {"id": "b", "source": None}]
+    assert "foreground" not in draw_foregrounds(alone, seed=0)[0]
+
+
 def assert_manifest_resolves(manifest: str, task: str, masked: bool) -> list[dict]:
     rows = read_manifest(manifest)
     columns = list(rows[0])
@@ -421,3 +440,10 @@ def test_a_folder_of_manifests_given_as_images_says_what_it_holds(tmp_path):
     assert str(error.value) == (
         f"no images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) found at {tmp_path}; it "
         "holds .parquet files: a manifest SOURCE is one .parquet file")
+
+
+def test_relative_sources_in_an_object_store_manifest_resolve_dot_segments():
+    from tasks.sources import resolve
+
+    assert resolve("../photos/./a.jpg", "s3://b/runs/m") == "s3://b/runs/photos/a.jpg"
+    assert resolve("a.jpg", "s3://b/m") == "s3://b/m/a.jpg"

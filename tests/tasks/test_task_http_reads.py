@@ -161,3 +161,6 @@ def test_options_apply_by_protocol():
     assert options_for("tar://x.png::https://h/a.tar", options) == {
         "https": {"headers": {"Authorization": "Bearer T"}}}
     assert options_for("zip://x.png::/data/a.zip", options) == {}
+    assert options_for("simplecache::s3://b/a.png", {"simplecache": {"cache_storage": "/c"},
+                                                      "anon": True}) == {
+        "simplecache": {"cache_storage": "/c"}, "s3": {"anon": True}}
