@@ -110,10 +110,10 @@ def test_compile_channels_last_and_fast_decode_are_recorded_only_when_on(tmp_pat
                                        "channels_last": True, "fast_decode": True}
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
-    with pytest.raises(ConfigMismatchError, match=r"compile: None -> True"):
+    with pytest.raises(ConfigMismatchError, match=r"compile: False -> True"):
         claim_output(str(tmp_path), fast.output_record("d"), False, {})
     decode_only = build_config({"manifest": "m", "output": str(tmp_path)}, {"fast_decode": True})
-    with pytest.raises(ConfigMismatchError, match=r"fast_decode: None -> True"):
+    with pytest.raises(ConfigMismatchError, match=r"fast_decode: False -> True"):
         claim_output(str(tmp_path), decode_only.output_record("d"), False, {})
 
 
