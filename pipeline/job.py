@@ -31,6 +31,7 @@ from pipeline.manifest import (
     Plan,
     TaskDefaults,
     count_work,
+    defaults_in_play,
     duplicate_ids,
     find_files,
     in_manifest,
@@ -96,7 +97,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
-        retried, committed = open_output(config, model)
+        retried, committed = open_output(config, plan, model)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
             plan_columns, plan, committed.written, committed.failed))))
@@ -174,7 +175,8 @@ def preview(config: RunConfig) -> dict:
         if config.overwrite:
             committed, retried = Committed(), 0
         else:  # refused as `run` would refuse it, then read as `run` would find it
-            recorded(config.output, config.output_record(model.digest), config.storage_options)
+            recorded(config.output, config.output_record(model.digest), config.storage_options,
+                     defaults_in_play(plan))
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
                                                 ).without_failures(config.retry_errors)
@@ -202,12 +204,12 @@ def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInf
     return manifest, plan_columns, plan, model
 
 
-def open_output(config: RunConfig, model: ModelInfo) -> tuple[int, Committed]:
+def open_output(config: RunConfig, plan: Plan, model: ModelInfo) -> tuple[int, Committed]:
     """Claim OUTPUT for this configuration, remove what killed runs left, turn committed
     failures of the --retry-errors stages back into work; (failures retried, committed keys)."""
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
         claim_output(config.output, config.output_record(model.digest), config.overwrite,
-                     config.storage_options)
+                     config.storage_options, defaults_in_play(plan))
         clean_temporaries(config.output, config.storage_options)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
         return retried, read_committed(config.output, config.format, config.storage_options)

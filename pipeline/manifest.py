@@ -56,6 +56,9 @@ class TaskDefaults:
     requires_mask: bool
 
 
+NO_TASK = TaskDefaults((0.5,), 1, 1, False)  # what a row without a task takes
+
+
 @dataclass(frozen=True)
 class ManifestFiles:
     """The Parquet files of a manifest and the folder URI that relative paths resolve against."""
@@ -506,10 +509,18 @@ def _layout(row_t0: Sequence | None, task: str | None,
     """(t0 values, samples, repeats, preset) of a row: its own t0 list, else the run's flags,
     else its task preset's defaults."""
     preset = plan.presets.get(task) if task else None
-    t0s = distinct_t0(row_t0 or plan.t0 or (preset.t0 if preset else (0.5,)))
-    samples = plan.samples or (preset.samples if preset else 1)
-    repeats = plan.repeats or (preset.repeats if preset else 1)
+    defaults = preset or NO_TASK
+    t0s = distinct_t0(row_t0 or plan.t0 or defaults.t0)
+    samples = plan.samples or defaults.samples
+    repeats = plan.repeats or defaults.repeats
     return t0s, samples, repeats, preset
+
+
+def defaults_in_play(plan: Plan) -> list[TaskDefaults]:
+    """Where this plan's rows take t0, samples and repeats from when the run leaves them unset:
+    the task presets its rows name, and the built-in values unless --task gives every row a
+    task."""
+    return [*plan.presets.values(), *([] if plan.task else [NO_TASK])]
 
 
 def distinct_t0(t0s: Sequence[float | None]) -> tuple:

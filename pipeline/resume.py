@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline.manifest import KEY_SCHEMA, keys_table
+from pipeline.manifest import KEY_SCHEMA, TaskDefaults, keys_table
 from pipeline.writers import (
     DATA_DIR,
     ERRORS_DIR,
@@ -232,8 +232,10 @@ def clean_temporaries(output: str, storage_options: Mapping) -> int:
     return removed
 
 
-def claim_output(output: str, record: dict, overwrite: bool, storage_options: Mapping) -> None:
-    """Record this run's configuration in OUTPUT, or refuse a different recorded one.
+def claim_output(output: str, record: dict, overwrite: bool, storage_options: Mapping,
+                 defaults: Sequence[TaskDefaults] = ()) -> None:
+    """Record this run's configuration in OUTPUT, or refuse a different recorded one (see
+    `recorded` for `defaults`).
 
     With `overwrite`, everything a previous run left (shards, errors, summary) is deleted first.
     """
@@ -242,15 +244,32 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
         for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values(), *DERIVED):
             if fs.exists(f"{root}/{name}"):
                 fs.rm(f"{root}/{name}", recursive=True)
-    elif recorded(output, record, storage_options):
+    elif recorded(output, record, storage_options, defaults):
         return
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
            storage_options)  # whole or not at all: a torn record would refuse every rerun
 
 
+# Recorded as None when the run leaves them to the rows' task presets (or built-in values).
+PRESET_FIELDS = ("t0", "samples", "repeats")
+
+
 def _same_outputs(value):
     """A recorded value as outputs depend on it: a list of t0 values in any order is one."""
-    return sorted(value, key=repr) if isinstance(value, list) else value
+    return sorted(value, key=repr) if isinstance(value, list | tuple) else value
+
+
+def _differs(name: str, stored, new, defaults: Sequence[TaskDefaults]) -> bool:
+    """Whether outputs made with the stored value of field `name` may differ from the new
+    value's. Unset (None) t0, samples or repeats mean each row's default; the same value
+    written out (`--samples 1`, `samples: 1` added to a config file) makes the same outputs
+    when every one of `defaults`, those the manifest's rows take, gives that value."""
+    if _same_outputs(stored) == _same_outputs(new):
+        return False
+    if name not in PRESET_FIELDS or None not in (stored, new) or not defaults:
+        return True
+    return any(_same_outputs(getattr(d, name) if stored is None else stored)
+               != _same_outputs(getattr(d, name) if new is None else new) for d in defaults)
 
 
 def _shown(value, other):
@@ -259,9 +278,12 @@ def _shown(value, other):
     return False if value is None and isinstance(other, bool) else value
 
 
-def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
+def recorded(output: str, record: dict, storage_options: Mapping,
+             defaults: Sequence[TaskDefaults] = ()) -> bool:
     """Whether OUTPUT records this configuration (False: it records none); a different one
-    raises ConfigMismatchError naming what changed."""
+    raises ConfigMismatchError naming what changed. `defaults` are where this run's rows take
+    unset t0, samples and repeats from (`manifest.defaults_in_play`); without them, unset and
+    set values always differ."""
     fs, root = output_fs(output, storage_options)
     path = f"{root}/{RUN_CONFIG}"
     if not fs.exists(path):
@@ -274,7 +296,7 @@ def recorded(output: str, record: dict, storage_options: Mapping) -> bool:
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
             "replace it") from error
     changed = sorted(k for k in set(stored) | set(record)
-                     if _same_outputs(stored.get(k)) != _same_outputs(record.get(k)))
+                     if _differs(k, stored.get(k), record.get(k), defaults))
     if changed:
         details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
                             f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -182,3 +183,17 @@ def test_cli_refuses_a_changed_configuration_with_a_clear_message(small_manifest
     assert result.exit_code == 1
     assert "different configuration (t0: None -> [0.3])" in result.output
     assert "--overwrite" in result.output
+    spelled = CliRunner().invoke(run_command, [*common, "--t0", "0.5", "--samples", "1",
+                                               "--repeats", "1"])  # the defaults, written out
+    assert spelled.exit_code == 0, spelled.output
+    assert "4 manifest rows make 4 outputs: 0 to do, 4 already in" in spelled.stderr
+    table = pq.read_table(small_manifest)  # one row now takes augmentation's 4 samples
+    tasked = write_manifest(tmp_path / "tasked.parquet", {
+        **table.to_pydict(), "guide": [str(small_manifest.parent / g) for g in table["guide"]
+                                       .to_pylist()], "task": [None, None, None, "augmentation"]})
+    tasked_common = [str(tasked), *common[1:], "--dry-run"]
+    refused = CliRunner().invoke(run_command, [*tasked_common, "--samples", "1"])
+    assert refused.exit_code == 1
+    assert "different configuration (samples: None -> 1)" in refused.output
+    plan = json.loads(CliRunner().invoke(run_command, tasked_common).stdout)
+    assert (plan["expected_outputs"], plan["todo"]) == (15, 12)  # 3 + 3 t0 values x 4 samples

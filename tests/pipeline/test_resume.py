@@ -8,6 +8,7 @@ import math
 import pyarrow as pa
 import pytest
 
+from pipeline.manifest import TaskDefaults
 from pipeline.resume import (
     ConfigMismatchError,
     claim_output,
@@ -119,6 +120,32 @@ def test_a_torn_run_record_is_named_and_leftovers_of_the_holders_files_are_remov
         (tmp_path / name).write_bytes(b"half")
     assert clean_temporaries(str(tmp_path), {}) == 3
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-_run_lease.json.3c"]
+
+
+def test_an_unset_t0_samples_or_repeats_is_the_value_every_row_takes_by_default(tmp_path):
+    """A nightly config that gains `samples: 1` (or `--t0 0.5`) makes the same outputs as the
+    run that left them unset, unless a task preset in play gives its rows another value: it
+    was refused as a different configuration, and only --overwrite (deleting the outputs)
+    went on."""
+    from pipeline.manifest import NO_TASK
+    from tasks.presets import get_preset
+
+    augmentation, editing = (TaskDefaults(p.t0, p.samples, p.repeats, p.requires_mask) for p
+                             in map(get_preset, ("augmentation", "editing")))
+    unset = {"model": "builtin:tiny", "t0": None, "samples": None, "repeats": None}
+    claim_output(str(tmp_path), unset, False, {}, [NO_TASK])
+    spelled = {**unset, "t0": [0.5], "samples": 1, "repeats": 1}
+    claim_output(str(tmp_path), spelled, False, {}, [NO_TASK])
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == unset  # kept as it was
+    claim_output(str(tmp_path), {**unset, "t0": [0.5, 0.4]}, False, {}, [editing])
+    with pytest.raises(ConfigMismatchError, match=r"\(samples: None -> 1\)"):
+        claim_output(str(tmp_path), {**unset, "samples": 1}, False, {}, [NO_TASK, augmentation])
+    with pytest.raises(ConfigMismatchError, match=r"\(t0: None -> \[0.5, 0.4\]\)"):
+        claim_output(str(tmp_path), {**unset, "t0": [0.5, 0.4]}, False, {}, [NO_TASK, editing])
+    with pytest.raises(ConfigMismatchError, match=r"\(samples: None -> 2\)"):
+        claim_output(str(tmp_path), {**unset, "samples": 2}, False, {}, [NO_TASK])
+    with pytest.raises(ConfigMismatchError, match=r"\(repeats: None -> 1\)"):  # none known
+        claim_output(str(tmp_path), {**unset, "repeats": 1}, False, {})
 
 
 def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path):
