@@ -85,6 +85,7 @@ def load(
     import torch
 
     from sdedit.models import Prior, UNetAdapter, resolve_dtype
+    from sdedit.schedules import VESchedule
 
     uri = "default" if uri is None else str(uri)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -98,7 +99,10 @@ def load(
         folder = _local_folder(uri, storage_options or {}, allow_pickle)
         unet, schedule, digest = _load_folder(folder, redact(uri), allow_pickle)
         name = redact(uri)
-    adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile)
+    unit_range = isinstance(schedule, VESchedule)  # see UNetAdapter
+    if unit_range:
+        schedule = VESchedule(2 * schedule.sigma_min, 2 * schedule.sigma_max)
+    adapter = UNetAdapter(unet.to(device), torch_dtype, channels_last, compile, unit_range)
     config = unet.config
     return Prior(adapter, schedule, int(_resolution(config)), int(config.in_channels), name,
                  digest, device)

@@ -37,14 +37,20 @@ class UNetAdapter(torch.nn.Module):
     """Wraps a diffusers UNet2DModel as `model(x, level)`: epsilon for VP, score for VE.
 
     diffusers' UNet2DModel returns an output object; for Fourier (NCSN++) time embeddings it
-    already divides by sigma, so the VE output is the score.
+    already divides by sigma, so the VE output is the score. `unit_range`: the network's
+    images lie in [0, 1] (VE networks: score_sde's NCSN++ checkpoints, diffusers'
+    ScoreSdeVePipeline), while the samplers' x lies in [-1, 1]. With y = (x + 1) / 2 the
+    noise scale in x is 2 sigma_y and the score in x is half the score in y, so the adapter
+    gives the network (x + 1) / 2 and level / 2 and halves what it returns; the schedule's
+    sigmas are in x units (`sdedit.load` doubles those of the scheduler config).
     """
 
     def __init__(
         self, unet: torch.nn.Module, dtype: torch.dtype = torch.float32,
-        channels_last: bool = False, compile: bool = False,
+        channels_last: bool = False, compile: bool = False, unit_range: bool = False,
     ) -> None:
         super().__init__()
+        self.unit_range = unit_range
         self.unet = unet.eval().requires_grad_(False)
         if dtype != torch.float32:
             self.unet = self.unet.to(dtype=dtype)
@@ -56,13 +62,13 @@ class UNetAdapter(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        inputs = x.to(self.dtype)
+        inputs = ((x + 1) / 2 if self.unit_range else x).to(self.dtype)
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         if level.is_floating_point():
-            level = level.to(self.dtype)
-        out = self._forward(inputs, level).sample
-        return out.to(x.dtype).contiguous()
+            level = (level / 2 if self.unit_range else level).to(self.dtype)
+        out = self._forward(inputs, level).sample.to(x.dtype)
+        return (out / 2 if self.unit_range else out).contiguous()
 
 
 @dataclass(frozen=True, eq=False)

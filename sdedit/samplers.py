@@ -64,9 +64,13 @@ def ve_euler_maruyama_step(
 ) -> torch.Tensor:
     """Euler-Maruyama step of the reverse VE-SDE (SDEdit Algorithm 1).
 
-    eps^2 = sigma(t)^2 - sigma(t - dt)^2;  x' = x + eps^2 score(x, sigma(t)) + eps z.
+    eps^2 = sigma(t)^2 - sigma(t - dt)^2;  x' = x + eps^2 score(x, sigma(t)) + eps z, except
+    that the step to t = 0 adds no noise (Algorithm 1 adds it; score_sde's noise removal and
+    diffusers' ScoreSdeVePipeline do not, and with few steps it is most of the output's noise,
+    e.g. sigma(t0) of it with steps=1), as the VP step to the clean level adds none.
     """
     sigma = schedule.sigmas(times)
     variance = sigma**2 - schedule.sigmas(times_next) ** 2
     score = model(x, sigma.to(x.dtype))
-    return x + _per_sample(variance, x) * score + _per_sample(variance.sqrt(), x) * z
+    noise = torch.where(times_next > 0, variance.sqrt(), 0.0)
+    return x + _per_sample(variance, x) * score + _per_sample(noise, x) * z

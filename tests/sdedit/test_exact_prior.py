@@ -222,7 +222,7 @@ def ve_discrete(schedule: sdedit.VESchedule, times: list[float], guide):
         step = schedule.sigma(t) ** 2 - schedule.sigma(s) ** 2
         a = 1 - step / (S**2 + schedule.sigma(t) ** 2)
         mean = a * mean + step * MU / (S**2 + schedule.sigma(t) ** 2)
-        var = a * a * var + step
+        var = a * a * var + (step if s > 0 else 0.0)  # the step to t = 0 adds no noise
     return mean, var
 
 
@@ -244,6 +244,17 @@ def test_ve_euler_maruyama_matches_discrete_and_closed_form(t0, steps):
     c_mean, c_var = ve_posterior(ve, t0, GUIDE)
     # Euler-Maruyama's error and sigma(0) = 0.01 of residual noise keep this within a few %.
     assert_moments(out, c_mean, c_var, mean_sigmas=8.0, var_rel=0.06)
+
+
+def test_the_ve_step_to_the_clean_level_adds_no_noise():
+    """As the VP step to the clean level; with Algorithm 1's last noise, one step from t0 = 0.5
+    left sigma(0.5) = 0.7 of noise on every output (score_sde and diffusers remove it)."""
+    ve = sdedit.VESchedule(sigma_min=0.01, sigma_max=50.0)
+    out = sdedit.edit(gaussian_score_model, ve, guide_batch(), t0=0.5, steps=1,
+                      generator=torch.Generator().manual_seed(6))
+    d_mean, d_var = ve_discrete(ve, ve.path(0.5, 1), GUIDE)
+    assert torch.all(d_var < 0.02)  # no more than what the guide's noising leaves
+    assert_moments(out, d_mean, d_var)
 
 
 def test_ve_mask_keeps_guide_exactly():

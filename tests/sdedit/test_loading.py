@@ -131,19 +131,29 @@ def test_pipeline_folder_layout(tmp_path):
                        run_edit(UNetAdapter(unet), DDPM))
 
 
-def test_score_sde_ve_scheduler_gives_a_ve_schedule(tmp_path):
+def test_a_score_sde_ve_prior_runs_in_the_image_range_its_network_was_trained_on(tmp_path):
+    """VE networks (score_sde's NCSN++, diffusers' ScoreSdeVePipeline) model images in [0, 1];
+    they were given the guide in [-1, 1], so a black guide pixel (0 to the network) was -1 and
+    outputs came back washed out. A step in [-1, 1] must be the paper's step in [0, 1]."""
     from diffusers import ScoreSdeVeScheduler
+
+    from sdedit.samplers import ve_euler_maruyama_step
 
     unet = small_unet(time_embedding_type="fourier")
     scheduler = ScoreSdeVeScheduler(sigma_min=0.02, sigma_max=80.0)
     prior = sdedit.load(save_flat(tmp_path / "ve", unet, scheduler), device="cpu")
-    assert prior.schedule == sdedit.VESchedule(sigma_min=0.02, sigma_max=80.0)
-    assert prior.schedule.sigma(0.5) == pytest.approx(0.02 * (80.0 / 0.02) ** 0.5)
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    sigma = torch.tensor([3.0])
-    with torch.inference_mode():
-        expected = unet(x, sigma).sample
-    assert torch.equal(prior.model(x, sigma), expected)
+    assert prior.schedule == sdedit.VESchedule(sigma_min=0.04, sigma_max=160.0)  # x = 2y - 1
+    generator = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 3, 32, 32, generator=generator)  # images as the network knows them
+    z = torch.randn(2, 3, 32, 32, generator=generator)
+    t, s = torch.tensor([0.5, 0.3], dtype=torch.float64), torch.tensor([0.4, 0.0])
+    sigma_y = 0.02 * (80.0 / 0.02) ** t  # the scheduler config's sigmas, in y units
+    variance = (sigma_y**2 - (0.02 * (80.0 / 0.02) ** s) ** 2).float().view(2, 1, 1, 1)
+    with torch.no_grad():
+        y_next = y + variance * unet(y, sigma_y.float()).sample
+    y_next[0] += variance[0].sqrt() * z[0]  # noise, except on the step to t = 0
+    x_next = ve_euler_maruyama_step(prior.model, prior.schedule, 2 * y - 1, t, s, z)
+    torch.testing.assert_close(x_next, 2 * y_next - 1, atol=1e-4, rtol=1e-4)
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path):
