@@ -38,6 +38,29 @@ def _check_t0(ctx: click.Context, param: click.Parameter, value: float) -> float
     return value
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A torch device this machine has, refused before the guide is read (torch's own errors
+    were a traceback after it)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise click.BadParameter(f"unknown torch device {value!r}; e.g. cpu, cuda, cuda:1, "
+                                 "mps") from error
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() and \
+            device.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "GPU(s), numbered from 0")
+    if device.type == "cuda" and not torch.cuda.is_available() or \
+            device.type == "mps" and not torch.backends.mps.is_available():
+        raise click.BadParameter(f"{value}: torch {torch.__version__} sees no {device.type} "
+                                 "device on this machine")
+    return value
+
+
 def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
     """Refuse, before any editing, an output whose extension names no format Pillow writes
     (unknown, read-only such as .psd, or without its writer installed such as .h5)."""
@@ -89,8 +112,10 @@ def _writable(format_name: str) -> bool:
               help="Strided sampling steps (default: every step of the schedule).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="SDEdit passes K; each re-noises the previous output.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--seed", type=click.IntRange(-2**63, 2**64 - 1), default=0, show_default=True,
+              help="Noise seed (what torch.Generator.manual_seed takes).")
+@click.option("--device", default=None, callback=_check_device,
+              help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Network dtype; sampling stays float32.")
 @click.option("--allow-pickle", is_flag=True,

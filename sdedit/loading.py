@@ -37,28 +37,48 @@ SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler"}
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+# What a prior is loaded from, flat or in unet/ and scheduler/ (`_folder_parts`): all that is
+# copied from a remote folder or the hub.
+MODEL_FILES = frozenset({"model_index.json"} | {
+    f"{folder}{name}" for folder in ("", "unet/", "scheduler/")
+    for name in ("config.json", "scheduler_config.json", SAFE_WEIGHTS, PICKLE_WEIGHTS)})
 _LEGACY_NAME = re.compile(r"[0-9a-f]{32}")  # model cache folder names of earlier releases
 DAY_SECONDS = 24 * 3600
 
 
-# userinfo up to the authority's last '@' (a password may hold an unencoded one)
+# userinfo up to the authority's last '@' (a password may hold an unencoded one), or, for a
+# password with a '/' (common in AWS secret keys) and not a port and path (host:80/a@2x.png),
+# up to its first '@'
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:?#]*)"
-                       r"(?P<password>:[^/\s?#]*)?@")
+                       r"(?P<password>:(?:[^/\s?#]*|(?!\d+/)[^@\s?#]*))?@")
+_ECHOED = 4  # secrets this long are also masked where a message repeats them outside a URI
 # a value ends where the URI does; a ':' right before the end is the message's, not the value's
 _SECRET_QUERY = re.compile(r"(?P<name>[?&;][^=&\s#]*(?:token|sig|secret|pass|key|credential|auth|"
-                           r"session)[^=&\s#]*=)[^&\s#'\"]*?(?=:?(?:[\s&#'\"]|$))",
+                           r"session)[^=&\s#]*=)(?P<value>[^&\s#'\"]*?)(?=:?(?:[\s&#'\"]|$))",
                            re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """`text` with the credentials URIs in it may carry masked: the password of
     `scheme://user:password@` (a lone userinfo, often a token, entirely) and the values of
-    secret-looking query parameters (token, sig, X-Amz-Signature, key, ...)."""
+    secret-looking query parameters (token, sig, X-Amz-Signature, key, ...), also where the
+    rest of the text repeats them (a store's error quoting `"key:secret@bucket"` as a bucket
+    name), so a message should name the URI it is about."""
+    secrets = set()
+
     def userinfo(match: re.Match) -> str:
+        secrets.add(match["password"][1:] if match["password"] is not None else match["user"])
         user = f"{match['user']}:***" if match["password"] is not None else "***"
         return f"{match['scheme']}{user}@"
 
-    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(userinfo, text))
+    def query(match: re.Match) -> str:
+        secrets.add(match["value"])
+        return f"{match['name']}***"
+
+    masked = _SECRET_QUERY.sub(query, _USERINFO.sub(userinfo, text))
+    for secret in sorted((s for s in secrets if len(s) >= _ECHOED), key=len, reverse=True):
+        masked = masked.replace(secret, "***")
+    return masked
 
 
 class ModelLoadError(RuntimeError):
@@ -166,21 +186,23 @@ def _fetch_remote(uri: str, storage_options: dict) -> Path:
     fetched again instead of served stale; the copies of its earlier versions are then
     removed. A folder whose files carry no version (a web server without ETag or
     Last-Modified) is fetched on every call and cached under a digest of its content.
-    Failures are ModelFetchErrors naming the URI without its credentials."""
-    shown = redact(uri)
+    Only the files a prior is loaded from are copied (`MODEL_FILES`: not, say, the trainer's
+    checkpoint/ beside them). Failures are ModelFetchErrors naming the URI without its
+    credentials."""
     fs, root = _remote_fs(uri, storage_options)
-    with _fetching(shown, "list the folder"):
+    with _fetching(uri, "list the folder"):
         fs.invalidate_cache(root)  # a listing cached earlier in this process may predate a change
         if not fs.isdir(root):
-            raise ModelLoadError(f"model folder {shown} does not exist or is not a folder")
+            raise ModelLoadError(f"model folder {redact(uri)} does not exist or is not a folder")
         files = {path: _versioned(fs, path, info)
-                 for path, info in fs.find(root, detail=True).items()}
+                 for path, info in fs.find(root, detail=True).items()
+                 if os.path.relpath(path, root) in MODEL_FILES}
     cache = Path(os.environ.get("SDEDIT_CACHE", Path.home() / ".cache" / "sdedit")) / "models"
     key = _listing_key(uri, root, files)
     if key is not None and (cache / key).exists():
         return cache / key
     cache.mkdir(parents=True, exist_ok=True)
-    staging = _download(fs, root, files, cache, shown)
+    staging = _download(fs, root, files, cache, uri)
     target = cache / (key or _content_key(uri, staging))
     try:
         staging.rename(target)
@@ -201,25 +223,26 @@ def _remote_fs(uri: str, storage_options: dict):
     try:
         return fsspec.core.url_to_fs(uri, **storage_options)
     except (ValueError, ImportError) as error:
-        raise ModelLoadError(f"model {redact(uri)}: cannot open its file system: "
-                             f"{type(error).__name__}: {redact(str(error))}") from error
+        raise ModelLoadError(redact(f"model {uri}: cannot open its file system: "
+                                    f"{type(error).__name__}: {error}")) from error
 
 
 @contextmanager
-def _fetching(shown: str, what: str) -> Iterator[None]:
+def _fetching(uri: str, what: str) -> Iterator[None]:
     """Raise what the store or its client library raises in the block as a ModelFetchError
-    saying what could not be done; ModelLoadErrors pass, and so does the TypeError of a storage
-    option the file system does not take (the caller's mistake, reported by `sdedit run`)."""
+    saying what could not be done, credentials masked (the store's text may repeat them);
+    ModelLoadErrors pass, and so does the TypeError of a storage option the file system does
+    not take (the caller's mistake, reported by `sdedit run`)."""
     try:
         yield
     except (ModelLoadError, TypeError):
         raise
     except Exception as error:  # fsspec and its clients (aiohttp, botocore...) raise many types
-        raise ModelFetchError(f"model {shown}: could not {what}: {type(error).__name__}: "
-                              f"{redact(str(error))}") from error
+        raise ModelFetchError(redact(f"model {uri}: could not {what}: {type(error).__name__}: "
+                                     f"{error}")) from error
 
 
-def _download(fs, root: str, files: dict, cache: Path, shown: str) -> Path:
+def _download(fs, root: str, files: dict, cache: Path, uri: str) -> Path:
     """Copy every listed file into a new staging folder under `cache`; removed on failure."""
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
     try:
@@ -227,7 +250,7 @@ def _download(fs, root: str, files: dict, cache: Path, shown: str) -> Path:
             relative = os.path.relpath(remote, root)
             local = staging / relative
             local.parent.mkdir(parents=True, exist_ok=True)
-            with _fetching(shown, f"copy {relative}"):
+            with _fetching(uri, f"copy {relative}"):
                 fs.get_file(remote, str(local))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -301,13 +324,18 @@ def _uri_part(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def hub_files(allow_pickle: bool) -> list[str]:
+    """The files of a hub repository a prior is loaded from (exact names: not a pipeline's text
+    encoder, VAE or fp16 variants, which `*` patterns matched); pickle weights only with
+    `allow_pickle`."""
+    return sorted(name for name in MODEL_FILES if allow_pickle or PICKLE_WEIGHTS not in name)
+
+
 def _fetch_hub(repo_id: str, allow_pickle: bool) -> Path:
-    suffixes = ["json", "safetensors", *(["bin"] if allow_pickle else [])]
-    patterns = [f"{prefix}*.{suffix}" for prefix in ("", "*/") for suffix in suffixes]
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=hub_files(allow_pickle)))
     except Exception as error:  # the hub client raises many types; all mean "not reachable"
         raise ModelLoadError(
             f"could not fetch model {repo_id} from the Hugging Face hub ({type(error).__name__}: "
@@ -330,6 +358,7 @@ def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
     place both `load` and `describe` refuse a folder, so they refuse the same ones. It checks
     what can be checked without torch: both configs, the scheduler's settings, and that a
     safetensors file is whole and holds the shapes the config names (its header only)."""
+    _check_pixel_pipeline(folder, uri)
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     scheduler_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else folder
     config_file = unet_dir / "config.json"
@@ -338,6 +367,12 @@ def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
         raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
                              f"{unet_config.get('_class_name')!r} in {config_file}")
     _check_sample_size(unet_config, config_file, uri)
+    channels = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
+    if channels[0] != channels[1]:
+        raise ModelLoadError(f"model {uri}: {config_file} has in_channels={channels[0]} and "
+                             f"out_channels={channels[1]}; expected an epsilon (or score) "
+                             "model, which returns as many channels as it takes (models that "
+                             "also predict variances are not supported)")
     weights = _weights_file(unet_dir, uri, allow_pickle)
     scheduler_file = scheduler_dir / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_file, uri)
@@ -373,6 +408,24 @@ def _load_folder(folder: Path, uri: str, allow_pickle: bool):
     return unet, schedule, _file_digest(parts.weights)
 
 
+def _check_pixel_pipeline(folder: Path, uri: str) -> None:
+    """A pipeline folder with more than a UNet and a scheduler (a VAE or VQ-VAE of a latent
+    model, a text encoder) is not a pixel prior: its UNet works on latents, and SDEdit on
+    images with it runs without error but gives noise."""
+    index = folder / "model_index.json"
+    if not index.exists():
+        return
+    pipeline = _read_json(index, uri)
+    others = sorted(name for name, value in pipeline.items() if not name.startswith("_")
+                    and name not in ("unet", "scheduler") and value not in (None, [None, None]))
+    if others:
+        raise ModelLoadError(f"model {uri}: {index} describes a "
+                             f"{pipeline.get('_class_name', 'pipeline')} with {', '.join(others)} "
+                             "besides its UNet and scheduler (a latent or conditioned model); "
+                             "expected a pixel-space prior: a UNet2DModel on images with a DDPM, "
+                             "DDIM or ScoreSdeVe scheduler")
+
+
 def _read_json(path: Path, uri: str) -> dict:
     if not path.exists():
         raise ModelLoadError(f"model {uri}: missing {path.name} (looked in {path.parent})")
@@ -405,7 +458,9 @@ def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
         raise ModelLoadError(f"model {uri} has only pickle weights ({PICKLE_WEIGHTS}); pickle "
                              "can run arbitrary code, so pass allow_pickle=True (--allow-pickle) "
                              "only if you trust the source")
-    raise ModelLoadError(f"model {uri}: no {SAFE_WEIGHTS} in {unet_dir}")
+    raise ModelLoadError(f"model {uri}: no {SAFE_WEIGHTS} in {unet_dir}" + (
+        "" if allow_pickle else f" ({PICKLE_WEIGHTS} is fetched and loaded only with "
+                                "allow_pickle=True, --allow-pickle)"))
 
 
 def _check_weights(weights: Path, config: dict, config_file: Path, uri: str) -> None:

@@ -189,6 +189,23 @@ def test_bad_steps_and_repeats(tmp_path, option, value):
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
 
 
+def test_a_device_or_seed_torch_cannot_use_is_a_usage_error(tmp_path):
+    """Each was a torch traceback (RuntimeError, AssertionError, an overflow), the device's
+    only after the guide was read."""
+    import torch
+
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or none at all
+    for option, value, says in [("--device", "foo", "unknown torch device 'foo'"),
+                                ("--device", missing_gpu, missing_gpu + ": "),
+                                ("--seed", str(2**64), "is not in the range")]:
+        result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), option, value,
+                             "--out", str(tmp_path / "o.png"))
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{option}'" in result.output and says in result.output
+        assert not (tmp_path / "o.png").exists()
+
+
 def test_mask_of_another_size(tmp_path):
     guide = write_png(tmp_path / "g.png", noise_pixels(64, 64))
     mask = write_png(tmp_path / "m.png", box_mask(48, 40))

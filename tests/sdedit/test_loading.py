@@ -357,7 +357,7 @@ def test_describe_matches_load_for_folders_builtins_and_the_default(ddpm_folder,
 def _bad_folders(tmp_path) -> dict:
     """Folders that load refuses, each with a pattern its message must contain (the file it
     blames, where it blames one)."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
 
     pickled = save_flat(tmp_path / "pickled", small_unet(), DDPMScheduler(), safe=False)
     euler = save_flat(tmp_path / "euler", small_unet(), EulerDiscreteScheduler())
@@ -377,6 +377,12 @@ def _bad_folders(tmp_path) -> dict:
     weights.write_bytes(weights.read_bytes()[:-100])
     other_config = save_flat(tmp_path / "other-config", small_unet(), DDPMScheduler())
     _edit_json(other_config / "config.json", block_out_channels=[16, 16])
+    learned = save_flat(tmp_path / "learned", small_unet(out_channels=6),
+                        DDPMScheduler(variance_type="learned_range"))
+    latent = tmp_path / "latent"  # laid out as CompVis/ldm-celebahq-256: a VQ-VAE's latents
+    DDPMPipeline(unet=small_unet(), scheduler=DDPMScheduler()).save_pretrained(latent)
+    _edit_json(latent / "model_index.json", _class_name="LDMPipeline",
+               vqvae=["diffusers", "VQModel"])
     return {tmp_path / "missing": "does not exist", pickled: "pickle",
             euler: "unsupported scheduler", v_pred: "epsilon",
             no_scheduler: "scheduler_config.json", cosine: "unsupported beta_schedule 'cosine'",
@@ -384,7 +390,9 @@ def _bad_folders(tmp_path) -> dict:
             bad_json: r"bad-json/config\.json is not valid JSON",
             no_size: r"no-size/config\.json has sample_size=None",
             truncated: r"cannot read the weights \S*truncated/diffusion_pytorch_model\.safetensors",
-            other_config: r"do not match \S*other-config/config\.json: conv_in\.weight"}
+            other_config: r"do not match \S*other-config/config\.json: conv_in\.weight",
+            learned: r"learned/config\.json has in_channels=3 and out_channels=6",
+            latent: r"model_index\.json describes a LDMPipeline with vqvae besides"}
 
 
 def _edit_json(path, **changes) -> None:
@@ -504,6 +512,56 @@ def test_a_model_replaced_on_a_web_server_is_fetched_again(web_root, ddpm_folder
     assert len(copies) == 1  # the copy of the old weights was removed
 
 
+def test_only_the_files_a_prior_is_loaded_from_are_fetched(web_root, ddpm_folder, tmp_path,
+                                                           monkeypatch):
+    """A trainer's checkpoint/ beside the model (as `sdedit train` leaves it) was copied too:
+    1.2 of a 1.5 MB download, never read."""
+    monkeypatch.setenv("SDEDIT_CACHE", str(tmp_path / "cache"))
+    root, base = web_root
+    served = copy_folder(ddpm_folder[0], root / "ddpm")
+    (served / "checkpoint").mkdir()
+    (served / "checkpoint" / "state.safetensors").write_bytes(b"x" * 1000)
+    (served / "README.md").write_text("model card")
+    prior = sdedit.load(f"{base}/ddpm/", device="cpu")
+    assert prior.digest == sdedit.load(ddpm_folder[0]).digest
+    assert ModelFolder.gets["/ddpm/diffusion_pytorch_model.safetensors"] == 1
+    assert not [path for path in ModelFolder.gets if "checkpoint/state" in path or "README" in path]
+    (copy,) = (tmp_path / "cache" / "models").iterdir()
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+
+
+def test_a_hub_download_takes_the_prior_and_not_the_rest_of_a_pipeline():
+    """`*.safetensors` patterns (fnmatch's `*` crosses '/') took a Stable Diffusion
+    repository's text encoder, VAE and fp16 variants: gigabytes before the load failed."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sdedit.loading import hub_files
+
+    repository = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+                  "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                  "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+                  "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                  "a/b/c.safetensors", "README.md"]
+    assert sorted(filter_repo_objects(repository, allow_patterns=hub_files(False))) == [
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors"]
+    assert "unet/diffusion_pytorch_model.bin" in filter_repo_objects(
+        repository, allow_patterns=hub_files(True))
+
+
+def test_a_store_error_that_repeats_a_uri_secret_is_masked():
+    """botocore quotes `key:secret@bucket` as a bucket name, outside the URI that redact
+    masked: the secret reached the error line."""
+    uri = "s3://AKIAEXAMPLE:wJalrXUtnFEMIsecret@my-bucket/priors/church"
+    with pytest.raises(ModelLoadError) as error:
+        sdedit.load(uri, storage_options={"endpoint_url": "http://127.0.0.1:9"})
+    message = str(error.value)
+    assert message.startswith("model s3://AKIAEXAMPLE:***@my-bucket/priors/church: could not")
+    assert 'Invalid bucket name "AKIAEXAMPLE:***@my-bucket"' in message
+    assert "wJalrXUtnFEMIsecret" not in message
+
+
 def test_a_web_folder_that_cannot_be_read_is_a_model_error_without_credentials(
         web_root, ddpm_folder, tmp_path, monkeypatch):
     """A file the server lists but does not serve, behind a URI with a password: a
@@ -519,14 +577,15 @@ def test_a_web_folder_that_cannot_be_read_is_a_model_error_without_credentials(
     root, base = web_root
     folder, _ = ddpm_folder
     served = copy_folder(folder, root / "broken")
-    (served / "zz_extra.json").symlink_to(tmp_path / "nowhere")  # listed, answered with 404
+    (served / "scheduler_config.json").unlink()
+    (served / "scheduler_config.json").symlink_to(tmp_path / "nowhere")  # listed, then a 404
     uri = base.replace("http://", "http://alice:s3cr3t@") + "/broken/"
     shown = base.replace("http://", "http://alice:***@") + "/broken/"
     with pytest.raises(ModelLoadError) as caught:
         sdedit.load(uri, device="cpu")
     message = str(caught.value)
     assert message.startswith(f"model {shown}: could not ")
-    assert "zz_extra.json" in message and "FileNotFoundError" in message
+    assert "scheduler_config.json" in message and "FileNotFoundError" in message
     assert "s3cr3t" not in message
     with pytest.raises(StorageError) as stopped, storage_step("cannot read model"):
         describe(uri)
@@ -539,7 +598,7 @@ def test_a_web_folder_that_cannot_be_read_is_a_model_error_without_credentials(
                                 catch_exceptions=False)
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: cannot load model {shown}: ")
-    assert "zz_extra.json" in result.output and "s3cr3t" not in result.output
+    assert "scheduler_config.json" in result.output and "s3cr3t" not in result.output
 
 
 def test_an_unreachable_model_server_stops_a_run_with_one_line(closed_port, tmp_path):
@@ -576,6 +635,12 @@ def test_an_unreachable_model_server_stops_a_run_with_one_line(closed_port, tmp_
     ("https://h/a?token=a:b:c&x=1", "https://h/a?token=***&x=1"),
     ("s3://bucket/models/church", "s3://bucket/models/church"),
     ("mail bob@example.com about /tmp/a@b", "mail bob@example.com about /tmp/a@b"),
+    ("s3://AKIAEX:wJalr/XUtn+FEMI@bucket/m", "s3://AKIAEX:***@bucket/m"),  # '/' in a secret
+    ("http://cdn:8080/icons/logo@2x.png", "http://cdn:8080/icons/logo@2x.png"),  # a port
+    ('model s3://AKIAEX:wJalrXUtnFEMI@b/m: Invalid bucket name "AKIAEX:wJalrXUtnFEMI@b"',
+     'model s3://AKIAEX:***@b/m: Invalid bucket name "AKIAEX:***@b"'),  # echoed by botocore
+    ("https://h/a?sig=S1GNATURE: the signature S1GNATURE does not match",
+     "https://h/a?sig=***: the signature *** does not match"),
 ])
 def test_redact_masks_what_uris_carry_as_credentials(text, shown):
     from sdedit.loading import redact
