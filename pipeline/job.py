@@ -57,6 +57,7 @@ from tasks.images import options_for, storage_step
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
 JOB_ENTRYPOINT_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it
+RAY_PROGRESS_VARIABLE = "RAY_DATA_DISABLE_PROGRESS_BARS"  # Ray Data's own switch; 0 = shown
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
 
@@ -416,6 +417,10 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     tasks = cpu_task_concurrency()
     files = ray.data.from_items([{"file": file} for file in manifest.files])
     files.context.raise_original_map_exception = True  # a task's own error, e.g. LeaseLostError
+    # Ray Data's progress report repeats the run's own progress lines (about 15 lines every 10 s
+    # without a terminal) and costs the driver CPU that CPU actors share; its variable brings
+    # it back.
+    files.context.enable_progress_bars = os.environ.get(RAY_PROGRESS_VARIABLE) == "0"
     rows = files.map_batches(
         read_and_expand, batch_size=1, batch_format="pyarrow", num_cpus=CPU_READ,
         fn_kwargs=dict(plan=plan, schema=manifest.schema, committed=committed.keys,

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
+from pipeline.job import RAY_PROGRESS_VARIABLE
 from pipeline.lease import LEASE, Lease, read_lease
 from pipeline.writers import commit
 
@@ -50,7 +51,8 @@ def kill_run(process: subprocess.Popen) -> None:
     time.sleep(1)
 
 
-def start_run(tmp_path, log_name: str) -> tuple[subprocess.Popen, object, object]:
+def start_run(tmp_path, log_name: str,
+              env: dict | None = None) -> tuple[subprocess.Popen, object, object]:
     """(run, manifest, output): `sdedit run` on ROWS images in its own session, once its first
     shard is committed; output goes to tmp_path/log_name."""
     inputs = tmp_path / "inputs"
@@ -60,21 +62,25 @@ def start_run(tmp_path, log_name: str) -> tuple[subprocess.Popen, object, object
     output = tmp_path / "out"
     with open(tmp_path / log_name, "wb") as log:
         run = subprocess.Popen(command(manifest, output), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
     wait_for_first_shard(run, output / "data")
     return run, manifest, output
 
 
 def test_killed_run_resumes_to_exactly_once(tmp_path):
-    first, manifest, output = start_run(tmp_path, "first.log")
+    quiet = {k: v for k, v in os.environ.items() if k != RAY_PROGRESS_VARIABLE}
+    first, manifest, output = start_run(tmp_path, "first.log",
+                                        env={**quiet, RAY_PROGRESS_VARIABLE: "0"})
     kill_run(first)
+    assert "Total Progress" in (tmp_path / "first.log").read_text()  # Ray Data's, asked for
     survivors = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
     for shard in survivors:  # every visible shard is complete
         assert pq.read_table(output / "data" / shard).num_rows >= 1
     assert 0 < sum(pq.read_table(output / "data" / s).num_rows for s in survivors) < ROWS
     second = subprocess.run(command(manifest, output), capture_output=True, timeout=600,
-                            start_new_session=True)
+                            start_new_session=True, env=quiet)
     assert second.returncode == 0, second.stderr.decode()[-3000:]
+    assert b"sdedit: " in second.stderr and b"Total Progress" not in second.stderr
     table = read_dataset(output)
     assert table["id"].to_pylist() == [f"r{i:02d}" for i in range(ROWS)]
     after = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
