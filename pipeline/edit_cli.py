@@ -50,14 +50,13 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
     except RuntimeError as error:
         raise click.BadParameter(f"unknown torch device {value!r}; e.g. cpu, cuda, cuda:1, "
                                  "mps") from error
-    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() and \
-            device.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
-                                 "GPU(s), numbered from 0")
-    if device.type == "cuda" and not torch.cuda.is_available() or \
-            device.type == "mps" and not torch.backends.mps.is_available():
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
         raise click.BadParameter(f"{value}: torch {torch.__version__} sees no {device.type} "
                                  "device on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "GPU(s), numbered from 0")
     return value
 
 
