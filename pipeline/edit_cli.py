@@ -14,6 +14,7 @@ from typing import Literal
 
 import click
 
+from tasks.cli import check_device
 from tasks.images import MAX_PIXELS, InputError, open_image, to_mask, to_rgb
 
 MaskMode = Literal["binary", "soft"]
@@ -35,28 +36,6 @@ def _check_t0(ctx: click.Context, param: click.Parameter, value: float) -> float
     if not 0.0 < value <= 1.0:  # also rejects NaN
         raise click.BadParameter(f"t0 must lie in (0, 1] (the noise level to start from), "
                                  f"got {value}")
-    return value
-
-
-def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A torch device this machine has, refused before the guide is read (torch's own errors
-    were a traceback after it)."""
-    if value is None:
-        return None
-    import torch
-
-    try:
-        device = torch.device(value)
-    except RuntimeError as error:
-        raise click.BadParameter(f"unknown torch device {value!r}; e.g. cpu, cuda, cuda:1, "
-                                 "mps") from error
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, True):
-        raise click.BadParameter(f"{value}: torch {torch.__version__} sees no {device.type} "
-                                 "device on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
-                                 "GPU(s), numbered from 0")
     return value
 
 
@@ -113,7 +92,7 @@ def _writable(format_name: str) -> bool:
               help="SDEdit passes K; each re-noises the previous output.")
 @click.option("--seed", type=click.IntRange(-2**63, 2**64 - 1), default=0, show_default=True,
               help="Noise seed (what torch.Generator.manual_seed takes).")
-@click.option("--device", default=None, callback=_check_device,
+@click.option("--device", default=None, callback=check_device,
               help="torch device (default: cuda if available, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Network dtype; sampling stays float32.")

@@ -102,7 +102,7 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     import pyarrow.parquet as pq
 
     fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
-    files, base = _list_parquet(fs, path, uri)
+    files, base = list_parquet(fs, path, uri)
     schemas = []
     for file in files:
         with fs.open(file, "rb") as stream:
@@ -166,7 +166,7 @@ def _widens(source: pa.DataType, target: pa.DataType) -> bool:
         types.is_binary(source) and types.is_large_binary(target))
 
 
-def _list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
+def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     http = uri.split("://", 1)[0].lower() in ("http", "https")
     # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
     if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):

@@ -14,10 +14,22 @@ from pathlib import PurePosixPath
 
 import click
 
-from tasks.images import MAX_PIXELS, InputError, open_image, options_for, to_rgb
+from tasks.cli import check_device, parse_storage_options, reported, storage_option
+from tasks.images import (
+    MAX_PIXELS,
+    InputError,
+    file_limit,
+    open_image,
+    options_for,
+    read_bytes,
+    to_rgb,
+)
+from tasks.sources import is_remote, local_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST_COLUMNS = ("image", "guide")
+# files that make a folder a model: a fresh run there would overwrite them
+MODEL_FILE_PATTERNS = ("config.json", "model_index.json", "*.safetensors", "*.bin")
 # command-line option -> TrainConfig field, for refusing conflicting options on resume
 OPTION_FIELDS = {"resolution": "resolution", "batch_size": "batch_size", "lr": "lr",
                  "channels": "channels", "bf16": "bf16", "seed": "seed"}
@@ -55,8 +67,27 @@ def _manifest_uris(fs, root: str, source: str) -> list[str]:
     if column is None:
         raise click.BadParameter(f"manifest {source} has no {' or '.join(MANIFEST_COLUMNS)} "
                                  f"column (columns: {table.column_names})", param_hint="IMAGES")
+    _check_uri_column(table.schema.field(column).type, column, source)
     base = source.rsplit("/", 1)[0] if "/" in source else "."
-    return [_resolve(uri, base) for uri in table.column(column).to_pylist() if uri]
+    uris = [_resolve(uri, base) for uri in table.column(column).to_pylist() if uri]
+    if not uris:
+        raise click.BadParameter(f"manifest {source} names no images: its {column!r} column "
+                                 f"has no URI in {table.num_rows} row(s)", param_hint="IMAGES")
+    return uris
+
+
+def _check_uri_column(kind, column: str, source: str) -> None:
+    """Refuse a column that holds something else than URIs, such as the encoded images of an
+    `sdedit run` output shard (its `image` column), which would otherwise fail mid-way."""
+    import pyarrow as pa
+
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+        return
+    shard = (" (an `sdedit run` output shard? Its images are encoded in the file; train on a "
+             "folder of images or on the manifest the run read)"
+             if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else "")
+    raise click.BadParameter(f"manifest {source}: column {column!r} holds {kind}, expected "
+                             f"image URIs (strings){shard}", param_hint="IMAGES")
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -85,15 +116,18 @@ def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>",
 
 def load_images(uris: list[str], resolution: int, storage_options: dict | None = None,
                 max_pixels: int = MAX_PIXELS):
-    """All images as one uint8 tensor [N, 3, resolution, resolution]."""
-    import fsspec
+    """All images as one uint8 tensor [N, 3, resolution, resolution]; an image that cannot be
+    read (missing, too large) stops training with its URI, as one that cannot be decoded."""
     import numpy as np
     import torch
 
     arrays = []
     for uri in uris:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as stream:
-            arrays.append(decode_image(stream.read(), resolution, uri, max_pixels))
+        try:
+            payload = read_bytes(uri, storage_options or {}, max_bytes=file_limit(max_pixels))
+        except InputError as error:
+            raise click.ClickException(str(error)) from error
+        arrays.append(decode_image(payload, resolution, uri, max_pixels))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -115,6 +149,7 @@ def _start_state(output: str, config, device, ctx: click.Context):
     from sdedit.training import TrainState, has_checkpoint, load_checkpoint
 
     if not has_checkpoint(output):
+        _refuse_overwriting(output)
         _note_attention(config)
         return TrainState.fresh(config, device)
     try:
@@ -132,6 +167,33 @@ def _start_state(output: str, config, device, ctx: click.Context):
     state.config = replace(saved, steps=config.steps)
     click.echo(f"resuming {output} from step {state.step}")
     return state
+
+
+def _refuse_overwriting(output: str) -> None:
+    """Stop before a fresh run replaces a model that has no checkpoint to resume from (a prior
+    shipped without its `checkpoint/`, the bundled default, any diffusers folder): saving
+    would overwrite its weights and config without a word."""
+    from pathlib import Path
+
+    held = sorted({found.name for pattern in MODEL_FILE_PATTERNS
+                   for found in Path(output).glob(pattern)})
+    if held:
+        raise click.UsageError(f"{output} already holds a model ({', '.join(held)}) but no "
+                               "checkpoint/ to resume from, so training would overwrite it; "
+                               f"choose a new OUTPUT_MODEL, or delete {output} to train there "
+                               "from the start")
+
+
+def local_folder(output_model: str) -> str:
+    """OUTPUT_MODEL as a local path. Training saves (and renames checkpoints) on the local disk,
+    so a bucket URI is refused before any work instead of becoming a folder named `s3:`."""
+    if is_remote(output_model):
+        name = PurePosixPath(output_model.rstrip("/")).name or "my-prior"
+        raise click.BadParameter(
+            f"{output_model} is not a local folder: sdedit train writes the model to a local "
+            f"folder. Train into one (e.g. ./{name}), copy that folder to the bucket, then use "
+            f"it with `sdedit run --model {output_model}`", param_hint="OUTPUT_MODEL")
+    return local_path(output_model)
 
 
 def _note_attention(config) -> None:
@@ -212,7 +274,7 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
                    "attention runs at the level that is 8x8 pixels, so none at --resolution 64 "
                    "with three widths (give four, e.g. 32,64,64,64).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
-              help="Default: cuda when available, else cpu.")
+              callback=check_device, help="Default: cuda when available, else cpu.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
@@ -225,36 +287,39 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
               help="CPU threads for torch (default: torch's choice).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
               help="Largest accepted training image (width x height).")
+@storage_option
 @click.pass_context
 def train(ctx: click.Context, images: str, output_model: str, resolution: str, steps: int,
           batch_size: int, lr: float, channels: str, device: str | None, bf16: bool, seed: int,
           save_every: int, log_every: int, time_limit: float | None,
-          threads: int | None, max_pixels: int) -> None:
+          threads: int | None, max_pixels: int, storage_options: tuple[str, ...]) -> None:
     """Train a pixel-space DDPM prior on IMAGES and write it to OUTPUT_MODEL.
 
     IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image` or `guide`
     column. Images are decoded as `sdedit run` decodes guides (16-bit scaled to 8 bits,
     transparency composited on white). OUTPUT_MODEL receives a diffusers-format folder (EMA
     weights, DDPM scheduler config) plus `checkpoint/`; running the same command again resumes
-    from it.
+    from it. OUTPUT_MODEL is a local folder: copy it to a bucket to run from there.
     """
     import torch
 
     from sdedit.training import parameter_count
 
+    output, storage = local_folder(output_model), parse_storage_options(storage_options)
     if threads:
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = _make_config(resolution, steps, batch_size, lr, channels, bf16, seed)
-    state = _start_state(output_model, config, torch.device(device), ctx)
-    uris = image_uris(images)
-    tensor = load_images(uris, state.config.resolution, max_pixels=max_pixels)
+    state = _start_state(output, config, torch.device(device), ctx)
+    with reported(f"cannot read the training images {images}"):
+        uris = image_uris(images, storage)
+        tensor = load_images(uris, state.config.resolution, storage, max_pixels)
     tensor = tensor.to(device)  # uint8: small on any card
     click.echo(f"{len(uris)} images at {state.config.resolution}px; "
                f"{parameter_count(state.unet):,} parameters; device {device}")
     limit_s = time_limit * 60 if time_limit else None
-    finished = run_training(state, tensor, output_model, save_every, log_every, limit_s)
-    click.echo(f"saved {output_model} at step {state.step}"
+    finished = run_training(state, tensor, output, save_every, log_every, limit_s)
+    click.echo(f"saved {output} at step {state.step}"
                + ("" if finished else " (time limit reached; rerun the command to continue)"))
 
 

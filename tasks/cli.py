@@ -51,6 +51,28 @@ storage_option = click.option(
 )
 
 
+def check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --device torch knows and this machine has, refused before any work (torch's own errors
+    were a traceback after the inputs were read, or inside the first step)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise click.BadParameter(f"unknown torch device {value!r}; e.g. cpu, cuda, cuda:1, "
+                                 "mps") from error
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise click.BadParameter(f"{value}: torch {torch.__version__} sees no {device.type} "
+                                 "device on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
+                                 "GPU(s), numbered from 0")
+    return value
+
+
 def ray_options(command: Callable) -> Callable:
     """Options shared by the Ray Data guide builders."""
     options = [  # in the order written as decorators, top to bottom
@@ -232,12 +254,13 @@ def output_folder(output: str, storage_options: tuple[str, ...], manifest_uri: s
     """The OutputFolder for a command's OUTPUT argument and options."""
     from tasks.outputs import OutputFolder
 
+    options = parse_storage_options(storage_options)
     base = None
     if manifest_uri:
-        from tasks.outputs import manifest_base
+        from tasks.outputs import run_manifest_base
 
-        base = manifest_base(OutputFolder(output), {"manifest": manifest_uri})
-    return OutputFolder(output.rstrip("/"), parse_storage_options(storage_options), base)
+        base = run_manifest_base(manifest_uri, options)
+    return OutputFolder(output.rstrip("/"), options, base)
 
 
 manifest_option = click.option(

@@ -28,7 +28,7 @@ from tasks.outputs import (
     to_unit,
 )
 
-LOSSLESS_FORMATS = ("png", "webp-lossless")
+LOSSLESS_FORMATS = ("png", "webp")  # pipeline.encode.ENCODERS writes WebP lossless
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def summarize_t0(scores: list[dict]) -> dict:
     recomputed = [score["recomputed"] for score in scores]
     reported = [s["l2_to_guide"] for s in scores if s.get("l2_to_guide") is not None]
     masked = [r for r in recomputed if r.change_outside_mask is not None]
-    lossless = all(str(s.get("image_format") or "png").lower() in LOSSLESS_FORMATS for s in scores)
+    formats = sorted({str(s.get("image_format") or "png").lower() for s in scores})
     return {
         "t0": scores[0]["t0"],
         "outputs": len(scores),
@@ -119,7 +119,8 @@ def summarize_t0(scores: list[dict]) -> dict:
         "max_change_outside_mask": max(r.max_change_outside_mask for r in masked)
         if masked
         else None,
-        "lossless": lossless,
+        "image_formats": formats,
+        "lossless": all(name in LOSSLESS_FORMATS for name in formats),
     }
 
 
@@ -130,8 +131,8 @@ def evaluate(folder: OutputFolder) -> dict:
     for score in scores:
         by_t0[float(score["t0"])].append(score)
     groups = [summarize_t0(by_t0[t0]) for t0 in sorted(by_t0)]
-    masked = [g for g in groups if g["masked_outputs"]]
-    exact = all(g["max_change_outside_mask"] == 0 for g in masked) if masked else None
+    judged = [g for g in groups if g["masked_outputs"] and g["lossless"]]
+    exact = all(g["max_change_outside_mask"] == 0 for g in judged) if judged else None
     return {
         "output": folder.uri,
         "outputs_scored": len(scores),
@@ -154,11 +155,27 @@ def format_report(report: dict) -> str:
             f"{_number(group['max_change_outside_mask'], 'd'):>11}"
         )
     if report["outputs_without_guide"]:
-        lines.append(f"{report['outputs_without_guide']} outputs had no readable guide URI")
-    if report["exact_keep_outside_mask"] is not None:
-        verdict = "yes" if report["exact_keep_outside_mask"] else "NO"
+        lines.append(f"{report['outputs_without_guide']} outputs had no readable guide URI "
+                     "(missing or unreadable; relative paths need the run's manifest, which "
+                     "summary.json names only once a run has finished: pass --manifest "
+                     "MANIFEST)")
+    verdict = _exactness(report)
+    if verdict:
         lines.append(f"guide kept exactly outside every mask: {verdict}")
     return "\n".join(lines)
+
+
+def _exactness(report: dict) -> str | None:
+    """The verdict on the kept pixels: judged on lossless outputs only, since a lossy format's
+    compression changes them by a few levels whatever the sampler kept (None: no mask)."""
+    masked = [group for group in report["by_t0"] if group["masked_outputs"]]
+    lossy = sorted({name for group in masked for name in group["image_formats"]
+                    if name not in LOSSLESS_FORMATS})
+    note = f"lossy {', '.join(lossy)}" if lossy else ""
+    if report["exact_keep_outside_mask"] is None:
+        return f"n/a ({note})" if note else None
+    verdict = "yes" if report["exact_keep_outside_mask"] else "NO"
+    return f"{verdict} ({note} outputs not judged)" if note else verdict
 
 
 def _number(value: float | int | None, spec: str) -> str:

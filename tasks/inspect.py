@@ -64,7 +64,6 @@ def summary_lines(folder: OutputFolder) -> list[str]:
     rows = meta.to_pylist() if meta is not None else []
     stages = Counter(row["stage"] for row in errors.to_pylist()) if errors is not None else {}
     expected = find_value(summary, ("expected_outputs", "expected"))
-    rate = find_value(summary, ("images_per_second", "images_per_s", "throughput"))
     lines = [
         f"output            {folder.uri}",
         f"written           {len(rows)}  ({_count(rows, 'id', 'ids')}, "
@@ -76,7 +75,7 @@ def summary_lines(folder: OutputFolder) -> list[str]:
             if stages
             else ""
         ),
-        f"images/s          {_rate(rate)}",
+        f"images/s          {_rate(summary)}",
     ]
     return lines + faithfulness_lines(rows)
 
@@ -92,7 +91,12 @@ def _expected(expected: object, summary: dict) -> str:
     return "n/a" if summary else "n/a (no summary.json yet)"
 
 
-def _rate(rate: object) -> str:
+def _rate(summary: dict) -> str:
+    """The last run's throughput. A rerun that found everything committed edits nothing and
+    the summary keeps no earlier run's rate, so it is said rather than shown as 0.00."""
+    if summary.get("this_run", {}).get("todo") == 0:
+        return "n/a (the last run had nothing to do)"
+    rate = find_value(summary, ("images_per_second", "images_per_s", "throughput"))
     return f"{rate:.2f}" if isinstance(rate, int | float) else "n/a"
 
 
@@ -135,6 +139,7 @@ def sheet_rows(
     t0s = sorted({float(row["t0"]) for row in rows + failures})
     written = sorted({row["id"] for row in rows})
     only_failed = sorted({row["id"] for row in failures} - set(written))
+    check_choice(folder, written + only_failed, ids, {row["sample"] for row in rows}, sample)
     chosen = ids or (written + only_failed)[:count]
     outputs = chosen_outputs(folder, chosen, sample) if rows else {}
     first = {row["id"]: row for row in rows}
@@ -151,6 +156,21 @@ def sheet_rows(
         )
         for row_id in chosen
     ], t0s
+
+
+def check_choice(folder: OutputFolder, known: list[str], ids: list[str] | None,
+                 samples: set[int], sample: int) -> None:
+    """Refuse --id values OUTPUT has no row for and a --sample no output has, which would
+    otherwise be drawn as rows and cells of "not run"."""
+    unknown = sorted(set(ids or []) - set(known))
+    if unknown:
+        some = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
+        raise ValueError(f"--id {', '.join(unknown)}: not in {folder.uri} "
+                         f"(it holds {len(known)} id(s): {some})")
+    if samples and sample not in samples:
+        held = (f"{min(samples)}-{max(samples)}" if len(samples) == max(samples) - min(samples) + 1
+                else ", ".join(map(str, sorted(samples))))
+        raise ValueError(f"--sample {sample}: {folder.uri} holds samples {held}")
 
 
 def chosen_outputs(

@@ -25,7 +25,7 @@ from tasks.images import (
     options_for,
     read_image,
 )
-from tasks.sources import is_remote, resolve
+from tasks.sources import resolve
 
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
@@ -171,21 +171,31 @@ def find_value(tree: object, names: tuple[str, ...]) -> object | None:
 
 
 def manifest_base(folder: OutputFolder, summary: dict) -> str | None:
-    """The folder relative guide/mask paths resolve against: explicit, else the summary's."""
+    """The folder relative guide/mask paths resolve against: explicit, else that of the
+    manifest the summary records (None when neither names one, e.g. before a first run ends)."""
     if folder.manifest_base:
         return folder.manifest_base
     manifest = find_value(summary, ("manifest",))
     if not isinstance(manifest, str):
         return None
-    if manifest.endswith(".parquet") or any(char in manifest for char in "*?["):
-        return posixpath.dirname(manifest) if is_remote(manifest) else _local_dirname(manifest)
-    return manifest
+    return run_manifest_base(manifest, folder.storage_options)
 
 
-def _local_dirname(path: str) -> str:
-    from pathlib import Path
+def run_manifest_base(manifest: str, storage_options: dict) -> str:
+    """The folder `sdedit run` resolved `manifest`'s relative paths against, decided by the
+    run's own rule (`pipeline.manifest.list_parquet`: a glob's folder before its first
+    wildcard, a folder itself, a file's folder, whatever the file's name). A manifest gone
+    since the run can no longer say which it was: it is taken for the file it usually is."""
+    import fsspec
 
-    return str(Path(path.removeprefix("file://")).parent)
+    from pipeline.manifest import ManifestError, list_parquet
+
+    fs, path = fsspec.core.url_to_fs(manifest, **options_for(manifest, storage_options))
+    try:
+        _, base = list_parquet(fs, path, manifest)
+    except ManifestError:  # nothing left to list
+        base = path.rsplit("/", 1)[0]
+    return fs.unstrip_protocol(base)
 
 
 def resolve_guide(uri: str | None, base: str | None) -> str | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
+from pathlib import Path
 
 import click
 import numpy as np
@@ -203,6 +206,102 @@ def test_train_stops_on_an_undecodable_image_in_a_manifest(pngs, tmp_path):
     result = _train(manifest, tmp_path / "prior", "--steps", "1", *SMALL)
     assert result.exit_code == 1
     assert f"{pngs}/float.tif has unsupported image mode 'F'" in result.output
+
+
+def test_a_bucket_output_model_is_refused_before_any_work(pngs, tmp_path, monkeypatch):
+    """Training wrote s3://bucket/p1 to a local folder named `s3:` and said it saved to S3."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", str(pngs), "s3://bucket/priors/p1", "--steps",
+                                       "1", *SMALL])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "s3://bucket/priors/p1 is not a local folder" in message
+    assert "copy that folder to the bucket" in message
+    assert "sdedit run --model s3://bucket/priors/p1" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pngs"]  # no ./s3:/ folder
+
+
+def test_a_file_uri_output_model_is_the_local_folder(pngs, tmp_path):
+    result = _train(pngs, f"file://{tmp_path / 'prior'}", "--steps", "1", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert f"saved {tmp_path / 'prior'} at step 1" in result.output
+    assert (tmp_path / "prior" / "checkpoint" / "state.safetensors").is_file()
+
+
+def test_a_model_without_a_checkpoint_is_not_overwritten(pngs, tmp_path):
+    """The bundled prior has no checkpoint/: a fresh run there replaced its weights."""
+    shipped = tmp_path / "default"
+    shutil.copytree(Path(sdedit.__file__).parent / "priors" / "default", shipped)
+    weights = shipped / "diffusion_pytorch_model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    result = CliRunner().invoke(main, ["train", str(pngs), str(shipped), "--steps", "1", *SMALL])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert (f"{shipped} already holds a model (config.json, diffusion_pytorch_model.safetensors)"
+            " but no checkpoint/ to resume from") in message
+    assert "choose a new OUTPUT_MODEL, or delete" in message
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert not (shipped / "checkpoint").exists()
+
+
+def _binary_image_shard(folder: Path) -> Path:
+    """A shard as `sdedit run` writes it: the `image` column holds PNG bytes."""
+    from pipeline.writers import DATA_TYPES
+
+    row = {"id": "a", "t0": 0.5, "sample": 0, "image": _png_bytes(Image.new("RGB", (4, 4))),
+           "image_format": "png", "guide": "emoji0.png"}
+    schema = pa.schema([*DATA_TYPES.items(), ("guide", pa.string())])
+    pq.write_table(pa.Table.from_pylist([row], schema), folder / "part-0.parquet")
+    return folder / "part-0.parquet"
+
+
+@pytest.mark.parametrize("case", ["empty manifest", "missing image", "output shard", "cuda"])
+def test_input_errors_are_one_clear_line(case, pngs, tmp_path):
+    """Each of these ended in a Python traceback; now one `Error:` line names the URI."""
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    images, device, expected = str(pngs), [], ""
+    if case == "empty manifest":
+        images = str(tmp_path / "empty.parquet")
+        pq.write_table(pa.table({"image": pa.array([], pa.string())}), images)
+        expected = f"manifest {images} names no images: its 'image' column has no URI in 0 row"
+    elif case == "missing image":
+        images = str(pngs / "manifest.parquet")
+        pq.write_table(pa.table({"image": ["emoji0.png", "gone.png"]}), images)
+        expected = f"Error: cannot read {pngs}/gone.png: FileNotFoundError"
+    elif case == "output shard":
+        images = str(_binary_image_shard(tmp_path))
+        expected = (f"manifest {images}: column 'image' holds binary, expected image URIs "
+                    "(strings) (an `sdedit run` output shard?")
+    else:
+        device = ["--device", "cuda"]
+        expected = "Invalid value for '--device': cuda: torch"
+    result = _train(images, tmp_path / "prior", "--steps", "1", *device, *SMALL)
+    assert result.exit_code in (1, 2), result.output
+    assert expected in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (tmp_path / "prior").exists()
+
+
+@pytest.mark.slow
+def test_images_in_a_bucket_are_read_with_the_storage_options(s3_server, tmp_path):
+    """IMAGES may be a bucket URI; its endpoint comes from --storage-option, as for the other
+    commands (the credentials are in the environment, the endpoint is not)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server.storage_options, skip_instance_cache=True)
+    bucket = s3_server.new_bucket().removeprefix("s3://")
+    for index, colour in enumerate([(255, 200, 0), (30, 120, 220), (200, 30, 30)]):
+        fs.pipe(f"{bucket}/photos/{index}.png", _png_bytes(Image.new("RGB", (40, 40), colour)))
+    manifest = io.BytesIO()
+    pq.write_table(pa.table({"image": ["photos/0.png", "photos/1.png"]}), manifest)
+    fs.pipe(f"{bucket}/train.parquet", manifest.getvalue())
+    flags = ["--storage-option", f"endpoint_url={s3_server.endpoint_url}"]
+    for source, count in ((f"s3://{bucket}/photos", 3), (f"s3://{bucket}/train.parquet", 2)):
+        out = tmp_path / source.rsplit("/", 1)[1]
+        result = _train(source, out, "--steps", "1", *flags, *SMALL)
+        assert result.exit_code == 0, result.output
+        assert f"{count} images at 32px" in result.output
+        assert (out / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def _png_bytes(image: Image.Image, **options) -> bytes:

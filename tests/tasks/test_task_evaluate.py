@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from task_fixtures import flat, write_output
+from task_fixtures import flat, output_record, write_output
 
+from pipeline.encode import ENCODERS, encode_image
 from tasks.cli import evaluate as evaluate_command
-from tasks.evaluate import evaluate, faithfulness
+from tasks.evaluate import LOSSLESS_FORMATS, evaluate, faithfulness, format_report
 from tasks.outputs import OutputFolder
 
 UNIT = 1 / 127.5  # one 8-bit level in [-1, 1] units
@@ -128,3 +132,51 @@ def test_manifest_option_resolves_guides_without_a_summary(known_output, tmp_pat
     )
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["outputs_scored"] == 5
+
+
+def test_without_a_manifest_the_message_says_to_pass_one(known_output):
+    """While a first run is still writing there is no summary.json: every relative guide is
+    unreadable, and the line said only that, not how to read them."""
+    (known_output / "summary.json").unlink()
+    result = CliRunner().invoke(evaluate_command, [str(known_output)])
+    assert result.exit_code == 0, result.output
+    message = " ".join(result.output.split())
+    assert "6 outputs had no readable guide URI" in message
+    assert "pass --manifest MANIFEST" in message
+    saved = json.loads((known_output / "evaluation.json").read_text())
+    assert (saved["outputs_scored"], saved["outputs_without_guide"]) == (0, 6)
+
+
+def test_lossless_formats_are_those_the_pipeline_writes_losslessly():
+    """WebP outputs (written lossless) were reported `lossless: false`."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    for name in ENCODERS:
+        decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels.tobytes(), 12, 12, name))))
+        assert np.array_equal(decoded, pixels) == (name in LOSSLESS_FORMATS), name
+
+
+@pytest.mark.parametrize(("image_format", "verdict", "exact"), [
+    ("png", "yes", True), ("webp", "yes", True), ("jpeg", "n/a (lossy jpeg)", None)])
+def test_exactness_is_judged_on_lossless_outputs_only(tmp_path, image_format, verdict, exact):
+    """JPEG compression changes kept pixels by a few levels: the verdict said NO."""
+    (tmp_path / "run").mkdir()
+    flat(100).save(tmp_path / "run" / "plain.png")
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 12, 16))  # the edge inside a JPEG block
+    mask.save(tmp_path / "run" / "mask.png")
+    edited = np.asarray(flat(100)).copy()
+    edited[:, :12] = np.random.default_rng(5).integers(0, 256, (16, 12, 3))  # kept exactly
+    record = output_record({"id": "masked", "t0": 0.5, "image": Image.fromarray(edited),
+                            "guide": "plain.png", "mask": "mask.png"})
+    record |= {"image": encode_image(edited.tobytes(), 16, 16, image_format),
+               "image_format": image_format}
+    write_output(tmp_path / "out", [], summary={"manifest": str(tmp_path / "run" / "m.parquet")})
+    pq.write_table(pa.Table.from_pylist([record]), tmp_path / "out" / "data" / "part-0.parquet")
+    report = evaluate(OutputFolder(str(tmp_path / "out")))
+    (group,) = report["by_t0"]
+    assert group["image_formats"] == [image_format] and group["masked_outputs"] == 1
+    assert group["lossless"] == (image_format != "jpeg")
+    assert (group["max_change_outside_mask"] > 0) == (image_format == "jpeg")  # still reported
+    assert report["exact_keep_outside_mask"] is exact
+    assert f"guide kept exactly outside every mask: {verdict}" in format_report(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,27 @@ def test_an_output_whose_every_row_failed_is_summarized_and_drawn(tmp_path):
     assert t0s == [0.5, 0.8] and [row.id for row in rows] == ["a", "b"]
     assert rows[0].missing_label(0.5) == "failed" and rows[0].missing_label(0.8) == "not run"
     assert (output / "inspect" / "contact_sheet.png").exists()
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--sample", "2"], "--sample 2: {out} holds samples 0-1"),
+    (["--id", "nosuch", "--id", "id2"],
+     "--id nosuch: not in {out} (it holds 3 id(s): id0, id1, id2)"),
+])
+def test_ids_and_samples_that_do_not_exist_are_refused(run_output, option, message):
+    """Both drew rows of "not run" cells and exited 0."""
+    result = CliRunner().invoke(inspect_command, [str(run_output), *option])
+    assert result.exit_code == 1, result.output
+    assert message.format(out=run_output) in " ".join(result.output.split())
+    assert not (run_output / "inspect").exists()
+
+
+def test_a_rerun_with_nothing_to_do_shows_no_rate_of_zero(run_output):
+    """The summary holds only the last invocation's rate: 0.0 when it found everything done."""
+    summary = {"expected_outputs": 20, "this_run": {"todo": 0, "images_per_second": 0.0}}
+    (run_output / "summary.json").write_text(json.dumps(summary))
+    text = "\n".join(summary_lines(OutputFolder(str(run_output))))
+    assert "images/s          n/a (the last run had nothing to do)" in text
+    summary["this_run"] = {"todo": 4, "images_per_second": 1.25}
+    (run_output / "summary.json").write_text(json.dumps(summary))
+    assert "images/s          1.25" in summary_lines(OutputFolder(str(run_output)))

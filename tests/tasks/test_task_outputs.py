@@ -11,12 +11,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from task_fixtures import flat, photo, png_bytes
+from task_fixtures import flat, photo, png_bytes, write_output
 
+from pipeline.manifest import find_files
 from pipeline.writers import DATA_TYPES, WRITERS
 from tasks.evaluate import evaluate
-from tasks.inspect import PLACEHOLDER, cell_origin, sheet_size, summary_lines, write_contact_sheet
-from tasks.outputs import SHARD_SUFFIXES, OutputFolder, data_shards, read_table
+from tasks.inspect import (
+    PLACEHOLDER,
+    cell_origin,
+    sheet_rows,
+    sheet_size,
+    summary_lines,
+    write_contact_sheet,
+)
+from tasks.outputs import SHARD_SUFFIXES, OutputFolder, data_shards, manifest_base, read_table
 
 FORMATS = ("parquet", "webdataset")
 SORT = [("id", "ascending"), ("t0", "ascending"), ("sample", "ascending")]
@@ -207,3 +215,39 @@ def test_guides_and_masks_are_decoded_as_the_pipeline_decodes_them(tmp_path):
         load_image(str(tmp_path / "deep.png"), {}, max_pixels=20)
     with pytest.raises(InputError, match="cannot read"):
         load_image(str(tmp_path / "gone.png"), {})
+
+
+@pytest.mark.parametrize("layout", ["glob with a wildcard folder", "file not named .parquet",
+                                    "folder", "file"])
+def test_relative_guides_resolve_against_the_folder_the_run_used(tmp_path, layout):
+    """`sdedit run` resolved `gm/*/m.parquet` against gm/ and `pqm/manifest.pq` against pqm/;
+    evaluate and inspect took gm/* and the file itself, so they found no guide."""
+    from click.testing import CliRunner
+
+    from tasks.cli import evaluate as evaluate_command
+
+    root = tmp_path / "gm"
+    (root / "part1").mkdir(parents=True)
+    (root / "guides").mkdir()
+    flat(100).save(root / "guides" / "a.png")
+    manifest_file, manifest = {
+        "glob with a wildcard folder": (root / "part1" / "m.parquet", f"{root}/*/m.parquet"),
+        "file not named .parquet": (root / "manifest.pq", f"{root}/manifest.pq"),
+        "folder": (root / "part1" / "m.parquet", str(root)),
+        "file": (root / "m.parquet", str(root / "m.parquet")),
+    }[layout]
+    guide = "guides/a.png"  # relative to gm/ in each layout, as the run resolves it
+    pq.write_table(pa.table({"id": ["a"], "guide": [guide]}), manifest_file)
+    run_base = find_files(manifest, {}).base
+    output = write_output(tmp_path / "out", [{"id": "a", "t0": 0.5, "image": flat(110),
+                                              "guide": guide}],
+                          summary={"config": {"manifest": manifest}})
+    folder = OutputFolder(str(output))
+    assert manifest_base(folder, {"config": {"manifest": manifest}}) == run_base
+    assert evaluate(folder)["outputs_scored"] == 1
+    (row,), _ = sheet_rows(folder)
+    assert row.guide is not None and row.guide.getpixel((0, 0)) == (100, 100, 100)
+    (output / "summary.json").unlink()  # a first run still writing: --manifest says it
+    result = CliRunner().invoke(evaluate_command, [str(output), "--manifest", manifest])
+    assert result.exit_code == 0, result.output
+    assert json.loads((output / "evaluation.json").read_text())["outputs_scored"] == 1
