@@ -13,7 +13,8 @@ if [ "$#" -lt 2 ]; then
     exit 2
 fi
 # --address auto comes first: click keeps an option's last value, so an --address among the
-# arguments replaces it.
+# arguments replaces it. The id's random suffix keeps two submissions in one second apart (the
+# second was refused: "Job with submission_id ... already exists").
 exec ray job submit --address "$RAY_ADDRESS" \
-    --submission-id "sdedit-$(date +%Y%m%d-%H%M%S)" \
+    --submission-id "sdedit-$(date +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')" \
     -- sdedit run --address auto "$@"

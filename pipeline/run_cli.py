@@ -115,7 +115,9 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (a pod stopped, `ray job stop`): unwind like Ctrl-C."""
+    """SIGTERM arrived (`ray job stop`, a stopped pod whose main process this is): unwind like
+    Ctrl-C. (A Ray job's driver whose head pod stops is not sent SIGTERM: Ray's job supervisor
+    kills it, and its lease expires.)"""
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -37,10 +38,24 @@ def test_unknown_flag_is_rejected_by_the_same_check():
         run.make_context("run", ["in/", "out/", "--no-such-flag"])
 
 
-def test_cronjob_forbids_concurrent_runs_into_one_output():
+def test_cronjob_uses_only_fields_of_kuberays_raycronjob():
+    """KubeRay's RayCronJobSpec has schedule, timeZone (1.7) and jobTemplate; the
+    `concurrencyPolicy` this file had is none of them (strict validation rejects the file, and
+    without it the field is dropped): an overlapping night stops on OUTPUT's lease instead."""
     document = yaml.safe_load((DEPLOY / "kuberay" / "raycronjob.yaml").read_text())
     assert document["kind"] == "RayCronJob"
-    assert document["spec"]["concurrencyPolicy"] == "Forbid"
+    assert set(document["spec"]) == {"schedule", "timeZone", "jobTemplate"}
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycronjob.yaml"])
+def test_worker_ranges_come_with_the_autoscaler_that_moves_them(name):
+    """minReplicas/maxReplicas without enableInTreeAutoscaling are never used: the nightly
+    job's 1-4 GPU workers were always 1."""
+    spec = yaml.safe_load((DEPLOY / "kuberay" / name).read_text())["spec"]
+    cluster = (spec.get("jobTemplate") or spec)["rayClusterSpec"]
+    ranged = [group for group in cluster["workerGroupSpecs"]
+              if {"minReplicas", "maxReplicas"} & set(group)]
+    assert not ranged or cluster.get("enableInTreeAutoscaling") is True
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "raycronjob.yaml"])
@@ -81,6 +96,7 @@ def test_submit_script_passes_auto_unless_the_user_names_an_address(tmp_path, ex
                               "--t0", "0.4", *extra], env=env, check=True,
                              capture_output=True).stdout.decode()
     argv = printed.split("\0")[:-1]
+    assert re.fullmatch(r"sdedit-\d{8}-\d{6}-[0-9a-f]{6}", argv[argv.index("--submission-id") + 1])
     command = argv[argv.index("--") + 1:]
     assert command[:2] == ["sdedit", "run"]
     params = run.make_context("run", command[2:]).params
