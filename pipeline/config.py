@@ -75,6 +75,7 @@ class RunConfig:
     max_error_rate: float = 1.0
     progress_interval: float = 30.0  # seconds between progress lines on stderr; 0: none
     wait_for_output: float = 0.0  # seconds to wait for another run's lease on OUTPUT to end
+    wait_for_gpus: float = 0.0  # with gpus_per_actor > 0: seconds to wait for GPU nodes to join
     overwrite: bool = False
     allow_pickle: bool = False  # pickle weights can run code: only for trusted models
     retry_errors: tuple[ErrorStage, ...] = ()  # committed failures of these stages are redone
@@ -105,8 +106,8 @@ def _check_types(config: RunConfig) -> None:
     for name in FLAGS:
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    for name in ("max_error_rate", "progress_interval", "wait_for_output", "gpus_per_actor",
-                 "cpus_per_actor"):
+    for name in ("max_error_rate", "progress_interval", "wait_for_output", "wait_for_gpus",
+                 "gpus_per_actor", "cpus_per_actor"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -167,7 +168,7 @@ def _check_actors(config: RunConfig) -> None:
 def _check_rates(config: RunConfig) -> None:
     if not 0.0 <= config.max_error_rate <= 1.0:
         raise ConfigError(f"max_error_rate must lie in [0, 1], got {config.max_error_rate}")
-    for name in ("progress_interval", "wait_for_output"):
+    for name in ("progress_interval", "wait_for_output", "wait_for_gpus"):
         if not getattr(config, name) >= 0:
             raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(config, name)}")
 

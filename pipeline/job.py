@@ -58,6 +58,7 @@ CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never 
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
 JOB_ENTRYPOINT_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it
 RAY_PROGRESS_VARIABLE = "RAY_DATA_DISABLE_PROGRESS_BARS"  # Ray Data's own switch; 0 = shown
+GPU_POLL_SECONDS = 2.0  # how often --wait-for-gpus looks at the cluster's resources
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
 
@@ -274,6 +275,7 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
 
     started_ray = init_ray(config.address)
     try:
+        wait_for_gpus(config, progress.report)
         runtime = ray_runtime(started_ray, cluster_address(config.address)[0])
         progress.report(describe_runtime(runtime))
         resources = actor_resources(config)
@@ -468,6 +470,32 @@ def describe_actors(resources: ActorResources) -> str:
     return f"{count} SDEdit actor{'s' * (high > 1)} ({each} each)"
 
 
+def wait_for_gpus(config: RunConfig, report: Report) -> None:
+    """With --gpus-per-actor and --wait-for-gpus on a cluster without a GPU yet: ask Ray's
+    autoscaler for one actor's GPUs (GPU workers that scale from zero start only on demand)
+    and wait for them to join, reporting it; `actor_resources` then refuses a cluster that
+    still has none. The request is withdrawn either way: the actors hold what they use."""
+    import ray
+
+    if not (config.gpus_per_actor and config.wait_for_gpus) or \
+            ray.cluster_resources().get("GPU", 0):
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": config.gpus_per_actor}])
+    report(f"no GPU in the Ray cluster yet: asked its autoscaler for "
+           f"{config.gpus_per_actor:g}, waiting up to {config.wait_for_gpus:g} s")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < config.wait_for_gpus:
+            time.sleep(min(GPU_POLL_SECONDS, config.wait_for_gpus))
+            if gpus := ray.cluster_resources().get("GPU", 0):
+                report(f"{gpus:g} GPU(s) joined after {time.monotonic() - started:.0f} s")
+                return
+    finally:
+        request_resources(bundles=[])
+
+
 def actor_resources(config: RunConfig) -> ActorResources:
     """One GPU per actor and one actor per GPU by default when the cluster has GPUs; on CPU
     clusters one actor by default, a fractional CPU reservation and, unless --threads says,
@@ -477,7 +505,10 @@ def actor_resources(config: RunConfig) -> ActorResources:
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus > 0)
     if gpus > 0 and not cluster_gpus:
-        raise ConfigError(f"--gpus-per-actor {gpus} but the Ray cluster has no GPUs")
+        raise ConfigError(f"--gpus-per-actor {gpus} but the Ray cluster has no GPUs" + (
+            f" (none joined in --wait-for-gpus {config.wait_for_gpus:g} s)"
+            if config.wait_for_gpus else "; if its GPU workers scale from zero or are still "
+            "starting, --wait-for-gpus SECONDS waits for them"))
     if gpus > 0:
         every_gpu = max(1, int(cluster_gpus // gpus))
         return ActorResources(gpus, config.cpus_per_actor or 1.0, None,

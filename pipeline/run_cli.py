@@ -53,6 +53,11 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
                                "(GPUs / --gpus-per-actor), or 1 without GPUs.")
 @click.option("--gpus-per-actor", type=float, help="Default 1 when the cluster has GPUs, else 0.")
 @click.option("--cpus-per-actor", type=float, help="Default 1 with GPUs, else 0.5.")
+@click.option("--wait-for-gpus", type=float, metavar="SECONDS",
+              help="With --gpus-per-actor on a cluster that has no GPU yet (GPU workers that "
+                   "scale from zero, or still starting): ask Ray's autoscaler for one actor's "
+                   "GPUs and wait up to SECONDS for them to join, instead of stopping at once. "
+                   "Default 0.")
 @click.option("--threads", type=int,
               help="torch threads of each CPU actor. Default: each node's cores shared among "
                    "its actors. On CPU the thread count changes summation order (a rare pixel "

@@ -119,18 +119,8 @@ def ray_nodes(ray_head_without_cpus, tmp_path):
     workers = []
     try:
         for number in range(2):  # one at a time: two raylets starting at once on one host hang
-            log_path = tmp_path / f"worker{number}.log"
-            with open(log_path, "wb") as log:
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-                     "--address", address, "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
-                     "--disable-usage-stats"],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            deadline = time.monotonic() + START_SECONDS
-            while b"Ray runtime started" not in log_path.read_bytes():
-                if workers[-1].poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"worker node {number} did not start: {log_path.read_text()}")
-                time.sleep(0.2)
+            workers.append(start_worker(address, env, tmp_path / f"worker{number}.log",
+                                        "--num-cpus", "1"))
         yield address, env
     finally:
         for worker in workers:
@@ -162,6 +152,66 @@ def test_a_run_on_worker_nodes_away_from_the_driver_writes_what_a_local_run_writ
     nodes, here = read_dataset(tmp_path / "nodes"), read_dataset(tmp_path / "local")
     for column in ("id", "t0", "sample", "seed", "image", "l2_to_guide"):
         assert nodes[column].to_pylist() == here[column].to_pylist(), column
+
+
+def start_worker(address: str, env: dict, log_path, *resources: str) -> subprocess.Popen:
+    """A worker node joining the cluster at `address`, once `ray start` says it runs."""
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--address",
+             address, "--node-ip-address", "127.0.0.1", "--disable-usage-stats", *resources],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_SECONDS
+    while b"Ray runtime started" not in log_path.read_bytes():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the worker node did not start: {log_path.read_text()}")
+        time.sleep(0.2)
+    return worker
+
+
+def test_a_run_waits_for_gpu_workers_that_join_after_it_starts(ray_head, tmp_path):
+    """GPU workers that scale from zero join after the driver starts: with --wait-for-gpus the
+    run asks the autoscaler and waits for them instead of refusing the cluster (it got CPU
+    actors by default, or a refusal with --gpus-per-actor). Ray is told the new node has a
+    GPU; the actor asks for it and runs on this machine's CPU."""
+    address, env = ray_head
+    names = write_images(tmp_path / "inputs", 3)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": [f"r{i}" for i in range(3)], "guide": names})
+    gpu = ["--address", address, "--gpus-per-actor", "1", "--cpus-per-actor", "0.25"]
+    refused = sdedit_run(manifest, tmp_path / "refused", *gpu, "--wait-for-gpus", "1", env=env)
+    assert refused.returncode == 1
+    assert "the Ray cluster has no GPUs (none joined in --wait-for-gpus 1 s)" in refused.stderr
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.cli import main; main()", "run",
+             str(manifest), str(tmp_path / "out"), "--model", "builtin:tiny", "--steps", "2",
+             "--batch-size", "3", "--model-batch", "3", *gpu, "--wait-for-gpus", "300"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while b"no GPU in the Ray cluster yet: asked its autoscaler for 1" not in \
+                log_path.read_bytes():
+            if waiting.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run did not wait: {log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        worker = start_worker(address, env, tmp_path / "worker.log", "--num-cpus", "1",
+                              "--num-gpus", "1")
+        assert waiting.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    text = log_path.read_text()
+    assert "GPU(s) joined after" in text
+    assert "starting 1 SDEdit actor (1 GPU, 0.25 CPU each)" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["written"], summary["this_run"]["ray"]["gpus"]) == (3, 1.0)
 
 
 def job_environment(address: str, env: dict | None = None) -> dict:

@@ -67,6 +67,7 @@ def test_toml_file_is_read(tmp_path):
     ("progress_interval", -1.0, "progress_interval must be >= 0 seconds, got -1.0"),
     ("progress_interval", float("nan"), "progress_interval must be >= 0 seconds, got nan"),
     ("wait_for_output", -5.0, "wait_for_output must be >= 0 seconds, got -5.0"),
+    ("wait_for_gpus", -1.0, "wait_for_gpus must be >= 0 seconds, got -1.0"),
     ("retry_errors", ("read", "network"), "retry_errors must name stages.*'network'"),
 ])
 def test_invalid_values_are_refused_with_the_option_name(field, value, message):

@@ -17,7 +17,7 @@ def test_run_is_registered_and_documents_its_options():
     for option in ("--t0", "--samples", "--storage-option", "--actors", "--config",
                    "--max-error-rate", "--overwrite", "--format", "--image-format",
                    "--compile", "--channels-last", "--dry-run", "--progress-interval",
-                   "--wait-for-output"):
+                   "--wait-for-output", "--wait-for-gpus"):
         assert option in result.output
 
 
