@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,7 @@ DAY_SECONDS = 24 * 3600
 # up to its first '@'
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:?#]*)"
                        r"(?P<password>:(?:[^/\s?#]*|(?!\d+/)[^@\s?#]*))?@")
-_ECHOED = 4  # secrets this long are also masked where a message repeats them outside a URI
+_ECHOED = 8  # secrets this long are also masked where a message repeats them outside a URI
 # a value ends where the URI does; a ':' right before the end is the message's, not the value's
 _SECRET_QUERY = re.compile(r"(?P<name>[?&;][^=&\s#]*(?:token|sig|secret|pass|key|credential|auth|"
                            r"session)[^=&\s#]*=)(?P<value>[^&\s#'\"]*?)(?=:?(?:[\s&#'\"]|$))",
@@ -61,13 +62,15 @@ _SECRET_QUERY = re.compile(r"(?P<name>[?&;][^=&\s#]*(?:token|sig|secret|pass|key
 def redact(text: str) -> str:
     """`text` with the credentials URIs in it may carry masked: the password of
     `scheme://user:password@` (a lone userinfo, often a token, entirely) and the values of
-    secret-looking query parameters (token, sig, X-Amz-Signature, key, ...), also where the
-    rest of the text repeats them (a store's error quoting `"key:secret@bucket"` as a bucket
-    name), so a message should name the URI it is about."""
+    secret-looking query parameters (token, sig, X-Amz-Signature, key, ...). Passwords and
+    such values of _ECHOED characters or more are also masked where the rest of the text
+    repeats them as a whole word, as written or decoded (a store's error quoting
+    `"key:secret@bucket"` as a bucket name), so a message should name the URI it is about."""
     secrets = set()
 
     def userinfo(match: re.Match) -> str:
-        secrets.add(match["password"][1:] if match["password"] is not None else match["user"])
+        if match["password"] is not None:
+            secrets.add(match["password"][1:])
         user = f"{match['user']}:***" if match["password"] is not None else "***"
         return f"{match['scheme']}{user}@"
 
@@ -76,8 +79,10 @@ def redact(text: str) -> str:
         return f"{match['name']}***"
 
     masked = _SECRET_QUERY.sub(query, _USERINFO.sub(userinfo, text))
-    for secret in sorted((s for s in secrets if len(s) >= _ECHOED), key=len, reverse=True):
-        masked = masked.replace(secret, "***")
+    echoed = {form for secret in secrets for form in (secret, unquote(secret))
+              if len(form) >= _ECHOED}
+    for secret in sorted(echoed, key=len, reverse=True):
+        masked = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", masked)
     return masked
 
 

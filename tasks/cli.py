@@ -63,14 +63,30 @@ def check_device(ctx: click.Context, param: click.Parameter, value: str | None) 
     except RuntimeError as error:
         raise click.BadParameter(f"unknown torch device {value!r}; e.g. cpu, cuda, cuda:1, "
                                  "mps") from error
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, True):
+    count = usable_devices().get(device.type)
+    if count is None:
         raise click.BadParameter(f"{value}: torch {torch.__version__} sees no {device.type} "
                                  "device on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA "
-                                 "GPU(s), numbered from 0")
+    if (device.index or 0) >= count:
+        raise click.BadParameter(f"{value}: this machine has {count} {device.type} device(s), "
+                                 "numbered from 0")
     return value
+
+
+def usable_devices() -> dict[str, int]:
+    """Device type -> how many of them torch can compute on here (xpu, hpu or meta devices
+    torch knows the names of but cannot use are absent)."""
+    import torch
+
+    found = {"cpu": 1}
+    if torch.cuda.is_available():
+        found["cuda"] = torch.cuda.device_count()
+    if torch.backends.mps.is_available():
+        found["mps"] = 1
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found["xpu"] = xpu.device_count()
+    return found
 
 
 def ray_options(command: Callable) -> Callable:

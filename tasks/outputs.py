@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from tasks.images import (
     options_for,
     read_image,
 )
-from tasks.sources import resolve
+from tasks.sources import is_remote, resolve
 
 HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
@@ -184,18 +185,23 @@ def manifest_base(folder: OutputFolder, summary: dict) -> str | None:
 def run_manifest_base(manifest: str, storage_options: dict) -> str:
     """The folder `sdedit run` resolved `manifest`'s relative paths against, decided by the
     run's own rule (`pipeline.manifest.list_parquet`: a glob's folder before its first
-    wildcard, a folder itself, a file's folder, whatever the file's name). A manifest gone
-    since the run can no longer say which it was: it is taken for the file it usually is."""
+    wildcard, a folder itself, a file's folder, whatever the file's name). A manifest this
+    command cannot list (gone since the run, or in a store out of its reach: outputs with
+    absolute guide URIs need no base) is placed by its name: a `.parquet` file's or a glob's
+    folder, else itself."""
     import fsspec
 
-    from pipeline.manifest import ManifestError, list_parquet
+    from pipeline.manifest import list_parquet
 
-    fs, path = fsspec.core.url_to_fs(manifest, **options_for(manifest, storage_options))
     try:
-        _, base = list_parquet(fs, path, manifest)
-    except ManifestError:  # nothing left to list
-        base = path.rsplit("/", 1)[0]
-    return fs.unstrip_protocol(base)
+        fs, path = fsspec.core.url_to_fs(manifest, **options_for(manifest, storage_options))
+        return fs.unstrip_protocol(list_parquet(fs, path, manifest)[1])
+    except Exception:  # noqa: BLE001 (any store's failure: the name still says where)
+        if not (manifest.endswith(".parquet") or any(char in manifest for char in "*?[")):
+            return manifest
+        if is_remote(manifest):
+            return posixpath.dirname(manifest)
+        return os.path.dirname(os.path.abspath(manifest.removeprefix("file://")))
 
 
 def resolve_guide(uri: str | None, base: str | None) -> str | None:

@@ -198,6 +198,7 @@ def test_a_device_or_seed_torch_cannot_use_is_a_usage_error(tmp_path):
     missing_gpu = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or none at all
     for option, value, says in [("--device", "foo", "unknown torch device 'foo'"),
                                 ("--device", missing_gpu, missing_gpu + ": "),
+                                ("--device", "meta", "sees no meta device"),
                                 ("--seed", str(2**64), "is not in the range")]:
         result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), option, value,
                              "--out", str(tmp_path / "o.png"))

@@ -641,6 +641,12 @@ def test_an_unreachable_model_server_stops_a_run_with_one_line(closed_port, tmp_
      'model s3://AKIAEX:***@b/m: Invalid bucket name "AKIAEX:***@b"'),  # echoed by botocore
     ("https://h/a?sig=S1GNATURE: the signature S1GNATURE does not match",
      "https://h/a?sig=***: the signature *** does not match"),
+    ("https://u:p%40ssw0rd!x@h/m: login p@ssw0rd!x refused",  # repeated decoded
+     "https://u:***@h/m: login *** refused"),
+    ("sftp://ubuntu@host/home/ubuntu/m: no /home/ubuntu/m",  # a user name is no secret
+     "sftp://***@host/home/ubuntu/m: no /home/ubuntu/m"),
+    ("https://h/m?sortkey=unet: could not copy unet/config.json",  # nor a short value
+     "https://h/m?sortkey=***: could not copy unet/config.json"),
 ])
 def test_redact_masks_what_uris_carry_as_credentials(text, shown):
     from sdedit.loading import redact

@@ -251,3 +251,19 @@ def test_relative_guides_resolve_against_the_folder_the_run_used(tmp_path, layou
     result = CliRunner().invoke(evaluate_command, [str(output), "--manifest", manifest])
     assert result.exit_code == 0, result.output
     assert json.loads((output / "evaluation.json").read_text())["outputs_scored"] == 1
+
+
+def test_a_manifest_out_of_reach_leaves_absolute_guides_scored(tmp_path, closed_port):
+    """evaluate and inspect list the run's manifest to find its folder; a store this machine
+    cannot reach (credentials, network) stopped both, though no guide needed the folder."""
+    flat(100).save(tmp_path / "guide.png")
+    manifest = f"http://127.0.0.1:{closed_port}/run/manifest.parquet"
+    output = write_output(tmp_path / "out", [{"id": "a", "t0": 0.5, "image": flat(110),
+                                              "guide": str(tmp_path / "guide.png")}],
+                          summary={"config": {"manifest": manifest}})
+    folder = OutputFolder(str(output))
+    assert manifest_base(folder, {"config": {"manifest": manifest}}) == (
+        f"http://127.0.0.1:{closed_port}/run")
+    assert evaluate(folder)["outputs_scored"] == 1
+    (row,), _ = sheet_rows(folder)
+    assert row.guide.getpixel((0, 0)) == (100, 100, 100)
