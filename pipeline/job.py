@@ -52,6 +52,7 @@ from pipeline.resume import (
     recorded,
     write_index,
 )
+from sdedit.loading import redact
 from tasks.images import options_for, storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
@@ -98,7 +99,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     run from before it is touched until the summary is written (`pipeline.lease`)."""
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
-    with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
+    with holding(config.output, config.storage_options, report, config.wait_for_output,
+                 manifest=redact(config.manifest)) as lease:
         retried, committed = open_output(config, plan, model)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(

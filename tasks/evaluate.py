@@ -157,8 +157,8 @@ def format_report(report: dict) -> str:
     if report["outputs_without_guide"]:
         lines.append(f"{report['outputs_without_guide']} outputs had no readable guide URI "
                      "(missing or unreadable; relative paths need the run's manifest, which "
-                     "summary.json names only once a run has finished: pass --manifest "
-                     "MANIFEST)")
+                     "OUTPUT names only while a run holds it or once one has finished: pass "
+                     "--manifest MANIFEST)")
     verdict = _exactness(report)
     if verdict:
         lines.append(f"guide kept exactly outside every mask: {verdict}")

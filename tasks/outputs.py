@@ -173,13 +173,22 @@ def find_value(tree: object, names: tuple[str, ...]) -> object | None:
 
 def manifest_base(folder: OutputFolder, summary: dict) -> str | None:
     """The folder relative guide/mask paths resolve against: explicit, else that of the
-    manifest the summary records (None when neither names one, e.g. before a first run ends)."""
+    manifest the summary records, else that of the run holding OUTPUT's lease (a first run
+    still writing, or killed). None when none names one (a first run stopped before its
+    summary)."""
     if folder.manifest_base:
         return folder.manifest_base
-    manifest = find_value(summary, ("manifest",))
+    manifest = find_value(summary, ("manifest",)) or _leased_manifest(folder)
     if not isinstance(manifest, str):
         return None
     return run_manifest_base(manifest, folder.storage_options)
+
+
+def _leased_manifest(folder: OutputFolder) -> str | None:
+    from pipeline.lease import read_lease
+
+    lease = read_lease(folder.uri, folder.storage_options)
+    return lease.manifest if lease and lease.manifest else None
 
 
 def run_manifest_base(manifest: str, storage_options: dict) -> str:

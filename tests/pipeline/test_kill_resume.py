@@ -18,6 +18,8 @@ from run_helpers import read_dataset, write_images, write_manifest
 from pipeline.job import RAY_PROGRESS_VARIABLE
 from pipeline.lease import LEASE, Lease, read_lease
 from pipeline.writers import commit
+from tasks.inspect import sheet_rows
+from tasks.outputs import OutputFolder
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +75,12 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
                                         env={**quiet, RAY_PROGRESS_VARIABLE: "0"})
     kill_run(first)
     assert "Total Progress" in (tmp_path / "first.log").read_text()  # Ray Data's, asked for
+    # No summary.json yet: the killed run's lease says which manifest its relative guides
+    # resolve against, so inspect shows them without --manifest (it drew "no guide").
+    assert read_lease(str(output), {}).manifest == str(manifest)
+    assert not (output / "summary.json").exists()
+    drawn, _ = sheet_rows(OutputFolder(str(output)))
+    assert drawn and all(row.guide is not None for row in drawn)
     survivors = {p.name: p.stat().st_mtime_ns for p in (output / "data").glob("part-*")}
     for shard in survivors:  # every visible shard is complete
         assert pq.read_table(output / "data" / shard).num_rows >= 1
