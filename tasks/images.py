@@ -231,10 +231,12 @@ def _error_code(error: BaseException) -> str | None:
     return detail.get("Code") if isinstance(detail, dict) else None
 
 
-# What S3-compatible stores answer when they refuse the credentials themselves (not one
-# object): every row would fail alike, so the run stops instead of writing error rows.
+# What S3-compatible stores answer when they refuse the credentials themselves or how they
+# are signed (AuthorizationHeaderMalformed: a `region` other than the bucket's), not one
+# object: every row would fail alike, so the run stops instead of writing error rows.
 REFUSED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                                 "InvalidToken", "TokenRefreshRequired", "InvalidSecurity"})
+                                 "InvalidToken", "TokenRefreshRequired", "InvalidSecurity",
+                                 "AuthorizationHeaderMalformed"})
 
 
 def _may_pass(error: Exception) -> bool | None:

@@ -240,3 +240,25 @@ def test_errors_whose_cause_carries_another_kind_of_response_are_sorted_too():
     missing = FileNotFoundError("hf://datasets/someone/images/cat.png")
     missing.__cause__ = RepositoryNotFound()
     assert _error_code(missing) is None and _may_pass(missing) is False
+
+
+def test_a_region_the_store_refuses_to_sign_for_stops_the_run_instead_of_failing_each_row():
+    """S3 answers AuthorizationHeaderMalformed when requests are signed for another region
+    than the bucket's: every row of that bucket fails alike, so it is the store's failure
+    (None), as refused credentials are, not each row's read error (False)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from tasks.images import _may_pass
+
+    def as_s3fs_raises(code: str) -> OSError:
+        answer = ClientError({"Error": {"Code": code, "Message": "the region 'us-east-1' is "
+                                        "wrong; expecting 'eu-west-1'"},
+                              "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetObject")
+        try:
+            raise translate_boto_error(answer) from answer
+        except OSError as error:
+            return error
+
+    assert _may_pass(as_s3fs_raises("AuthorizationHeaderMalformed")) is None
+    assert _may_pass(as_s3fs_raises("InvalidRequest")) is False  # one request's own fault
