@@ -110,7 +110,10 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         expected, todo = count_work(plan_columns, plan, keys)
         shared = add_shared_key_errors(config, manifest, plan_columns, plan, keys, report)
         del keys
+        note = task_note(config, plan_columns)
         del plan_columns  # O(manifest rows), and only the counts are needed while the job runs
+        if note:
+            report(note)
         report(f"{rows:,} manifest rows make {expected:,} outputs: {todo + shared:,} to do, "
                f"{expected - todo - shared:,} already in {config.output}")
         pipeline_started = time.time()
@@ -189,7 +192,8 @@ def preview(config: RunConfig) -> dict:
     keys = committed.keys
     expected, todo = count_work(plan_columns, plan, keys)
     todo += shared_key_errors(plan_columns, plan, keys)[0].num_rows
-    return {"manifest_rows": plan_columns.num_rows, "expected_outputs": expected, "todo": todo,
+    return {"manifest_rows": plan_columns.num_rows, "task_note": task_note(config, plan_columns),
+            "expected_outputs": expected, "todo": todo,
             "already_committed": expected - todo, "errors_to_retry": retried,
             "model": {"name": model.name, "digest": model.digest,
                       "resolution": model.resolution},
@@ -251,10 +255,29 @@ def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
         names.add(config.task)
     presets = {name: preset for name in names if name and (preset := _preset(name))}
     if config.task and config.task not in presets:
-        raise ConfigError(f"unknown task {config.task!r}; see `tasks.presets` for the known ones")
+        from tasks.presets import task_names
+
+        raise ConfigError(f"unknown task {config.task!r}; known tasks: {', '.join(task_names())}")
     return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
                 repeats=config.repeats, task=config.task, presets=presets,
                 duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None)
+
+
+def task_note(config: RunConfig, plan_columns: pa.Table) -> str | None:
+    """What --task does not decide: rows whose own `task` names another preset keep it (as a
+    row's `t0` list wins over --t0), e.g. every row of `sdedit manifest`'s output names one."""
+    import pyarrow.compute as pc
+
+    if not config.task or "task" not in plan_columns.column_names:
+        return None
+    tasks = plan_columns["task"]
+    own = tasks.filter(pc.and_(pc.not_equal(tasks, ""), pc.not_equal(tasks, config.task)))
+    if not len(own):
+        return None
+    counts = ", ".join(f"{row['values']}: {row['counts']:,}" for row in
+                       sorted(pc.value_counts(own).to_pylist(), key=lambda r: r["values"]))
+    return (f"--task {config.task} applies to {len(tasks) - len(own):,} of {len(tasks):,} rows; "
+            f"the others keep the task their manifest row names ({counts})")
 
 
 def _preset(name: str) -> TaskDefaults | None:

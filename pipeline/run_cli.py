@@ -27,7 +27,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
 @click.option("--steps", type=int, help="Sampler steps from t0 to 0. Default: every step.")
 @click.option("--repeats", type=int, help="SDEdit passes K. Default: the task's, else 1.")
 @click.option("--seed", type=int, help="Run seed (per-sample seeds derive from it). Default 0.")
-@click.option("--task", help="Task preset for defaults (synthesis, editing, ...).")
+@click.option("--task", help="Task preset (synthesis, editing, compositing, augmentation) "
+              "for the defaults of rows without a `task` of their own; a row's task wins.")
 @click.option("--batch-size", type=int, help="Rows per actor call. Default 32.")
 @click.option("--model-batch", type=int, help="Samples per model call (fixed). Default 8.")
 @click.option("--rows-per-shard", type=int, help="Rows per output shard. Default 256.")

@@ -80,3 +80,24 @@ def test_the_task_commands_read_storage_options_as_run_does():
                                        "=SECRETVALUE"])
     assert result.exit_code == 2 and "SECRETVALUE" not in result.output
     assert "storage option must look like KEY=VALUE" in result.output
+
+
+def test_rows_naming_their_own_task_keep_it_and_the_plan_says_so(tmp_path):
+    """`sdedit manifest` names a task in every row, so `--task synthesis` on its output changed
+    nothing and said nothing: 2 augmentation rows gave 2 x 3 t0 x 4 samples, not 2 x 3 x 1."""
+    names = write_images(tmp_path / "inputs", 3)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": ["a", "b", "c"], "guide": names,
+                               "task": ["augmentation", "augmentation", None]})
+    args = ["run", str(manifest), str(tmp_path / "out"), "--model", "builtin:tiny", "--dry-run"]
+    result = CliRunner().invoke(main, [*args, "--task", "synthesis"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["task_note"] == ("--task synthesis applies to 1 of 3 rows; the others keep the "
+                                 "task their manifest row names (augmentation: 2)")
+    assert plan["expected_outputs"] == 2 * 3 * 4 + 3  # synthesis: t0 0.4, 0.5, 0.6; 1 sample
+    assert json.loads(CliRunner().invoke(main, args).stdout)["task_note"] is None
+    result = CliRunner().invoke(main, [*args, "--task", "synthesys"])
+    assert result.exit_code == 1
+    assert result.output.endswith("unknown task 'synthesys'; known tasks: synthesis, editing, "
+                                  "compositing, augmentation\n")
