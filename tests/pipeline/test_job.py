@@ -188,7 +188,10 @@ def test_bundled_example_runs_with_task_presets(tmp_path):
     import pipeline
 
     manifest = Path(pipeline.__file__).parent / "examples" / "manifest.parquet"
-    summary = run(config(manifest, tmp_path / "out", t0=None))
+    lines = []  # every row names its task: --task decides none of them, and the run says so
+    summary = run(config(manifest, tmp_path / "out", t0=None, task="augmentation"), lines.append)
+    assert ("--task augmentation applies to 0 of 9 rows; the others keep the task their "
+            "manifest row names (editing: 1, synthesis: 8)") in lines
     table = read_dataset(tmp_path / "out")
     per_id = {i: table["id"].to_pylist().count(i) for i in set(table["id"].to_pylist())}
     emoji = {f"emoji-{code}": 3 for code in ("1f60d", "1f98a", "1f345", "1f338")}
