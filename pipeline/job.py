@@ -50,6 +50,7 @@ from pipeline.resume import (
     forget_errors,
     read_committed,
     recorded,
+    refuse_foreign_files,
     write_index,
 )
 from sdedit.loading import redact
@@ -179,6 +180,7 @@ def preview(config: RunConfig) -> dict:
     live run holds it, if any (`run` would refuse to start)."""
     _, plan_columns, plan, model = plan_job(config)
     with storage_step(f"cannot read OUTPUT {config.output}"):
+        refuse_foreign_files(config.output, config.storage_options)
         if config.overwrite:
             committed, retried = Committed(), 0
         else:  # refused as `run` would refuse it, then read as `run` would find it

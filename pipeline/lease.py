@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 from pipeline.progress import Report, quiet
-from tasks.images import StorageError, storage_step
+from tasks.images import StorageError, storage_step, with_backoff
 
 LEASE = "_run_lease.json"
 RENEW_SECONDS = 30.0
@@ -91,13 +91,15 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def read_lease(output: str, storage_options: Mapping) -> Lease | None:
-    """The lease OUTPUT holds, or None (no lease file, or one no run could have written)."""
+def read_lease(output: str, storage_options: Mapping, attempts: int = 1) -> Lease | None:
+    """The lease OUTPUT holds, or None (no lease file, or one no run could have written);
+    a store's failure that may pass is tried `attempts` times, with backoff."""
     from pipeline.resume import output_fs
 
     fs, root = output_fs(output, storage_options)
     try:
-        return Lease(**json.loads(fs.cat_file(f"{root}/{LEASE}")))
+        return Lease(**json.loads(with_backoff(lambda: fs.cat_file(f"{root}/{LEASE}"),
+                                               attempts, delay=0.5)))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError):  # not JSON, or not a lease's fields
@@ -105,8 +107,11 @@ def read_lease(output: str, storage_options: Mapping) -> Lease | None:
 
 
 def confirm_held(output: str, run: str, storage_options: Mapping) -> None:
-    """LeaseLostError unless OUTPUT's lease still names run `run` (called before each commit)."""
-    holder = read_lease(output, storage_options)
+    """LeaseLostError unless OUTPUT's lease still names run `run` (called before each commit,
+    so a store's outage is waited out as the commit's own upload waits it out)."""
+    from pipeline.writers import UPLOAD_ATTEMPTS
+
+    holder = read_lease(output, storage_options, UPLOAD_ATTEMPTS)
     if holder is None or holder.run != run:
         now = time.time()
         raise LeaseLostError(

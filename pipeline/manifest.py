@@ -33,6 +33,7 @@ KEY_DECIDING_COLUMNS = ("id", "t0", "task")  # all the driver reads to count and
 RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model",
                     "model_digest", "steps", "repeats", "l2_to_guide", "stage", "error")
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
+RUN_CONFIG = "_run_config.json"  # marks an OUTPUT folder (`pipeline.resume`)
 T0_DECIMALS = 6
 COUNT_CHUNK_ROWS = 500_000  # manifest rows whose keys the driver counts at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -173,8 +174,11 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
         files = sorted(fs.glob(path))
         base = path[: magic.start()].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        files = sorted(f for f in fs.find(path)
-                       if f.endswith(".parquet") and not _hidden(f, path))
+        found = fs.find(path)
+        outputs = tuple(f.removesuffix(RUN_CONFIG) for f in found  # `sdedit run` OUTPUTs below
+                        if f.endswith(f"/{RUN_CONFIG}") and f != f"{path.rstrip('/')}/{RUN_CONFIG}")
+        files = sorted(f for f in found if f.endswith(".parquet") and not _hidden(f, path)
+                       and not f.startswith(outputs))
         base = path
     elif fs.exists(path):
         files, base = [path], path.split("?", 1)[0].rsplit("/", 1)[0]

@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline.manifest import KEY_SCHEMA, TaskDefaults, keys_table
+from pipeline.manifest import KEY_SCHEMA, RUN_CONFIG, TaskDefaults, keys_table
 from pipeline.writers import (
     DATA_DIR,
     ERRORS_DIR,
@@ -30,13 +30,14 @@ from pipeline.writers import (
     TEMP_PREFIX,
     ParquetShardWriter,
     commit,
+    is_shard,
     webdataset_rows,
 )
 from tasks.images import options_for
 
-RUN_CONFIG = "_run_config.json"
 SUMMARY = "summary.json"
-DERIVED = ("evaluation.json", "inspect")  # `sdedit evaluate` and `sdedit inspect` by default
+EVALUATION = "evaluation.json"  # `sdedit evaluate`'s report by default
+INSPECT_DIR, INSPECT_FILES = "inspect", ("contact_sheet.png", "contact_sheet.html")  # inspect's
 INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
 READ_THREADS = 16  # shards whose keys are read at once
 SHARD = pa.field("shard", pa.dictionary(pa.int32(), pa.string()))  # file name under data/errors
@@ -103,10 +104,58 @@ def output_fs(output: str, storage_options: Mapping):
 
 
 def _visible(fs, folder: str, suffix: str) -> list[str]:
+    """The committed shards under `folder` whose names end in `suffix`."""
     if not fs.exists(folder):
         return []
     return sorted(p for p in fs.ls(folder, detail=False)
-                  if p.endswith(suffix) and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+                  if p.endswith(suffix) and is_shard(p.rsplit("/", 1)[-1]))
+
+
+class ForeignFilesError(RuntimeError):
+    """OUTPUT's data/ or errors/ holds files no run wrote."""
+
+
+def refuse_foreign_files(output: str, storage_options: Mapping) -> None:
+    """ForeignFilesError when OUTPUT's data/ or errors/ holds anything but shards and hidden
+    names (the temporary files of a cut write): a folder of the user's own files given as
+    OUTPUT. --overwrite would delete them and the shard readers cannot read them."""
+    fs, root = output_fs(output, storage_options)
+    for folder in (DATA_DIR, ERRORS_DIR):
+        path = f"{root}/{folder}"
+        if not fs.exists(path):
+            continue
+        foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
+                         if not _ours(p.rsplit("/", 1)[-1]))
+        if foreign:
+            some = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" * (len(foreign) > 5))
+            raise ForeignFilesError(
+                f"{output.rstrip('/')}/{folder}/ holds files no sdedit run wrote ({some}); a "
+                f"run keeps only its shards there (part-*.parquet or .tar). Choose another "
+                "OUTPUT: an empty or new folder, or one a run made")
+
+
+def _ours(name: str) -> bool:
+    return is_shard(name) or name.startswith(TEMP_PREFIX)
+
+
+def _remove_run(fs, root: str) -> None:
+    """Delete what runs and the report commands wrote in OUTPUT (`refuse_foreign_files` has
+    made sure that data/ and errors/ hold nothing else); other files stay."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    for folder, ours in ((DATA_DIR, _ours), (ERRORS_DIR, _ours),
+                         (INSPECT_DIR, lambda name: name in INSPECT_FILES)):
+        path = f"{root}/{folder}"
+        if not fs.exists(path):
+            continue
+        for file in fs.ls(path, detail=False):
+            if ours(file.rsplit("/", 1)[-1]):
+                fs.rm(file)
+        if isinstance(fs, LocalFileSystem) and not fs.ls(path, detail=False):
+            fs.rmdir(path)  # object stores have no folders to leave behind
+    for name in (SUMMARY, RUN_CONFIG, EVALUATION, *INDEXES.values()):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}")
 
 
 def read_committed(output: str, data_format: str, storage_options: Mapping) -> Committed:
@@ -237,13 +286,14 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     """Record this run's configuration in OUTPUT, or refuse a different recorded one (see
     `recorded` for `defaults`).
 
-    With `overwrite`, everything a previous run left (shards, errors, summary) is deleted first.
+    With `overwrite`, what a previous run left (shards, errors, summary) is deleted first, and
+    what `sdedit evaluate` and `inspect` made of the outputs replaced. An OUTPUT whose data/ or
+    errors/ holds files no run wrote is refused either way (`refuse_foreign_files`).
     """
     fs, root = output_fs(output, storage_options)
-    if overwrite:  # also what `sdedit evaluate` and `inspect` made of the outputs replaced
-        for name in (DATA_DIR, ERRORS_DIR, SUMMARY, RUN_CONFIG, *INDEXES.values(), *DERIVED):
-            if fs.exists(f"{root}/{name}"):
-                fs.rm(f"{root}/{name}", recursive=True)
+    refuse_foreign_files(output, storage_options)
+    if overwrite:
+        _remove_run(fs, root)
     elif recorded(output, record, storage_options, defaults):
         return
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),

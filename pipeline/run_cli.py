@@ -73,9 +73,9 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
                    "to expire (120 s after a killed run's last renewal) instead of stopping at "
                    "once; for retried cluster jobs. Default 0.")
 @click.option("--overwrite", is_flag=True, default=None,
-              help="Delete what OUTPUT holds (outputs, errors, summary, evaluation and inspect "
-                   "reports) and redo every output, e.g. to replace a run made with another "
-                   "configuration.")
+              help="Delete what earlier runs wrote in OUTPUT (outputs, errors, summary, "
+                   "evaluation and inspect reports; nothing else) and redo every output, e.g. "
+                   "to replace a run made with another configuration.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
 @click.option("--retry-errors", metavar="STAGES",

@@ -12,8 +12,8 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import IO, Protocol
@@ -22,6 +22,7 @@ from urllib.parse import quote
 import pyarrow as pa
 
 from pipeline.manifest import KEY_SCHEMA
+from tasks.images import with_backoff
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
 KEY_COLUMNS = tuple(KEY_SCHEMA.names)  # ("id", "t0", "sample")
@@ -33,7 +34,16 @@ DATA_TYPES = {"id": pa.string(), "t0": pa.float64(), "sample": pa.int32(), "seed
               "steps": pa.int32(), "repeats": pa.int32(), "l2_to_guide": pa.float64()}
 DATA_COLUMNS = tuple(DATA_TYPES)
 ERROR_COLUMNS = ("id", "t0", "sample", "stage", "error")
+URI_COLUMNS = ("guide", "mask")  # manifest columns of URIs, which may carry credentials
 TEMP_PREFIX = ".tmp-"
+UPLOAD_ATTEMPTS = 6  # backoff 0.5 + 1 + 2 + 4 + 8 s between them
+SHARD_NAME = re.compile(r"part-[0-9a-f]+\.(?:parquet|tar)")  # every shard writer's file names
+
+
+def is_shard(name: str) -> bool:
+    """Whether a file name under data/ or errors/ is one a shard writer gives (readers take no
+    other file there for a shard: a user's own Parquet file is not one)."""
+    return SHARD_NAME.fullmatch(name) is not None
 
 
 class ShardWriter(Protocol):
@@ -73,18 +83,11 @@ def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> 
     return fs.unstrip_protocol(path)
 
 
-def _upload(fs, path: str, payload: bytes, attempts: int = 4) -> None:
-    """One PUT per attempt (the object appears whole or not at all), with backoff."""
-    for attempt in range(attempts):
-        try:
-            fs.pipe_file(path, payload)
-            return
-        except (FileNotFoundError, PermissionError):  # no bucket, no rights: not transient
-            raise
-        except OSError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
+def _upload(fs, path: str, payload: bytes, attempts: int = UPLOAD_ATTEMPTS) -> None:
+    """One PUT per attempt (the object appears whole or not at all), with backoff through an
+    outage of the store of about half a minute (botocore retries each attempt a few times
+    too); no bucket or no rights fail at once."""
+    with_backoff(lambda: fs.pipe_file(path, payload), attempts, delay=0.5)
 
 
 class _BufferedWriter:
@@ -131,8 +134,30 @@ class WebDatasetShardWriter(_BufferedWriter):
                 image = row.pop("image")
                 key = webdataset_key(row["id"], row["t0"], row["sample"])
                 _add(tar, f"{key}.{row['image_format']}", image)
-                _add(tar, f"{key}.json", json.dumps(row, sort_keys=True, default=str).encode())
+                _add(tar, f"{key}.json", json.dumps(json_value(row), sort_keys=True,
+                                                    allow_nan=False, default=str).encode())
         return buffer.getvalue()
+
+
+def json_value(value):
+    """A pass-through value as strict JSON holds it (what any JSON reader parses, unlike
+    Python's NaN): NaN and infinities become null, binary becomes base64 text, dates and
+    times ISO 8601 text; other types JSON lacks (decimals, durations) their text."""
+    import base64
+    import datetime
+    import math
+
+    if isinstance(value, dict):
+        return {key: json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return value
 
 
 def webdataset_key(row_id: str, t0: float, sample: int) -> str:
@@ -183,10 +208,22 @@ WRITERS: dict[str, type[_BufferedWriter]] = {
 
 
 def data_rows(table: pa.Table) -> pa.Table:
-    """Output columns first, then pass-through columns; working columns dropped."""
+    """Output columns first, then pass-through columns; working columns dropped. The guide and
+    mask URIs keep no credentials (a password, a signed URL's signature): they are masked as
+    in every message, so that the dataset can be shared. `sdedit inspect` and `evaluate` then
+    cannot read those guides (a signed URL expires anyway)."""
+    from sdedit.loading import redact
+
     passthrough = [c for c in table.column_names
                    if c not in DATA_COLUMNS and not c.startswith("_sd_")]
-    return table.select([*DATA_COLUMNS, *passthrough])
+    table = table.select([*DATA_COLUMNS, *passthrough])
+    for name in URI_COLUMNS:
+        if name in table.column_names:
+            uris = table[name]
+            masked = pa.array([None if uri is None else redact(uri) for uri in uris.to_pylist()],
+                              uris.type)
+            table = table.set_column(table.column_names.index(name), name, masked)
+    return table
 
 
 def error_rows(table: pa.Table) -> pa.Table:

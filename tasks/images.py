@@ -29,14 +29,15 @@ import io
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from PIL import Image
 
 Stage = str  # "read" | "decode" | "validate"
+T = TypeVar("T")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
 READ_ATTEMPTS = 4
@@ -77,6 +78,40 @@ def storage_step(failure: str) -> Iterator[None]:
             raise
         hint = " (a --storage-option this file system does not take?)" if option else ""
         raise StorageError(f"{failure}: {type(cause).__name__}: {cause}{hint}") from error
+
+
+# The exception types of a store that did not answer at all (refused or dropped connections,
+# timeouts), by (top-level module, class name) along an error's class hierarchy: botocore's own
+# ConnectionError (EndpointConnectionError...) is no OSError, unlike Python's.
+OUTAGES = frozenset({("botocore", "ConnectionError"), ("aiohttp", "ClientConnectionError"),
+                     ("builtins", "ConnectionError"), ("builtins", "TimeoutError")})
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the store could not be reached (this time): worth another try."""
+    return any((kind.__module__.split(".")[0], kind.__name__) in OUTAGES
+               for kind in type(error).__mro__)
+
+
+def store_may_pass(error: BaseException) -> bool:
+    """Whether a store's failure to list, write or read a file of OUTPUT may pass when tried
+    again: an outage or another I/O error, not a missing file or refused permission."""
+    return is_outage(error) or (isinstance(error, OSError) and not isinstance(
+        error, FileNotFoundError | PermissionError))
+
+
+def with_backoff(call: Callable[[], T], attempts: int, delay: float,
+                 may_pass: Callable[[Exception], bool] = store_may_pass) -> T:
+    """`call()`, tried again after `delay`, 2 `delay`, 4 `delay`... seconds while what it
+    raises `may_pass`; the last attempt's error is raised as it is."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == attempts - 1 or not may_pass(error):
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _option_refused(cause: BaseException, error: BaseException) -> bool:
@@ -162,9 +197,10 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
             data = _first_bytes(fs, path, max_bytes + 1)
         except Exception as error:  # noqa: BLE001 (sorted by _may_pass; the rest re-raised)
             may_pass = _may_pass(error)
-            if may_pass is None:
-                raise
-            if not may_pass:
+            if may_pass is None:  # the store's: an outage is tried again, then stops the run
+                if not is_outage(error) or attempt == attempts - 1:
+                    raise
+            elif not may_pass:
                 raise InputError("read", f"cannot read {uri}: {_reason(error, fs)}") from error
             last = error
         else:

@@ -398,3 +398,21 @@ def test_relative_uris_resolve_their_dot_segments_on_object_stores_only():
     assert resolve_uri("../g.png", "file:///data/m") == "file:///data/m/../g.png"
     assert resolve_uri("../g.png", "/data/m") == "/data/m/../g.png"
     assert resolve_uri("g.png", "s3://b/m/") == "s3://b/m/g.png"
+
+
+def test_a_folder_manifest_leaves_out_the_run_outputs_inside_it(tmp_path):
+    """`sdedit run gout gout/edits`: the first run worked, then every rerun read its own shards
+    under gout/edits/data/ as manifest files and stopped on their output columns."""
+    from pipeline.resume import claim_output
+    from pipeline.writers import WRITERS
+
+    write_manifest(tmp_path / "gout" / "manifest.parquet", {"id": ["a"], "guide": ["a.png"]})
+    edits = tmp_path / "gout" / "edits"
+    claim_output(str(edits), {"steps": 2}, False, {})
+    writer = WRITERS["parquet"](str(edits / "data"), {})
+    writer.write(pa.table({"id": ["a"], "t0": [0.5], "sample": [0], "image": [b"png"]}))
+    writer.close()
+    manifest = find_files(str(tmp_path / "gout"), {})
+    assert manifest.files == (f"file://{tmp_path}/gout/manifest.parquet",)
+    write_manifest(tmp_path / "gout" / "more" / "m.parquet", {"id": ["b"], "guide": ["b.png"]})
+    assert len(find_files(str(tmp_path / "gout"), {}).files) == 2  # a folder that is no OUTPUT

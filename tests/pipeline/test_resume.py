@@ -11,6 +11,7 @@ import pytest
 from pipeline.manifest import TaskDefaults
 from pipeline.resume import (
     ConfigMismatchError,
+    ForeignFilesError,
     claim_output,
     clean_temporaries,
     forget_errors,
@@ -157,3 +158,36 @@ def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path)
     with pytest.raises(ConfigMismatchError, match=r"t0: \[0.4, 0.8\] -> \[0.4, 0.7\]"):
         claim_output(str(tmp_path), {**record, "t0": [0.4, 0.7]}, overwrite=False,
                      storage_options={})
+
+
+def test_an_output_folder_of_the_users_own_files_is_refused_and_overwrite_deletes_none(tmp_path):
+    """`sdedit run proj/data/manifest.parquet proj --overwrite` deleted proj/data (the manifest,
+    its guides, a README) recursively, then failed on the manifest it had deleted; without
+    --overwrite, every run failed with Arrow's "No match for FieldRef.Name(t0)"."""
+    (tmp_path / DATA_DIR).mkdir()
+    for name in ("manifest.parquet", "guide.png", "README.txt"):
+        (tmp_path / DATA_DIR / name).write_bytes(b"the user's")
+    record = {"model": "builtin:tiny", "steps": 2}
+    for overwrite in (True, False):
+        with pytest.raises(ForeignFilesError) as error:
+            claim_output(str(tmp_path), record, overwrite, {})
+        assert str(error.value) == (
+            f"{tmp_path}/data/ holds files no sdedit run wrote (README.txt, guide.png, "
+            "manifest.parquet); a run keeps only its shards there (part-*.parquet or .tar). "
+            "Choose another OUTPUT: an empty or new folder, or one a run made")
+    assert sorted(p.name for p in (tmp_path / DATA_DIR).iterdir()) == [
+        "README.txt", "guide.png", "manifest.parquet"]
+    assert not (tmp_path / "_run_config.json").exists()
+    assert read_committed(str(tmp_path), "parquet", {}).data_rows == 0  # not read as shards
+
+
+def test_overwrite_deletes_only_what_runs_and_reports_wrote(tmp_path):
+    commit_errors(tmp_path, [("a", 0.5, 0, "read")])
+    claim_output(str(tmp_path), {"steps": 2}, False, {})
+    (tmp_path / "inspect").mkdir()
+    for name in ("inspect/contact_sheet.png", "inspect/notes.txt", "evaluation.json",
+                 "errors/.tmp-part-1.parquet.ab", "labels.csv"):
+        (tmp_path / name).write_bytes(b"x")
+    claim_output(str(tmp_path), {"steps": 3}, True, {})
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "_run_config.json", "inspect", "inspect/notes.txt", "labels.csv"]

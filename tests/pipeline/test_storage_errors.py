@@ -4,7 +4,11 @@ by the runs here, not by the module-wide `ray_local` runtime, so workers see thi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
 
 import pytest
 from run_helpers import write_manifest
@@ -152,3 +156,74 @@ def test_a_keyword_typo_in_the_projects_own_code_is_not_taken_for_a_storage_opti
     with (pytest.raises(TypeError, match="unexpected keyword argument 'compresion'"),
           storage_step("cannot write OUTPUT")):
         write_shard(compresion="zstd")
+
+
+def _forward_later(port: int, target: int, after: float) -> threading.Thread:
+    """From `after` seconds on, forward loopback `port` to `target` (the store comes back)."""
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        time.sleep(after)
+        listener = socket.create_server(("127.0.0.1", port))
+        while True:
+            client, _ = listener.accept()
+            server = socket.create_connection(("127.0.0.1", target))
+            for pair in ((client, server), (server, client)):
+                threading.Thread(target=pump, args=pair, daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_outage_of_the_store_is_waited_out_by_commits_lease_reads_and_guide_reads(
+        s3_server, closed_port, monkeypatch, signed_out):
+    """botocore's EndpointConnectionError is no OSError: a commit gave up at its first
+    attempt, and the lease read before each commit and a guide's read had no retry at all, so
+    a store down for a few seconds stopped the whole run (botocore's own retries off here)."""
+    from urllib.parse import urlsplit
+
+    import s3fs
+
+    from pipeline.lease import Lease, _write, confirm_held
+    from pipeline.writers import commit
+    from tasks.images import read_bytes
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    bucket = s3_server.new_bucket()
+    target = urlsplit(s3_server.endpoint_url).port
+    down = {"endpoint_url": f"http://127.0.0.1:{closed_port}"}
+    store = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url)
+    lease = Lease("run1", "host", 1, 0.0, 0.0)
+    _write(f"{bucket}/out", lease, s3_server.storage_options)
+    store.pipe_file(f"{bucket}/guide.png", b"guide bytes")
+
+    _forward_later(closed_port, target, after=2.0)
+    started = time.monotonic()
+    confirm_held(f"{bucket}/out", "run1", down)  # waits for the store, then finds its lease
+    commit(f"{bucket}/out/data", "part-0a.parquet", b"shard", down)
+    assert time.monotonic() - started >= 2.0
+    assert store.cat_file(f"{bucket}/out/data/part-0a.parquet") == b"shard"
+    assert read_bytes(f"{bucket}/guide.png", down) == b"guide bytes"  # up again by now
+
+
+def test_a_guide_read_waits_out_a_short_outage(s3_server, closed_port, monkeypatch, signed_out):
+    from urllib.parse import urlsplit
+
+    import s3fs
+
+    from tasks.images import read_bytes
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    bucket = s3_server.new_bucket()
+    s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url).pipe_file(f"{bucket}/g.png", b"g")
+    _forward_later(closed_port, urlsplit(s3_server.endpoint_url).port, after=0.5)
+    started = time.monotonic()
+    assert read_bytes(f"{bucket}/g.png", {"endpoint_url": f"http://127.0.0.1:{closed_port}"}
+                      ) == b"g"
+    assert time.monotonic() - started >= 0.5

@@ -7,8 +7,10 @@ import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.writers import (
+    DATA_TYPES,
     WRITERS,
     commit,
     error_rows,
@@ -103,3 +105,44 @@ def test_error_rows_mask_the_credentials_of_the_uris_they_name():
         "cannot read https://h/a.png?X-Amz-Credential=***&X-Amz-Signature=***: HTTP 403 Forbidden",
         "cannot read http://alice:***@h/b.png: HTTP 404 Not Found",
         "s3://bucket/c.png is not an image"]
+
+
+def test_webdataset_json_is_strict_json_and_keeps_binary_and_time_values(tmp_path):
+    """Pass-through values JSON lacks were written as Python's text: NaN (which JSON readers
+    other than Python's refuse), bytes as their repr b'\\x00\\xff' (the bytes lost)."""
+    import base64
+    import datetime
+
+    table = rows(["a"])
+    for name, values, kind in (
+            ("blob", [b"\x00\xff"], None), ("score", [float("nan")], None),
+            ("when", [datetime.datetime(2024, 1, 2, 3, 4, 5)], pa.timestamp("us")),
+            ("scores", [[1.5, float("inf")]], None), ("day", [datetime.date(2024, 1, 2)], None)):
+        table = table.append_column(name, pa.array(values, kind))
+    writer = WRITERS["webdataset"](str(tmp_path), {})
+    writer.write(table)
+    with tarfile.open(writer.close().removeprefix("file://")) as tar:
+        text = tar.extractfile("a-t0500000-s0000.json").read().decode()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert base64.b64decode(record["blob"]) == b"\x00\xff"
+    assert (record["score"], record["scores"]) == (None, [1.5, None])
+    assert (record["when"], record["day"]) == ("2024-01-02T03:04:05", "2024-01-02")
+
+
+def test_guide_and_mask_uris_reach_the_outputs_without_their_credentials():
+    """A guide's password or signed URL's signature was written verbatim into OUTPUT/data,
+    though every message and record masked it."""
+    from pipeline.writers import DATA_COLUMNS, data_rows
+
+    table = pa.table({name: pa.array([None, None], DATA_TYPES[name]) for name in DATA_COLUMNS})
+    table = table.append_column("guide", pa.array([
+        "http://alice:TopSecretPw999@h/ok.png?token=TokSecret777", "guides/a.png"]))
+    table = table.append_column("mask", pa.array(
+        ["https://h/m.png?X-Amz-Credential=AKIA1&X-Amz-Signature=SigSecret555", None]))
+    table = table.append_column("caption", pa.array(["token=kept", "as is"]))
+    written = data_rows(table.append_column("_sd_stage", pa.array([None, None], pa.string())))
+    assert written["guide"].to_pylist() == ["http://alice:***@h/ok.png?token=***", "guides/a.png"]
+    assert written["mask"].to_pylist() == [
+        "https://h/m.png?X-Amz-Credential=***&X-Amz-Signature=***", None]
+    assert written["caption"].to_pylist() == ["token=kept", "as is"]  # not a URI column
+    assert written.column_names == [*DATA_COLUMNS, "guide", "mask", "caption"]
