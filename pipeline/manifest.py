@@ -107,7 +107,11 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     schemas = []
     for file in files:
         with fs.open(file, "rb") as stream:
-            schema = pq.ParquetFile(stream).schema_arrow
+            try:
+                schema = pq.ParquetFile(stream).schema_arrow
+            except pa.ArrowInvalid as error:  # empty, cut short, or no Parquet file at all
+                raise ManifestError(f"manifest file {fs.unstrip_protocol(file)} is not a "
+                                    f"readable Parquet file: {error}") from error
         check_columns(schema, fs.unstrip_protocol(file))
         schemas.append(schema)
     names = [fs.unstrip_protocol(f) for f in files]
@@ -171,8 +175,8 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     http = uri.split("://", 1)[0].lower() in ("http", "https")
     # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
     if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):
-        files = sorted(fs.glob(path))
         base = path[: magic.start()].rsplit("/", 1)[0]
+        files = sorted(f for f in fs.glob(path) if not _hidden(f, base))  # as a folder's
     elif fs.isdir(path):
         found = fs.find(path)
         outputs = tuple(f.removesuffix(RUN_CONFIG) for f in found  # `sdedit run` OUTPUTs below
@@ -197,16 +201,53 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith((".", "_")) for part in below.split("/"))
 
 
+def clashing_columns(names: Sequence[str]) -> list[str]:
+    """The columns of `names` named as the outputs or the pipeline's working columns are,
+    which a manifest cannot pass through."""
+    return [name for name in names if name in RESERVED_COLUMNS or name.startswith(INTERNAL)]
+
+
+def _texts(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def _numbers(kind: pa.DataType) -> bool:
+    return (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and not pa.types.is_float16(
+        kind) or pa.types.is_null(kind)
+
+
+def _lists(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind))
+
+
+# What each column the pipeline reads must be (Arrow types), and how the message says it.
+COLUMN_TYPES = {
+    "id": (lambda kind: _texts(kind) or pa.types.is_integer(kind), "strings (or integers)"),
+    "guide": (_texts, "URI strings"),
+    "mask": (_texts, "URI strings"),
+    "task": (_texts, "strings"),
+    "t0": (lambda kind: _numbers(kind) or _lists(kind) and _numbers(kind.value_type),
+           "numbers or lists of numbers"),
+    "seed": (_numbers, "integers (or floats holding whole numbers)"),
+}
+
+
 def check_columns(schema: pa.Schema, where: str) -> None:
-    """Stop with one message listing every missing required or clashing column."""
+    """Stop with one message listing every missing required, clashing or mistyped column (a
+    guide column of binary, as Spark writes strings without their UTF-8 mark, failed deep in
+    the run with a traceback)."""
     problems = []
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
         problems.append(f"missing required column(s): {', '.join(missing)}")
-    clashing = [n for n in schema.names if n in RESERVED_COLUMNS or n.startswith(INTERNAL)]
+    clashing = clashing_columns(schema.names)
     if clashing:
         problems.append(f"column(s) named like output columns: {', '.join(clashing)} "
                         "(rename them)")
+    for name, (accepts, expected) in COLUMN_TYPES.items():
+        if name in schema.names and not accepts(kind := schema.field(name).type):
+            problems.append(f"column {name!r} is {kind}; expected {expected} (cast it)")
     if problems:
         raise ManifestError(f"manifest {where}: " + "; ".join(problems) +
                             f". Expected columns: {', '.join(REQUIRED_COLUMNS)} and optionally "
@@ -237,15 +278,23 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """Manifest columns in the types expansion expects: ids as strings, t0 as lists."""
+    """Manifest columns in the types expansion expects (`check_columns` has checked them):
+    ids as strings, t0 as lists of float64 (from single numbers, large or fixed-size lists:
+    Polars writes large lists)."""
     if table.schema.field("id").type != pa.string():
-        table = table.set_column(table.schema.get_field_index("id"), "id",
-                                 table["id"].cast(pa.string()))
-    if "t0" in table.column_names and not pa.types.is_list(table.schema.field("t0").type):
-        values = [None if v is None else [v] for v in table["t0"].to_pylist()]
-        table = table.set_column(table.schema.get_field_index("t0"), "t0",
-                                 pa.array(values, pa.list_(pa.float64())))
+        table = _replace(table, "id", table["id"].cast(pa.string()))
+    if "t0" in table.column_names:
+        kind = table.schema.field("t0").type
+        if not _lists(kind):
+            values = [None if v is None else [v] for v in table["t0"].to_pylist()]
+            table = _replace(table, "t0", pa.array(values, pa.list_(pa.float64())))
+        elif kind != pa.list_(pa.float64()):
+            table = _replace(table, "t0", table["t0"].cast(pa.list_(pa.float64())))
     return table
+
+
+def _replace(table: pa.Table, name: str, column) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, column)
 
 
 def duplicate_ids(ids: pa.ChunkedArray) -> frozenset[str]:
@@ -270,8 +319,20 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
         if error and row.get("guide"):
             error = f"{error} (guide {redact(str(row['guide']))})"  # which row, beside the id
         for sample in range(samples):
-            seed = stable_seed(plan.seed, row.get("seed"), row_id, key_t0, sample)
+            seed = stable_seed(plan.seed, row_seed(row.get("seed")), row_id, key_t0, sample)
             yield Work((row_id, key_t0, sample), seed, repeats, error)
+
+
+def row_seed(value: object) -> object:
+    """A row's seed as its value, not its column's type: a float column (pandas stores
+    integers with a missing value so) gave other seeds than the same integers, 5.0 not being
+    5; NaN is a missing seed."""
+    if isinstance(value, float):
+        if value != value:
+            return None
+        if value.is_integer():
+            return int(value)
+    return value
 
 
 def key_table(plan_columns: pa.Table, plan: Plan) -> pa.Table:

@@ -352,9 +352,16 @@ def test_manifest_files_whose_types_do_not_widen_without_loss_are_refused_by_nam
         f"file://{tmp_path}/floats.parquet; its files must agree on each column's type (or "
         "differ only by widening without loss, e.g. float32 to float64)")
     (tmp_path / "floats.parquet").unlink()
+    pq.write_table(pa.table({"id": ["b"], "guide": ["b.png"], "seed": pa.array([1]),
+                             "label": pa.array(["x"])}), tmp_path / "text.parquet")
+    pq.write_table(pa.table({"id": ["c"], "guide": ["c.png"], "seed": pa.array([2]),
+                             "label": pa.array([[1]])}), tmp_path / "lists.parquet")
+    with pytest.raises(ManifestError, match="do not agree on their columns' types: .*label"):
+        find_files(str(tmp_path), {})
+    (tmp_path / "lists.parquet").unlink()
     pq.write_table(pa.table({"id": ["b"], "guide": ["b.png"], "seed": pa.array(["x"])}),
-                   tmp_path / "text.parquet")
-    with pytest.raises(ManifestError, match="do not agree on their columns' types: .*seed"):
+                   tmp_path / "text.parquet")  # a seed no file could use: named by its type
+    with pytest.raises(ManifestError, match="column 'seed' is string; expected integers"):
         find_files(str(tmp_path), {})
 
 
@@ -416,3 +423,57 @@ def test_a_folder_manifest_leaves_out_the_run_outputs_inside_it(tmp_path):
     assert manifest.files == (f"file://{tmp_path}/gout/manifest.parquet",)
     write_manifest(tmp_path / "gout" / "more" / "m.parquet", {"id": ["b"], "guide": ["b.png"]})
     assert len(find_files(str(tmp_path / "gout"), {}).files) == 2  # a folder that is no OUTPUT
+
+
+def test_columns_of_the_wrong_type_stop_the_run_before_any_work_naming_each():
+    """A binary guide (Spark's strings without their UTF-8 mark) crashed the run mid-way
+    with a traceback; a string t0 or a binary id stopped it with a line naming nothing."""
+    schema = pa.schema([("id", pa.binary()), ("guide", pa.binary()), ("mask", pa.int64()),
+                        ("t0", pa.list_(pa.string())), ("seed", pa.bool_()),
+                        ("task", pa.string())])
+    with pytest.raises(ManifestError) as error:
+        check_columns(schema, "s3://b/m.parquet")
+    assert str(error.value).startswith(
+        "manifest s3://b/m.parquet: column 'id' is binary; expected strings (or integers) (cast "
+        "it); column 'guide' is binary; expected URI strings (cast it); column 'mask' is int64; "
+        "expected URI strings (cast it); column 't0' is list<item: string>; expected numbers or "
+        "lists of numbers (cast it); column 'seed' is bool; expected integers (or floats "
+        "holding whole numbers) (cast it). Expected columns:")
+    check_columns(pa.schema([("id", pa.int64()), ("guide", pa.large_string()),
+                             ("t0", pa.float32()), ("seed", pa.float64()),
+                             ("mask", pa.null())]), "m")  # all usable as they are
+
+
+@pytest.mark.parametrize("kind", [pa.large_list(pa.float32()), pa.list_(pa.float64(), 2),
+                                  pa.list_(pa.int64())])
+def test_t0_lists_of_any_list_type_expand_alike(kind):
+    """Polars writes large lists; `Could not convert [0.3, 0.5] with type list` stopped it."""
+    plan = Plan(base="/d", seed=0, t0=(0.5,))
+    values = [[1, 1]] if pa.types.is_integer(kind.value_type) else [[0.3, 0.5]]
+    table = pa.table({"id": ["a"], "guide": ["a.png"], "t0": pa.array(values, kind)})
+    out = expand_table(table, plan, committed=keys_table([]))
+    assert out["t0"].to_pylist() == ([1.0] if values == [[1, 1]] else [0.3, 0.5])
+
+
+def test_a_float_seed_column_gives_the_seeds_of_the_same_integers():
+    """pandas stores integer seeds with a missing value as floats: 5.0 seeded otherwise than 5
+    (the outputs then changed with how the manifest was written), NaN otherwise than null."""
+    plan = Plan(base="/d", seed=3, t0=(0.5,))
+    integers = pa.table({"id": ["a", "b"], "guide": ["a.png", "b.png"],
+                         "seed": pa.array([5, None], pa.int64())})
+    floats = integers.set_column(2, "seed", pa.array([5.0, float("nan")]))
+    seeds = [expand_table(t, plan, committed=keys_table([]))["seed"].to_pylist()
+             for t in (integers, floats)]
+    assert seeds[0] == seeds[1] == [stable_seed(3, 5, "a", 0.5, 0),
+                                    stable_seed(3, None, "b", 0.5, 0)]
+
+
+def test_a_glob_skips_hidden_files_and_an_unreadable_manifest_file_is_named(tmp_path):
+    write_manifest(tmp_path / "m" / "part-0.parquet", {"id": ["a"], "guide": ["a.png"]})
+    (tmp_path / "m" / "_SUCCESS").write_bytes(b"")  # Spark's marker, empty
+    assert len(find_files(str(tmp_path / "m" / "*"), {}).files) == 1  # was "size is 0 bytes"
+    (tmp_path / "m" / "part-1.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError) as error:
+        find_files(str(tmp_path / "m" / "*"), {})
+    assert str(error.value).startswith(f"manifest file file://{tmp_path}/m/part-1.parquet is not "
+                                       "a readable Parquet file: Parquet magic bytes not found")
