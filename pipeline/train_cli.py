@@ -26,7 +26,6 @@ from tasks.images import (
 )
 from tasks.sources import is_remote, local_path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MANIFEST_COLUMNS = ("image", "guide")
 # files that make a folder a model: a fresh run there would overwrite them
 MODEL_FILE_PATTERNS = ("config.json", "model_index.json", "*.safetensors", "*.bin")
@@ -51,10 +50,12 @@ def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
     else:
         raise click.BadParameter(f"{source} is neither a folder, a glob nor a .parquet manifest",
                                  param_hint="IMAGES")
-    uris = sorted(protocol + path for path in found if path.lower().endswith(IMAGE_SUFFIXES))
+    from tasks.sources import image_suffixes  # as `sdedit manifest` and `guides` list images
+
+    uris = sorted(protocol + path for path in found if path.lower().endswith(image_suffixes()))
     if not uris:
-        raise click.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}",
-                                 param_hint="IMAGES")
+        raise click.BadParameter(f"no images (files with a suffix Pillow opens, such as .png, "
+                                 f".jpg, .webp or .tif) under {source}", param_hint="IMAGES")
     return uris
 
 

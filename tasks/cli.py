@@ -165,7 +165,8 @@ def guides() -> None:
     """Build guides, masks and a ready-to-run manifest from real images (Ray Data jobs).
 
     SOURCE is a folder, a glob or a manifest (.parquet) of images on any fsspec URI; OUTPUT
-    receives guides/, masks/ and manifest.parquet (paths relative to OUTPUT).
+    receives guides/, masks/ and manifest.parquet (guide and mask paths relative to OUTPUT,
+    sources absolute).
     """
 
 

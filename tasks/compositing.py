@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.presets import Preset
-from tasks.regions import Box, box_mask, random_box
+from tasks.regions import Box, box_mask, centre_square, random_box, random_place
 
 PRESET = Preset(
     name="compositing",
@@ -35,8 +35,9 @@ def composite_guide(
     """(guide, mask): `box` of `foreground` pasted onto `background` with its top-left at `at`.
 
     The foreground is first resized to the background's size so boxes share one coordinate
-    frame. `box` defaults to one drawn from `seed`; `at` defaults to a seeded random place.
-    The mask is white (synthesize) exactly over the pasted pixels.
+    frame. `box` defaults to one drawn from `seed`; `at` defaults to a seeded random place
+    inside the background's `centre_square` (`sdedit run` keeps no more), or anywhere for a
+    box larger than that square. The mask is white (synthesize) exactly over the pasted pixels.
     """
     background = background.convert("RGB")
     width, height = background.size
@@ -47,7 +48,9 @@ def composite_guide(
         raise ValueError(f"box {box.as_tuple()} does not fit a {width}x{height} image")
     box_w, box_h = box.size
     if at is None:
-        at = (int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1)))
+        square = centre_square(width, height)
+        fits = square.size[0] >= box_w and square.size[1] >= box_h
+        at = random_place(box.size, square if fits else Box(0, 0, width, height), rng)
     target = Box(at[0], at[1], at[0] + box_w, at[1] + box_h)
     if not target.fits(width, height):
         raise ValueError(f"pasting {box_w}x{box_h} at {at} leaves the {width}x{height} image")

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.presets import Preset
-from tasks.regions import Box, binary_mask, box_mask, random_box
+from tasks.regions import THRESHOLD, Box, binary_mask, box_mask, random_box
 from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 PRESET = Preset(
@@ -57,7 +57,9 @@ def region_mask(
     min_fraction: float,
     max_fraction: float,
 ) -> Image.Image:
-    """The binary mask of `region` for an image of `size` (a drawn box when region is None)."""
+    """The binary mask of `region` for an image of `size` (a drawn box when region is None).
+
+    A mask image with no pixel to synthesize is an error: its guide would edit nothing."""
     width, height = size
     if isinstance(region, Image.Image):
         if region.size != size:
@@ -65,7 +67,11 @@ def region_mask(
                 f"mask is {region.size[0]}x{region.size[1]}, image is "
                 f"{width}x{height}; they must match"
             )
-        return binary_mask(region)
+        mask = binary_mask(region)
+        if not mask.getbbox():
+            raise ValueError(f"the mask has no pixel above {THRESHOLD} (white = synthesize; "
+                             f"0-{THRESHOLD} keep), so the edit would change nothing")
+        return mask
     box = region or random_box(width, height, rng, min_fraction, max_fraction)
     if not box.fits(width, height):
         raise ValueError(f"box {box.as_tuple()} does not fit a {width}x{height} image")

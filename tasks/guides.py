@@ -4,7 +4,8 @@ Each builder is a pure per-image function `(images, options, seed) -> (guide, ma
 `build_guides` runs one over every source row as a Ray Data job: workers read the images,
 build and write `OUTPUT/guides/<id>.png` (and `OUTPUT/masks/<id>.png`); the driver then
 writes `OUTPUT/manifest.parquet` (last, so its presence means the guides are complete) with
-`id`, `guide`, `mask`, `task`, `source` and the pass-through columns, paths relative to OUTPUT.
+`id`, `guide`, `mask`, `task`, `source` and the pass-through columns: guide and mask paths
+relative to OUTPUT, sources (and foregrounds) as absolute paths or full URIs.
 Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped; so is a
 row whose id cannot name its files (null, unsafe, too long, or on several rows), which is
 never built. Every file appears whole (`pipeline.writers.commit`), and a rerun that builds
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 from PIL import Image
 
 from tasks.compositing import composite_guide
@@ -267,21 +267,31 @@ def _failed(row: dict, problem: str, task: GuideTask) -> dict:
 
 
 def draw_foregrounds(rows: list[dict], seed: int) -> list[dict]:
-    """Give each row without a `foreground` another row's source, drawn per row from `seed`
-    among the rows that have one (a row without an image is its own error, no partner)."""
+    """Give each row without a `foreground` another row's source: the next row with an image
+    on a ring ordered by `ring_place` (consistent hashing). A row's partner so depends on its
+    own place and its neighbour's, not on where it stands among the rows: adding or removing
+    a row changes the partner (and guide) of one other row only, the one before it on the
+    ring, so a rerun of `sdedit run`, which keeps what it committed, keeps at most that
+    row's outputs of an old guide. A row without an image is its own error, no partner."""
     if len(rows) < 2 and not all(row.get("foreground") for row in rows):
         raise ValueError("compositing needs at least two images, or a 'foreground' column")
-    with_image = [position for position, row in enumerate(rows) if row.get("source")]
-    place = {position: index for index, position in enumerate(with_image)}
+    ring = sorted((ring_place(seed, row["id"]), position)
+                  for position, row in enumerate(rows) if row.get("source"))
+    after = {position: ring[(index + 1) % len(ring)][1]
+             for index, (_, position) in enumerate(ring)}
     paired = []
     for position, row in enumerate(rows):
-        if not row.get("foreground") and position in place and len(with_image) > 1:
-            rng = np.random.default_rng(image_seed(seed, row["id"]))
-            other = int(rng.integers(0, len(with_image) - 1))
-            other += other >= place[position]  # skip the row itself
-            row = {**row, "foreground": rows[with_image[other]]["source"]}
+        if not row.get("foreground") and position in after and len(ring) > 1:
+            row = {**row, "foreground": rows[after[position]]["source"]}
         paired.append(row)
     return paired
+
+
+def ring_place(seed: int, row_id: str | None) -> int:
+    """A row's place on the ring of compositing partners, from the run seed and its id."""
+    from sdedit.seeds import stable_seed
+
+    return stable_seed("foreground", seed, row_id)
 
 
 def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:

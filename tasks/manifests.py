@@ -16,6 +16,9 @@ from pathlib import PurePosixPath
 from tasks.presets import get_preset
 from tasks.sources import folder_rows, is_remote, list_images, local_path, relative_to
 
+# what `sdedit manifest` says of .parquet files found where images were expected
+NOT_A_MANIFEST = "`sdedit manifest` takes a folder or glob of images, not a manifest"
+
 
 def match_masks(rows: list[dict], masks: str, storage_options: dict | None = None) -> None:
     """Set each row's `mask` to the image under `masks` with the same relative stem.
@@ -52,9 +55,9 @@ def manifest_records(
     """
     preset = get_preset(task)
     inside = (masks,) if masks else ()  # masks kept under the images' folder are not images
-    rows = folder_rows(location, storage_options, inside)
-    if masks:
-        relatives = dict(list_images(location, storage_options, inside))
+    rows = folder_rows(location, storage_options, inside, NOT_A_MANIFEST)
+    if masks:  # the same listing again: its notes are said already
+        relatives = dict(list_images(location, storage_options, inside, note=None))
         for row in rows:
             row["_relative"] = relatives[row["source"]]
         match_masks(rows, masks, storage_options)

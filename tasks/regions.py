@@ -12,6 +12,7 @@ from PIL import Image
 
 SYNTHESIZE = 255
 KEEP = 0
+THRESHOLD = 127  # a mask's grey levels above it synthesize, the others keep
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,14 @@ class Box:
         return cls(*(int(part) for part in parts))
 
 
+def centre_square(width: int, height: int) -> Box:
+    """The centred min(width, height) square of an image: all of a guide that `sdedit run`
+    keeps, as it centre-crops guides to a square (`tasks.images.fit`), to the pixel."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return Box(left, top, left + side, top + side)
+
+
 def random_box(
     width: int,
     height: int,
@@ -56,16 +65,25 @@ def random_box(
     min_fraction: float = 0.25,
     max_fraction: float = 0.5,
 ) -> Box:
-    """A box whose sides are min..max_fraction of the image's sides, at a random place."""
+    """A box inside the image's `centre_square`, its sides min..max_fraction of the square's
+    side, at a random place: a region outside it would be cropped away by `sdedit run`."""
     if not 0.0 < min_fraction <= max_fraction <= 1.0:
         raise ValueError(
             f"need 0 < min_fraction <= max_fraction <= 1, got {min_fraction}, {max_fraction}"
         )
-    box_w = max(1, round(width * rng.uniform(min_fraction, max_fraction)))
-    box_h = max(1, round(height * rng.uniform(min_fraction, max_fraction)))
-    left = int(rng.integers(0, width - box_w + 1))
-    top = int(rng.integers(0, height - box_h + 1))
+    square = centre_square(width, height)
+    side = square.size[0]
+    box_w = max(1, round(side * rng.uniform(min_fraction, max_fraction)))
+    box_h = max(1, round(side * rng.uniform(min_fraction, max_fraction)))
+    left, top = random_place((box_w, box_h), square, rng)
     return Box(left, top, left + box_w, top + box_h)
+
+
+def random_place(size: tuple[int, int], area: Box, rng: np.random.Generator) -> tuple[int, int]:
+    """A random top-left corner that puts a box of `size` inside `area`."""
+    left = area.left + int(rng.integers(0, area.size[0] - size[0] + 1))
+    top = area.top + int(rng.integers(0, area.size[1] - size[1] + 1))
+    return left, top
 
 
 def box_mask(width: int, height: int, box: Box) -> Image.Image:
@@ -77,4 +95,4 @@ def box_mask(width: int, height: int, box: Box) -> Image.Image:
 
 def binary_mask(mask: Image.Image) -> Image.Image:
     """A mask reduced to pure black/white ("L"): any pixel above mid-grey synthesizes."""
-    return mask.convert("L").point(lambda value: SYNTHESIZE if value > 127 else KEEP)
+    return mask.convert("L").point(lambda value: SYNTHESIZE if value > THRESHOLD else KEEP)

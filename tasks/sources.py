@@ -6,15 +6,17 @@ pass-through columns (`label` from sub-folder names, or a manifest's own extra c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
+import sys
 import unicodedata
+from collections.abc import Callable
 from itertools import groupby
 from pathlib import Path, PurePosixPath
 
 from tasks.images import options_for
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 GLOB_CHARS = "*?["
 ID_PUNCTUATION = "_.-"  # kept in ids besides letters, digits and combining marks
 COMBINING_MARKS = ("Mn", "Mc")  # Unicode categories of vowel signs, viramas, harakat, ...
@@ -24,7 +26,11 @@ MAX_ID_LENGTH = 200  # the longest id `sdedit run` accepts (pipeline.manifest)
 MAX_ID_BYTES = 200
 ID_DIGEST_LENGTH = 16
 # manifest columns a guide builder replaces rather than passes through
-REPLACED_COLUMNS = ("guide", "mask", "task", "t0")
+REPLACED_COLUMNS = ("guide", "mask", "task")
+CHAINED = "::"  # fsspec reads a URI holding it as a chain (zip://a.png::s3://b/a.zip)
+# what list_images says of .parquet files found where images were expected
+MANIFEST_SOURCE_HINT = "a manifest SOURCE is one .parquet file"
+NAMED_AT_MOST = 3  # files a note names before it only counts the rest
 
 
 def is_remote(uri: str) -> bool:
@@ -91,51 +97,119 @@ def _id_char(char: str) -> bool:
             or unicodedata.category(char) in COMBINING_MARKS)
 
 
+def stderr_note(line: str) -> None:
+    """Tell the user `line` on stderr: what a task command left out of its inputs, and why."""
+    print(f"note: {line}", file=sys.stderr)
+
+
+@functools.cache
+def image_suffixes() -> tuple[str, ...]:
+    """The file suffixes of every format Pillow can open (.jfif, .ppm, .tga, ...), as
+    `tasks.images` and `sdedit run` decode any of them; less Pillow's stub formats (HDF5,
+    GRIB, BUFR, WMF), which decode only through handlers this project never installs."""
+    from PIL import Image, ImageFile
+
+    Image.init()
+    stubs = {name for name, (factory, _) in Image.OPEN.items()
+             if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)}
+    return tuple(sorted(suffix for suffix, name in Image.registered_extensions().items()
+                        if name in Image.OPEN and name not in stubs))
+
+
 def list_images(
-    location: str, storage_options: dict | None = None, exclude: tuple[str, ...] = ()
+    location: str,
+    storage_options: dict | None = None,
+    exclude: tuple[str, ...] = (),
+    parquet_hint: str = MANIFEST_SOURCE_HINT,
+    note: Callable[[str], None] | None = stderr_note,
 ) -> list[tuple[str, str]]:
     """(URI, path relative to the root) of every image under a folder, glob or single file.
 
     A folder or file that exists is taken as it is even when its name holds glob characters
-    ("Photos [2020]"). Images under a folder of `exclude` (a masks folder or a guide OUTPUT
-    inside the source) are left out. Sorted by relative path so ids and seeded choices are
-    stable across runs.
+    ("Photos [2020]"); a missing one is an error. Images under a folder of `exclude` (a masks
+    folder or a guide OUTPUT inside the source) are left out silently; other files are left
+    out with a `note`: those without a suffix of `image_suffixes` and those whose path holds
+    "::", which no command could open. Sorted by relative path so ids and seeded choices are
+    stable across runs. Finding no image raises, with `parquet_hint` where .parquet files
+    were found instead.
     """
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location, **options_for(location, storage_options or {}))
-    if any(char in location for char in GLOB_CHARS) and not fs.exists(path):
-        root = _glob_root(path)
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        root, found = path.rstrip("/"), fs.find(path)
-    else:
-        root, found = posixpath.dirname(path), [path]
-    skipped = _excluded_folders(fs, root, exclude, storage_options or {})
-    images = sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES)
-                    and not _hidden(_relative(p, root)) and not p.startswith(skipped))
+    root, found = _find_files(fs, path, location)
+    skipped = _excluded_folders(fs, root, exclude, storage_options or {}, is_remote(location))
+    files = [p for p in found if not _hidden(_relative(p, root)) and not p.startswith(skipped)]
+    images = sorted(p for p in files if p.lower().endswith(image_suffixes()) and CHAINED not in p)
+    if note:
+        for line in _left_out(files, location):
+            note(line)
     if not images:
-        manifests = any(p.lower().endswith(".parquet") for p in found)
-        hint = "; it holds .parquet files: a manifest SOURCE is one .parquet file" * manifests
-        raise FileNotFoundError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) found at {location}{hint}")
+        what = "it is a .parquet file" if found == [path] else "it holds .parquet files"
+        hint = f"; {what}: {parquet_hint}" * any(p.lower().endswith(".parquet") for p in found)
+        raise FileNotFoundError(f"no images (files with a suffix Pillow opens, such as .png, "
+                                f".jpg, .webp or .tif) found at {location}{hint}")
     remote = is_remote(location)
     return [(fs.unstrip_protocol(p) if remote else p, _relative(p, root)) for p in images]
 
 
+def _find_files(fs, path: str, location: str) -> tuple[str, list[str]]:
+    """The root folder and the files of a glob, folder or single file; a glob's folders are
+    not files, and a path that names nothing is an error naming `location`."""
+    if any(char in location for char in GLOB_CHARS) and not fs.exists(path):
+        found = fs.glob(path, detail=True)
+        return _glob_root(path), [p for p, info in found.items() if info["type"] != "directory"]
+    if fs.isdir(path):
+        return path.rstrip("/"), fs.find(path)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {location}")
+    return posixpath.dirname(path), [path]
+
+
+def _left_out(files: list[str], location: str) -> list[str]:
+    """One line per kind of file `list_images` leaves out of `files` (each a path found
+    under `location`): files that are no image by their suffix, and files holding "::"."""
+    lines = []
+    others = [p for p in files if not p.lower().endswith(image_suffixes())]
+    if others:
+        suffixes = sorted({PurePosixPath(p).suffix.lower() or "(no suffix)" for p in others})
+        lines.append(f"left out {len(others)} file(s) at {location} with a suffix of no image "
+                     f"format Pillow opens: {', '.join(suffixes)}")
+    chained = [p for p in files if CHAINED in p and p.lower().endswith(image_suffixes())]
+    if chained:
+        named = ", ".join(chained[:NAMED_AT_MOST])
+        more = f" and {len(chained) - NAMED_AT_MOST} more" * (len(chained) > NAMED_AT_MOST)
+        lines.append(f"left out {len(chained)} image(s) at {location} whose path holds "
+                     f"'{CHAINED}', which fsspec reads as a chained URL, so no command can open "
+                     f"them (rename them): {named}{more}")
+    return lines
+
+
 def _excluded_folders(
-    fs, root: str, exclude: tuple[str, ...], storage_options: dict
+    fs, root: str, exclude: tuple[str, ...], storage_options: dict, remote: bool
 ) -> tuple[str, ...]:
     """The paths on `fs` of the folders in `exclude` inside `root`, each ending in "/" so that
-    a sibling "out2" is not taken for "out" (`root` itself, or a folder around it, never)."""
+    a sibling "out2" is not taken for "out" (`root` itself, or a folder around it, never).
+    Each is written under `root` as found files are, whatever `..` or symbolic links name it."""
     import fsspec
 
     folders = []
     for location in exclude:
         other, path = fsspec.core.url_to_fs(location, **options_for(location, storage_options))
-        if other.protocol == fs.protocol and path.startswith(root.rstrip("/") + "/"):
-            folders.append(path.rstrip("/") + "/")
+        below = _inside(path, root, remote) if other.protocol == fs.protocol else None
+        if below:
+            folders.append(f"{root.rstrip('/')}/{below}/")
     return tuple(folders)
+
+
+def _inside(path: str, root: str, remote: bool) -> str | None:
+    """`path` relative to the folder `root` when it lies strictly inside it, else None; `.` and
+    `..` resolved (and, for local paths, symbolic links, as the disk resolves them)."""
+    if remote:
+        path, root = posixpath.normpath(path), posixpath.normpath(root)
+    else:
+        path, root = Path(path).resolve().as_posix(), Path(root).resolve().as_posix()
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else None
 
 
 def _hidden(relative: str) -> bool:
@@ -155,15 +229,18 @@ def _relative(path: str, root: str) -> str:
 
 
 def folder_rows(
-    location: str, storage_options: dict | None = None, exclude: tuple[str, ...] = ()
+    location: str,
+    storage_options: dict | None = None,
+    exclude: tuple[str, ...] = (),
+    parquet_hint: str = MANIFEST_SOURCE_HINT,
 ) -> list[dict]:
     """Source rows for a folder or glob: id from the relative path, label from its sub-folder.
 
     Rows get a `label` only when at least one image sits in a sub-folder; images under a
-    folder of `exclude` are left out (see `list_images`).
+    folder of `exclude` are left out (see `list_images`, which `parquet_hint` goes to).
     """
     rows = []
-    for uri, relative in list_images(location, storage_options, exclude):
+    for uri, relative in list_images(location, storage_options, exclude, parquet_hint):
         parent = posixpath.dirname(relative)
         rows.append({"id": image_id(relative), "source": uri, "label": parent or None})
     if all(row["label"] is None for row in rows):
@@ -188,10 +265,13 @@ def check_unique_ids(rows: list[dict], location: str) -> None:
 def manifest_rows(location: str, storage_options: dict | None = None) -> list[dict]:
     """Source rows from a Parquet manifest: `source` (or else `guide`) is the image.
 
-    Relative URIs resolve against the manifest's folder; `foreground` (compositing pairs) and
-    `mask` resolve too. Guide-specific columns (guide, mask, task, t0) are kept under their
-    names only where a builder reads them; all others pass through. Ids become strings
-    (0 -> "0", null stays None); `tasks.guides.id_problems` judges them, row by row.
+    Relative URIs resolve against the manifest's folder, to absolute ones for a local
+    manifest (the guides' manifest lies elsewhere, and the current directory changes);
+    `foreground` (compositing pairs) and `mask` resolve too. Guide-specific columns (guide,
+    mask, task) are kept under their names only where a builder reads them; all others pass
+    through (`t0` included), so none may be named as `sdedit run` names its output columns.
+    Ids become strings (0 -> "0", null stays None); `tasks.guides.id_problems` judges them,
+    row by row.
     """
     import fsspec
     import pyarrow.parquet as pq
@@ -201,7 +281,9 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     image_column = "source" if "source" in table.column_names else "guide"
     if "id" not in table.column_names or image_column not in table.column_names:
         raise ValueError(f"manifest {location} needs columns 'id' and 'source' or 'guide'")
-    base = posixpath.dirname(location) if is_remote(location) else str(Path(location).parent)
+    check_pass_through(table.column_names, location)
+    base = (posixpath.dirname(location) if is_remote(location)
+            else str(Path(local_path(location)).absolute().parent))
     rows = []
     for record in table.to_pylist():
         row = {key: value for key, value in record.items() if key not in REPLACED_COLUMNS}
@@ -213,6 +295,20 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
                 row[column] = resolve(str(record[column]), base)
         rows.append(row)
     return rows
+
+
+def check_pass_through(columns: list[str], location: str) -> None:
+    """Refuse a manifest SOURCE whose pass-through columns `sdedit run` would refuse in the
+    guides' manifest: the names it reserves for its output and working columns
+    (`pipeline.manifest.RESERVED_COLUMNS` and its `INTERNAL` prefix)."""
+    from pipeline.manifest import INTERNAL, RESERVED_COLUMNS, clashing_columns
+
+    clashing = clashing_columns([name for name in columns if name not in REPLACED_COLUMNS])
+    if clashing:
+        raise ValueError(
+            f"manifest {location}: column(s) {', '.join(clashing)} would pass through to the "
+            "guides' manifest, and `sdedit run` refuses them there: it names its own output "
+            f"columns so ({', '.join(RESERVED_COLUMNS)}, {INTERNAL}*); rename them")
 
 
 def source_rows(

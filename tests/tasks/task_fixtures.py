@@ -88,3 +88,13 @@ def flat(value: int | tuple[int, int, int], size: tuple[int, int] = (16, 16)) ->
 
 def distinct_colours(image: Image.Image) -> int:
     return len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0))
+
+
+def centre_square(size: tuple[int, int]) -> np.ndarray:
+    """True over the centred min(w, h) square of an image of `size`: what `sdedit run` keeps."""
+    width, height = size
+    side = min(size)
+    top, left = (height - side) // 2, (width - side) // 2
+    inside = np.zeros((height, width), bool)
+    inside[top:top + side, left:left + side] = True
+    return inside

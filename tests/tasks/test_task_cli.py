@@ -167,3 +167,35 @@ def test_guides_in_an_output_inside_the_source_are_not_sources(monkeypatch, phot
     assert [row["id"] for row in rows] == [
         "animals__chelsea", "astronaut", "objects__coffee", "objects__rocket"]
     assert len(list((output / "guides").iterdir())) == 4
+
+
+def test_guides_refuse_source_columns_that_sdedit_run_reserves(ray_never_starts, tmp_path):
+    """They passed through to the guides' manifest, which `sdedit run` then refused."""
+    pq.write_table(pa.table({"id": ["a"], "guide": ["a.png"], "width": [64], "mask": ["m.png"],
+                             "_sd_note": ["x"], "label": ["cat"], "error": [None]}),
+                   tmp_path / "m.parquet")
+    result = CliRunner().invoke(main, ["guides", "edits", str(tmp_path / "m.parquet"),
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: manifest {tmp_path}/m.parquet: column(s) width, _sd_note, error would pass "
+        "through to the guides' manifest, and `sdedit run` refuses them there: it names its own "
+        "output columns so (sample, image, image_format, width, height, model, model_digest, "
+        "steps, repeats, l2_to_guide, stage, error, _sd_*); rename them\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_refuses_a_missing_source_and_a_manifest_for_one(tmp_path):
+    missing, output = tmp_path / "nonexist.png", tmp_path / "out.parquet"
+    result = CliRunner().invoke(main, ["manifest", str(missing), str(output)])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: cannot write a manifest of {missing} to {output}: FileNotFoundError: no such "
+        f"file or folder: {missing}\n")
+    pq.write_table(pa.table({"id": ["a"], "guide": ["a.png"]}), tmp_path / "m.parquet")
+    result = CliRunner().invoke(main, ["manifest", str(tmp_path / "m.parquet"), str(output)])
+    assert result.exit_code == 1 and result.output == (
+        f"note: left out 1 file(s) at {tmp_path}/m.parquet with a suffix of no image format "
+        f"Pillow opens: .parquet\nError: cannot write a manifest of {tmp_path}/m.parquet to "
+        f"{output}: FileNotFoundError: no images (files with a suffix Pillow opens, such as "
+        f".png, .jpg, .webp or .tif) found at {tmp_path}/m.parquet; it is a .parquet file: "
+        "`sdedit manifest` takes a folder or glob of images, not a manifest\n")
+    assert not output.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from task_fixtures import photo
+from task_fixtures import centre_square, photo
 
 from tasks.compositing import composite_guide
 from tasks.regions import Box
@@ -41,3 +41,21 @@ def test_seeded_composites_repeat_exactly():
 def test_paste_outside_the_image_is_refused():
     with pytest.raises(ValueError, match="leaves the 64x48 image"):
         composite_guide(photo("coffee"), photo("chelsea"), box=Box(0, 0, 30, 30), at=(50, 0))
+
+
+@pytest.mark.parametrize("size", [(300, 60), (60, 300)])
+def test_drawn_boxes_are_pasted_in_the_square_sdedit_run_keeps(size):
+    """`sdedit run` centre-crops every guide to a square: a paste outside it was cropped away."""
+    background, foreground = photo("coffee", size), photo("chelsea", size)
+    kept = centre_square(size)
+    inside = outside = 0
+    for seed in range(40):
+        guide, mask = composite_guide(background, foreground, seed=seed, min_fraction=0.5,
+                                      max_fraction=0.5)
+        guide, mask = np.asarray(guide), np.asarray(mask)
+        inside += (mask[kept] == 255).sum()
+        outside += (mask[~kept] == 255).sum()
+        assert np.array_equal(guide[~kept], np.asarray(background)[~kept])
+    assert (inside, outside) == (40 * 30 * 30, 0)  # 30 = half the square's side
+    wider = Box(0, 0, 100, 40) if size[0] > size[1] else Box(0, 0, 40, 100)  # than the square
+    assert (np.asarray(composite_guide(background, foreground, box=wider)[1]) == 255).sum() == 4000

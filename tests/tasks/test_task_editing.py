@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from task_fixtures import photo
+from task_fixtures import centre_square, photo
 
 from tasks.editing import edit_guide
 from tasks.regions import Box, random_box
@@ -46,8 +46,8 @@ def test_random_region_is_drawn_from_the_seed_within_the_fractions():
     assert np.array_equal(np.asarray(first[1]), np.asarray(again[1]))
     assert not np.array_equal(np.asarray(first[1]), np.asarray(other[1]))
     box = random_box(80, 60, np.random.default_rng(0), 0.25, 0.5)
-    width, height = box.size
-    assert 20 <= width <= 40 and 15 <= height <= 30 and box.fits(80, 60)
+    width, height = box.size  # fractions of the centred 60x60 square's side
+    assert 15 <= width <= 30 and 15 <= height <= 30 and box.fits(80, 60) and box.left >= 10
 
 
 def test_a_mask_image_gives_the_region_and_is_binarised():
@@ -68,3 +68,29 @@ def test_regions_that_do_not_fit_are_refused_with_sizes():
         edit_guide(image, region=Image.new("L", (10, 10), 255))
     with pytest.raises(ValueError, match="empty box"):
         Box(5, 5, 5, 9)
+
+
+
+@pytest.mark.parametrize("size", [(300, 60), (60, 300)])
+def test_random_regions_lie_in_the_square_sdedit_run_keeps(size):
+    """`sdedit run` centre-crops every guide to a square; a box drawn over the whole of a
+    300x60 photo fell wholly outside it for 15% of seeds, a row whose edit the run never saw."""
+    image = photo("chelsea", size)
+    kept = centre_square(size)
+    assert kept.sum() == 60 * 60
+    inside = outside = 0
+    for seed in range(40):
+        guide, mask, original = arrays(*edit_guide(image, seed=seed, min_fraction=0.5,
+                                                   max_fraction=0.5), image)
+        inside += (mask[kept] == 255).sum()
+        outside += (mask[~kept] == 255).sum()
+        assert np.array_equal(guide[~kept], original[~kept])
+    assert (inside, outside) == (40 * 30 * 30, 0)  # 30 = half the square's side
+
+
+def test_a_mask_image_with_nothing_to_synthesize_is_refused():
+    image = photo("chelsea", (64, 48))
+    with pytest.raises(ValueError) as error:
+        edit_guide(image, region=Image.new("L", image.size, 127))
+    assert str(error.value) == ("the mask has no pixel above 127 (white = synthesize; 0-127 "
+                                "keep), so the edit would change nothing")

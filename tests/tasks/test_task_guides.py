@@ -433,13 +433,16 @@ def test_a_manifest_row_without_an_image_is_an_error_row_saying_so(no_ray, tmp_p
                                    "'guide' is empty)")]
 
 
-def test_a_folder_of_manifests_given_as_images_says_what_it_holds(tmp_path):
+def test_a_folder_of_manifests_given_as_images_says_what_it_holds(tmp_path, capsys):
     pq.write_table(pa.table({"id": ["a"], "guide": ["a.png"]}), tmp_path / "part-0.parquet")
     with pytest.raises(FileNotFoundError) as error:
         folder_rows(str(tmp_path))
     assert str(error.value) == (
-        f"no images (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) found at {tmp_path}; it "
-        "holds .parquet files: a manifest SOURCE is one .parquet file")
+        "no images (files with a suffix Pillow opens, such as .png, .jpg, .webp or .tif) found "
+        f"at {tmp_path}; it holds .parquet files: a manifest SOURCE is one .parquet file")
+    assert capsys.readouterr().err == (
+        f"note: left out 1 file(s) at {tmp_path} with a suffix of no image format Pillow opens: "
+        ".parquet\n")
 
 
 def test_relative_sources_in_an_object_store_manifest_resolve_dot_segments():
@@ -447,3 +450,80 @@ def test_relative_sources_in_an_object_store_manifest_resolve_dot_segments():
 
     assert resolve("../photos/./a.jpg", "s3://b/runs/m") == "s3://b/runs/photos/a.jpg"
     assert resolve("a.jpg", "s3://b/m") == "s3://b/m/a.jpg"
+
+
+def test_a_new_row_changes_one_other_rows_composite_partner(no_ray, tmp_path):
+    """Partners were drawn by index among the rows with an image: one row more moved most
+    rows' partners, and a rerun of `sdedit run` kept the outputs of their old guides."""
+    rows = []
+    for i in range(9):
+        Image.new("RGB", (24, 24), (25 * i, 90, 200 - 20 * i)).save(tmp_path / f"{i}.png")
+        rows.append({"id": f"img{i}", "source": str(tmp_path / f"{i}.png")})
+    before = {row["id"]: row["foreground"] for row in draw_foregrounds(rows[:8], seed=3)}
+    after = {row["id"]: row["foreground"] for row in draw_foregrounds(rows, seed=3)}
+    changed = [row_id for row_id in before if after[row_id] != before[row_id]]
+    assert len(changed) == 1 and after[changed[0]] == rows[8]["source"]
+    fewer = {row["id"]: row["foreground"] for row in draw_foregrounds(rows[1:8], seed=3)}
+    assert [row_id for row_id in fewer if fewer[row_id] != before[row_id]] == [
+        row_id for row_id in fewer if before[row_id] == rows[0]["source"]]
+    for name, part in (("a", rows[:8]), ("b", rows)):
+        build_guides(part, GuideJob("compositing", str(tmp_path / name), CompositeOptions(seed=3)))
+
+    def same(row_id: str) -> bool:
+        return all((tmp_path / "a" / folder / f"{row_id}.png").read_bytes()
+                   == (tmp_path / "b" / folder / f"{row_id}.png").read_bytes()
+                   for folder in ("guides", "masks"))
+
+    assert [row_id for row_id in before if not same(row_id)] == changed  # 7 of 8 rows kept
+
+
+def test_sources_of_a_local_manifest_are_absolute_from_any_directory(no_ray, tmp_path,
+                                                                     monkeypatch):
+    """A manifest named by a relative path gave sources relative to the current directory,
+    which the guides' manifest, read from its own folder or another directory, missed."""
+    (tmp_path / "data").mkdir()
+    for index, name in enumerate(("a", "b")):
+        Image.new("RGB", (16, 16), (100 * index, 50, 50)).save(tmp_path / "data" / f"{name}.png")
+    pq.write_table(pa.table({"id": ["a", "b"], "guide": ["a.png", "b.png"],
+                             "foreground": ["b.png", None]}), tmp_path / "data" / "m.parquet")
+    monkeypatch.chdir(tmp_path)
+    report = build_guides(manifest_rows("data/m.parquet"),
+                          GuideJob("compositing", str(tmp_path / "out"), CompositeOptions()))
+    monkeypatch.chdir(tmp_path / "data")
+    a, b = str(tmp_path / "data" / "a.png"), str(tmp_path / "data" / "b.png")
+    assert [(row["source"], row["foreground"]) for row in read_manifest(report.manifest)] == [
+        (a, b), (b, a)]
+    assert [row["source"] for row in manifest_rows(f"file://{tmp_path}/data/m.parquet")] == [a, b]
+
+
+def test_a_source_mask_with_nothing_to_synthesize_is_the_rows_error(no_ray, tmp_path):
+    """A mask of grey 100 binarised to an empty mask: a guide and a no-op row, silently."""
+    for name in ("a", "b"):
+        photo("chelsea").save(tmp_path / f"{name}.png")
+    Image.new("L", (64, 48), 100).save(tmp_path / "a_mask.png")
+    Image.new("L", (64, 48), 200).save(tmp_path / "b_mask.png")
+    pq.write_table(pa.table({"id": ["a", "b"], "guide": ["a.png", "b.png"],
+                             "mask": ["a_mask.png", "b_mask.png"]}), tmp_path / "m.parquet")
+    output = tmp_path / "out"
+    report = build_guides(manifest_rows(str(tmp_path / "m.parquet")),
+                          GuideJob("editing", str(output), EditOptions()))
+    message = (f"row 0 (id 'a', source={tmp_path / 'a.png'}, mask={tmp_path / 'a_mask.png'}): "
+               "ValueError: the mask has no pixel above 127 (white = synthesize; 0-127 keep), "
+               "so the edit would change nothing")
+    assert report.written == 1 and report.errors == [("a", message)]
+    assert pq.read_table(output / "guide_errors.parquet").to_pylist() == [
+        {"row": 0, "id": "a", "error": message}]
+    assert sorted(path.name for path in (output / "masks").iterdir()) == ["b.png"]
+
+
+def test_a_rows_t0_list_reaches_the_guides_manifest(no_ray, tmp_path):
+    """`t0` was replaced like guide and mask, though no builder writes one: dropped."""
+    from pipeline.manifest import check_columns
+
+    source = manifest_source(tmp_path, ["a", "b", "c"], t0=[[0.3, 0.6], None, [0.5]])
+    report = build_guides(manifest_rows(source),
+                          GuideJob("synthesis", str(tmp_path / "out"), StrokeOptions()))
+    rows = read_manifest(report.manifest)
+    assert [(row["id"], row["t0"]) for row in rows] == [
+        ("a", [0.3, 0.6]), ("b", None), ("c", [0.5])]
+    check_columns(pq.read_schema(report.manifest), report.manifest)  # `sdedit run` takes it

@@ -199,3 +199,51 @@ def test_an_interrupted_write_keeps_the_previous_manifest(photo_folder, tmp_path
         write_manifest(str(photo_folder / "objects"), str(output))
     assert output.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.parquet", "photos"]
+
+
+def test_every_suffix_pillow_opens_is_an_image_and_other_files_are_counted(tmp_path, capsys):
+    """.jfif, .jpe, .ppm, .pgm, .tga and .ico files were left out silently, though Pillow
+    (and so `sdedit run`) decodes them."""
+    from tasks.images import read_image
+
+    names = ["a.jfif", "b.jpe", "c.ppm", "d.pgm", "e.tga", "f.ico", "g.PNG"]
+    for name in names:
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(tmp_path / name)
+    for name in ("notes.txt", "README", "cube.h5"):  # .h5: a Pillow stub, never decoded
+        (tmp_path / name).write_text("not an image")
+    rows = folder_rows(str(tmp_path))
+    assert [row["id"] for row in rows] == ["a", "b", "c", "d", "e", "f", "g"]
+    assert [read_image(row["source"], {}).size for row in rows] == [(16, 16)] * 7
+    assert capsys.readouterr().err == (
+        f"note: left out 3 file(s) at {tmp_path} with a suffix of no image format Pillow opens: "
+        "(no suffix), .h5, .txt\n")
+
+
+def test_images_whose_path_holds_a_chain_separator_are_left_out_by_name(tmp_path, capsys):
+    """fsspec reads "a::b.png" as the file "a" inside "b.png": such a row could never be read."""
+    from tasks.images import InputError, read_image
+
+    for name in ("a::b.png", "ok.png", "c::d.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with pytest.raises(InputError, match=f"No such file or directory: '{tmp_path}/a'"):
+        read_image(str(tmp_path / "a::b.png"), {})
+    assert [row["id"] for row in folder_rows(str(tmp_path))] == ["ok"]
+    assert capsys.readouterr().err == (
+        f"note: left out 2 image(s) at {tmp_path} whose path holds '::', which fsspec reads as "
+        f"a chained URL, so no command can open them (rename them): {tmp_path}/a::b.png, "
+        f"{tmp_path}/c::d.jpg\n")
+
+
+def test_folders_left_out_are_compared_with_dot_segments_resolved(tmp_path):
+    """`--masks data/masks/../masks` named the masks folder, but as text it did not start with
+    the images' folder: the masks became images."""
+    for path in ("data/01.jpg", "data/masks/01.png", "data/out/guides/01.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / path)
+    records = manifest_records(str(tmp_path / "data"), str(tmp_path / "m.parquet"),
+                               masks=f"{tmp_path}/data/masks/../masks")
+    assert [(row["id"], row["mask"]) for row in records] == [("01", "data/masks/01.png"),
+                                                             ("out__guides__01", None)]
+    rows = folder_rows(f"{tmp_path}/data/./", exclude=(f"{tmp_path}/data/masks/../out/",
+                                                        f"{tmp_path}/data/masks/."))
+    assert [row["id"] for row in rows] == ["01"]
