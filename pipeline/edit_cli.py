@@ -256,9 +256,17 @@ def _load_prior(model_uri: str, device: str | None, dtype: str, allow_pickle: bo
 
 
 def _save(image, path: Path) -> None:
+    """Write `image` in the format `path`'s suffix names, with the settings `sdedit run`
+    encodes that format with (Pillow's own WebP is lossy: the kept region changed by up to
+    73 grey levels); other formats with Pillow's defaults."""
+    from PIL import Image
+
+    from pipeline.encode import ENCODERS
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    kind = Image.registered_extensions().get(path.suffix.lower(), "").lower()
     try:
-        image.save(path)
+        image.save(path, **ENCODERS.get(kind, {}))
     except (OSError, ValueError) as error:  # a format that cannot hold this mode says either
         raise click.ClickException(f"cannot write {path}: {error}") from error
 

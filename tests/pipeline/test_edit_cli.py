@@ -74,6 +74,19 @@ def test_writes_a_png_of_the_guides_size(tmp_path, small_guide):
     assert changed > 10  # the box was resynthesized (by a random-weight model: noise)
 
 
+def test_a_webp_output_keeps_the_guide_exactly_as_the_pipeline_writes_webp(tmp_path,
+                                                                          small_guide):
+    """Pillow's own WebP is lossy: the kept region changed by up to 73 grey levels."""
+    guide, mask = small_guide
+    out = tmp_path / "o.webp"
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--t0", "0.5", "--steps", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    kept = box_mask(48, 40) == 0
+    assert Image.open(out).format == "WEBP"
+    assert np.array_equal(pixels(out)[kept], pixels(guide)[kept])
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small_guide):
     guide, mask = small_guide
     outputs = {}
