@@ -308,7 +308,13 @@ def _reason(error: BaseException, fs=None) -> str:
         return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
     if isinstance(error, FileNotFoundError) and fs is not None and "http" in fs.protocol:
         return "HTTP 404 Not Found"  # fsspec's http file system raises FileNotFoundError(url)
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    # Pillow names the buffer it read from ("cannot identify image file <_io.BytesIO object at
+    # 0x7f...>"): an address that says nothing and differs from run to run in committed errors
+    text = IN_MEMORY.sub("", str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+IN_MEMORY = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = None
@@ -341,8 +347,8 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
         raise InputError("decode", f"cannot decode {uri} as an image ({_reason(error)}); "
                          "expected a complete PNG, JPEG, WebP or other Pillow format") from error
     except Exception as error:  # bytes in memory only: whatever a decoder raises is this row's
-        raise InputError("decode", f"cannot decode {uri} as an image ({type(error).__name__}: "
-                         f"{error})") from error
+        raise InputError("decode", f"cannot decode {uri} as an image ({_reason(error)})"
+                         ) from error
 
 
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)

@@ -262,3 +262,14 @@ def test_a_region_the_store_refuses_to_sign_for_stops_the_run_instead_of_failing
 
     assert _may_pass(as_s3fs_raises("AuthorizationHeaderMalformed")) is None
     assert _may_pass(as_s3fs_raises("InvalidRequest")) is False  # one request's own fault
+
+
+def test_a_decode_error_says_the_same_on_every_run(tmp_path):
+    """Pillow named its in-memory buffer: "cannot identify image file <_io.BytesIO object at
+    0x7fac...>", an address that differed from run to run in committed error rows."""
+    (tmp_path / "text.png").write_bytes(b"no image in here")
+    with pytest.raises(InputError) as error:
+        prepare(str(tmp_path / "text.png"), None, 8, {}, max_pixels=100)
+    assert str(error.value) == (
+        f"cannot decode {tmp_path}/text.png as an image (UnidentifiedImageError: cannot identify "
+        "image file); expected a complete PNG, JPEG, WebP or other Pillow format")
