@@ -290,11 +290,21 @@ def build_config(file_values: dict, flag_values: dict) -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(merged) - known)
     if unknown:
-        raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        guesses = ", ".join(_guessed(name, known) for name in unknown)
+        raise ConfigError(f"unknown option(s): {guesses}")
     missing = [name for name in ("manifest", "output") if not merged.get(name)]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
     return RunConfig(**_normalise(merged))
+
+
+def _guessed(name: str, known: set[str]) -> str:
+    """An unknown option with the known one it was likely meant as (a flag's name, e.g.
+    `storage-option:` for the file's `storage_options:`)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def _options(value: object) -> dict:

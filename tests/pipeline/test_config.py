@@ -80,6 +80,11 @@ def test_unknown_and_missing_options_are_named():
         build_config({"manifest": "m", "output": "o", "colour": "red"}, {})
     with pytest.raises(ConfigError, match="missing required option.*output"):
         build_config({"manifest": "m"}, {})
+    # a flag's name in a config file (`storage-option:` is read as storage_option)
+    with pytest.raises(ConfigError) as error:
+        build_config({"manifest": "m", "output": "o", "storage_option": ["a=b"], "colour": 1}, {})
+    assert str(error.value) == ("unknown option(s): colour, storage_option (did you mean "
+                                "storage_options?)")
 
 
 def test_public_dict_masks_credentials():
