@@ -31,6 +31,8 @@ def test_kuberay_entrypoint_parses_as_sdedit_run(name):
     context = run.make_context("run", argv[2:])  # raises click.UsageError on a bad flag
     assert context.params["address"] == "auto"
     assert context.params["manifest"].startswith("s3://")
+    # GPU workers may join after the job starts: without the wait it would get CPU actors
+    assert (context.params["gpus_per_actor"], context.params["wait_for_gpus"]) == (1, 600)
 
 
 def test_unknown_flag_is_rejected_by_the_same_check():
