@@ -41,7 +41,7 @@ from pipeline.manifest import (
     shared_keys,
     superseded_errors,
 )
-from pipeline.progress import Progress, Report, quiet
+from pipeline.progress import Progress, Report, quiet, ray_data_progress
 from pipeline.resume import (
     SUMMARY,
     Committed,
@@ -59,7 +59,6 @@ from tasks.images import options_for, storage_step
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
 JOB_ENTRYPOINT_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it
-RAY_PROGRESS_VARIABLE = "RAY_DATA_DISABLE_PROGRESS_BARS"  # Ray Data's own switch; 0 = shown
 GPU_POLL_SECONDS = 2.0  # how often --wait-for-gpus looks at the cluster's resources
 PACKAGES = ("sdedit-pipeline", "torch", "diffusers", "ray", "pyarrow", "fsspec", "s3fs",
             "pillow", "numpy")
@@ -446,10 +445,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     tasks = cpu_task_concurrency()
     files = ray.data.from_items([{"file": file} for file in manifest.files])
     files.context.raise_original_map_exception = True  # a task's own error, e.g. LeaseLostError
-    # Ray Data's progress report repeats the run's own progress lines (about 15 lines every 10 s
-    # without a terminal) and costs the driver CPU that CPU actors share; its variable brings
-    # it back.
-    files.context.enable_progress_bars = os.environ.get(RAY_PROGRESS_VARIABLE) == "0"
+    ray_data_progress(files.context)
     rows = files.map_batches(
         read_and_expand, batch_size=1, batch_format="pyarrow", num_cpus=CPU_READ,
         fn_kwargs=dict(plan=plan, schema=manifest.schema, committed=committed.keys,

@@ -7,11 +7,20 @@ the write step commits, so a line is due, at most every `interval` seconds, when
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Report = Callable[[str], None]
+RAY_PROGRESS_VARIABLE = "RAY_DATA_DISABLE_PROGRESS_BARS"  # Ray Data's own switch; 0 = shown
+
+
+def ray_data_progress(context) -> None:
+    """Turn Ray Data's own progress report off in `context` (a DataContext) unless its variable
+    is 0: it repeats the commands' own progress lines (about 15 lines every 10 s without a
+    terminal) and costs the driver CPU that CPU actors share."""
+    context.enable_progress_bars = os.environ.get(RAY_PROGRESS_VARIABLE) == "0"
 
 
 def quiet(line: str) -> None:

@@ -320,7 +320,10 @@ def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:
 def _build_on_ray(work: list[dict], job: GuideJob) -> list[dict]:
     import ray
 
+    from pipeline.progress import ray_data_progress
+
     dataset = ray.data.from_items(work, override_num_blocks=max(1, len(work) // job.batch_size))
+    ray_data_progress(dataset.context)  # its report repeats the command's own lines
     built = dataset.map_batches(
         _build_batch,
         fn_kwargs={"job": job},

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
-from pipeline.job import RAY_PROGRESS_VARIABLE
 from pipeline.lease import LEASE, Lease, read_lease
+from pipeline.progress import RAY_PROGRESS_VARIABLE
 from pipeline.writers import commit
 from tasks.inspect import sheet_rows
 from tasks.outputs import OutputFolder

@@ -71,3 +71,18 @@ def test_interval_zero_reports_only_the_end():
                                             (7500, "2 h 5 min"), (-3, "0 s")])
 def test_duration_reads_in_hours_minutes_or_seconds(seconds, text):
     assert duration(seconds) == text
+
+
+def test_ray_datas_own_progress_report_is_off_unless_its_variable_says_0(monkeypatch):
+    """`sdedit run` turned it off but `sdedit guides` did not: both use this switch now."""
+    from types import SimpleNamespace
+
+    from pipeline.progress import RAY_PROGRESS_VARIABLE, ray_data_progress
+
+    context = SimpleNamespace(enable_progress_bars=True)
+    monkeypatch.delenv(RAY_PROGRESS_VARIABLE, raising=False)
+    ray_data_progress(context)
+    assert context.enable_progress_bars is False
+    monkeypatch.setenv(RAY_PROGRESS_VARIABLE, "0")
+    ray_data_progress(context)
+    assert context.enable_progress_bars is True
