@@ -49,11 +49,11 @@ from pipeline.resume import (
     clean_temporaries,
     forget_errors,
     read_committed,
+    record_manifest,
     recorded,
     refuse_foreign_files,
     write_index,
 )
-from sdedit.loading import redact
 from tasks.images import options_for, storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
@@ -99,8 +99,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     run from before it is touched until the summary is written (`pipeline.lease`)."""
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
-    with holding(config.output, config.storage_options, report, config.wait_for_output,
-                 manifest=redact(config.manifest)) as lease:
+    with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
         retried, committed = open_output(config, plan, model)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
@@ -219,6 +218,7 @@ def open_output(config: RunConfig, plan: Plan, model: ModelInfo) -> tuple[int, C
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
         claim_output(config.output, config.output_record(model.digest), config.overwrite,
                      config.storage_options, defaults_in_play(plan))
+        record_manifest(config.output, config.manifest, config.storage_options)
         clean_temporaries(config.output, config.storage_options)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
         return retried, read_committed(config.output, config.format, config.storage_options)

@@ -3,9 +3,7 @@
 Two runs writing one OUTPUT at once (a scheduled run starting while yesterday's is still going)
 would break exactly-once: each start deletes the temporary files the other is writing, and the
 same key can be committed by both in differently composed shards. So `sdedit run` holds
-`OUTPUT/_run_lease.json` (run id, host, pid, when it was renewed, and the manifest it runs, for
-`sdedit inspect` and `evaluate` to resolve relative guides with before the run's summary names
-it) from before it touches OUTPUT
+`OUTPUT/_run_lease.json` (run id, host, pid, when it was renewed) from before it touches OUTPUT
 until its summary is written, renewing it every `RENEW_SECONDS`, and another run refuses to
 start while it is live. A lease is stale once it has not been renewed for `EXPIRE_SECONDS`, or at
 once when it names a process on this host that no longer exists, so a killed driver rerun on
@@ -51,15 +49,14 @@ class LeaseLostError(RuntimeError):
 
 @dataclass(frozen=True)
 class Lease:
-    """Who holds OUTPUT: a run id, its driver's host and pid, wall-clock times and the manifest
-    the run reads (credentials masked; empty in a lease from an earlier version)."""
+    """Who holds OUTPUT: a run id, its driver's host and pid, and wall-clock times. (A field
+    added here would make earlier versions read the lease as none, and take OUTPUT over.)"""
 
     run: str
     host: str
     pid: int
     started_at: float
     renewed_at: float
-    manifest: str = ""
 
     def stale_reason(self, now: float) -> str | None:
         """Why this lease no longer protects a run (None while it does)."""
@@ -93,16 +90,18 @@ def _process_exists(pid: int) -> bool:
 
 def read_lease(output: str, storage_options: Mapping, attempts: int = 1) -> Lease | None:
     """The lease OUTPUT holds, or None (no lease file, or one no run could have written);
-    a store's failure that may pass is tried `attempts` times, with backoff."""
+    keys a later version adds are ignored. A store's failure that may pass is tried
+    `attempts` times, with backoff."""
     from pipeline.resume import output_fs
 
     fs, root = output_fs(output, storage_options)
     try:
-        return Lease(**json.loads(with_backoff(lambda: fs.cat_file(f"{root}/{LEASE}"),
-                                               attempts, delay=0.5)))
+        fields = json.loads(with_backoff(lambda: fs.cat_file(f"{root}/{LEASE}"), attempts,
+                                         delay=0.5))
+        return Lease(**{name: fields[name] for name in Lease.__dataclass_fields__})
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):  # not JSON, or not a lease's fields
+    except (ValueError, TypeError, KeyError):  # not JSON, or not a lease's fields
         return None
 
 
@@ -142,9 +141,8 @@ def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | No
 
 
 def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
-            report: Report = quiet, manifest: str = "") -> tuple[Lease, Lease | None]:
-    """Take OUTPUT's lease for this process, running `manifest`: (the new lease, the stale one
-    it replaced).
+            report: Report = quiet) -> tuple[Lease, Lease | None]:
+    """Take OUTPUT's lease for this process: (the new lease, the stale one it replaced).
     While another run holds a live one, wait up to `wait_seconds` (saying so once through
     `report`) for it to be released or expire, then OutputInUseError."""
     deadline = time.time() + wait_seconds
@@ -158,7 +156,7 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
             waiting = True
         time.sleep(min(POLL_SECONDS, deadline - now, _expires_in(holder, now) + 0.05))
     now = time.time()
-    lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now, manifest)
+    lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
     _write(output, lease, storage_options)
     claimed = read_lease(output, storage_options)
     if not lease.same_run(claimed):  # another run wrote between our read and our write
@@ -197,12 +195,11 @@ def release(output: str, lease: Lease, storage_options: Mapping) -> None:
 
 @contextmanager
 def holding(output: str, storage_options: Mapping, report: Report,
-            wait_seconds: float = 0.0, renew_seconds: float = RENEW_SECONDS,
-            manifest: str = "") -> Iterator[Lease]:
-    """Hold OUTPUT's lease for the block, for a run of `manifest` (waiting up to `wait_seconds`
-    for another run's to end), renewing it from a background thread."""
+            wait_seconds: float = 0.0, renew_seconds: float = RENEW_SECONDS) -> Iterator[Lease]:
+    """Hold OUTPUT's lease for the block (waiting up to `wait_seconds` for another run's to
+    end), renewing it from a background thread."""
     with storage_step(f"cannot prepare OUTPUT {output}"):  # as open_output says
-        lease, replaced = acquire(output, storage_options, wait_seconds, report, manifest)
+        lease, replaced = acquire(output, storage_options, wait_seconds, report)
     if replaced:
         report(f"taking over {output} from {replaced.describe(lease.started_at)}: "
                f"{replaced.stale_reason(lease.started_at)}")

@@ -11,10 +11,12 @@ Rows that cannot be processed become keys carrying an error (stage "validate"), 
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import numpy as np
 import pyarrow as pa
@@ -176,14 +178,11 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
     if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):
         base = path[: magic.start()].rsplit("/", 1)[0]
-        files = sorted(f for f in fs.glob(path) if not _hidden(f, base))  # as a folder's
+        files = _outside_outputs(fs, [f for f in fs.glob(path) if not _hidden(f, base)], base)
     elif fs.isdir(path):
-        found = fs.find(path)
-        outputs = tuple(f.removesuffix(RUN_CONFIG) for f in found  # `sdedit run` OUTPUTs below
-                        if f.endswith(f"/{RUN_CONFIG}") and f != f"{path.rstrip('/')}/{RUN_CONFIG}")
-        files = sorted(f for f in found if f.endswith(".parquet") and not _hidden(f, path)
-                       and not f.startswith(outputs))
         base = path
+        files = _outside_outputs(fs, [f for f in fs.find(path)
+                                      if f.endswith(".parquet") and not _hidden(f, path)], base)
     elif fs.exists(path):
         files, base = [path], path.split("?", 1)[0].rsplit("/", 1)[0]
     else:
@@ -191,6 +190,27 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     if not files:
         raise ManifestError(f"manifest {uri} holds no .parquet files")
     return files, base
+
+
+def _outside_outputs(fs, files: list[str], root: str) -> list[str]:
+    """`files`, sorted, less those under an OUTPUT of `sdedit run` below `root` (a folder
+    holding its `_run_config.json`): `sdedit run gout gout/edits` read its own shards as
+    manifest files on every rerun. One existence check per folder between."""
+    marked: dict[str, bool] = {}
+
+    def in_output(file: str) -> bool:
+        top, folder = root.rstrip("/"), posixpath.dirname(file)
+        while folder.startswith(f"{top}/") and folder != top:
+            if folder not in marked:
+                marked[folder] = fs.exists(f"{folder}/{RUN_CONFIG}")
+            if marked[folder]:
+                return True
+            folder, child = posixpath.dirname(folder), folder
+            if folder == child:  # the file system's root
+                break
+        return False
+
+    return sorted(file for file in files if not in_output(file))
 
 
 def _hidden(path: str, root: str) -> bool:
@@ -208,12 +228,17 @@ def clashing_columns(names: Sequence[str]) -> list[str]:
 
 
 def _texts(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+    """Strings in any of Arrow's layouts (pandas' categoricals are dictionaries)."""
+    if pa.types.is_dictionary(kind):
+        return _texts(kind.value_type)
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind) or pa.types.is_null(kind))
 
 
 def _numbers(kind: pa.DataType) -> bool:
-    return (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and not pa.types.is_float16(
-        kind) or pa.types.is_null(kind)
+    """Integers, floats or decimals (DuckDB writes [0.3, 0.5] as decimals)."""
+    return (pa.types.is_integer(kind) or pa.types.is_floating(kind) and not
+            pa.types.is_float16(kind) or pa.types.is_decimal(kind) or pa.types.is_null(kind))
 
 
 def _lists(kind: pa.DataType) -> bool:
@@ -229,7 +254,7 @@ COLUMN_TYPES = {
     "task": (_texts, "strings"),
     "t0": (lambda kind: _numbers(kind) or _lists(kind) and _numbers(kind.value_type),
            "numbers or lists of numbers"),
-    "seed": (_numbers, "integers (or floats holding whole numbers)"),
+    "seed": (lambda kind: _numbers(kind) or _texts(kind), "integers (or any numbers or text)"),
 }
 
 
@@ -279,14 +304,17 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
 
 def conform(table: pa.Table) -> pa.Table:
     """Manifest columns in the types expansion expects (`check_columns` has checked them):
-    ids as strings, t0 as lists of float64 (from single numbers, large or fixed-size lists:
-    Polars writes large lists)."""
-    if table.schema.field("id").type != pa.string():
-        table = _replace(table, "id", table["id"].cast(pa.string()))
+    ids, guides, masks and tasks as plain strings (not dictionaries or views), t0 as lists of
+    float64 (from single numbers, large or fixed-size lists: Polars writes large lists)."""
+    for name in ("id", "guide", "mask", "task"):
+        if name in table.column_names and table.schema.field(name).type not in (
+                pa.string(), pa.large_string(), pa.null()):
+            table = _replace(table, name, table[name].cast(pa.string()))
     if "t0" in table.column_names:
         kind = table.schema.field("t0").type
         if not _lists(kind):
-            values = [None if v is None else [v] for v in table["t0"].to_pylist()]
+            values = [None if v is None else [v]
+                      for v in table["t0"].cast(pa.float64()).to_pylist()]
             table = _replace(table, "t0", pa.array(values, pa.list_(pa.float64())))
         elif kind != pa.list_(pa.float64()):
             table = _replace(table, "t0", table["t0"].cast(pa.list_(pa.float64())))
@@ -326,7 +354,9 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
 def row_seed(value: object) -> object:
     """A row's seed as its value, not its column's type: a float column (pandas stores
     integers with a missing value so) gave other seeds than the same integers, 5.0 not being
-    5; NaN is a missing seed."""
+    5 (nor Decimal("5")); NaN is a missing seed."""
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
     if isinstance(value, float):
         if value != value:
             return None

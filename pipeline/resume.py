@@ -33,9 +33,13 @@ from pipeline.writers import (
     is_shard,
     webdataset_rows,
 )
+from sdedit.loading import redact
 from tasks.images import options_for
 
 SUMMARY = "summary.json"
+# the manifest of the last run started (credentials masked), for `sdedit inspect` and `evaluate`
+# to resolve relative guides with before that run's summary names it (or when it never will)
+RUN_MANIFEST = "_run_manifest.json"
 EVALUATION = "evaluation.json"  # `sdedit evaluate`'s report by default
 INSPECT_DIR, INSPECT_FILES = "inspect", ("contact_sheet.png", "contact_sheet.html")  # inspect's
 INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
@@ -103,8 +107,9 @@ def output_fs(output: str, storage_options: Mapping):
     return fsspec.core.url_to_fs(output, **options_for(output, storage_options))
 
 
-def _visible(fs, folder: str, suffix: str) -> list[str]:
-    """The committed shards under `folder` whose names end in `suffix`."""
+def visible_shards(fs, folder: str, suffix: str) -> list[str]:
+    """The committed shards under `folder` whose names end in `suffix`, sorted: what runs
+    resume from, and `sdedit inspect` and `evaluate` read."""
     if not fs.exists(folder):
         return []
     return sorted(p for p in fs.ls(folder, detail=False)
@@ -117,45 +122,55 @@ class ForeignFilesError(RuntimeError):
 
 def refuse_foreign_files(output: str, storage_options: Mapping) -> None:
     """ForeignFilesError when OUTPUT's data/ or errors/ holds anything but shards and hidden
-    names (the temporary files of a cut write): a folder of the user's own files given as
-    OUTPUT. --overwrite would delete them and the shard readers cannot read them."""
+    names (a cut write's temporary files, a desktop's .DS_Store): a folder of the user's own
+    files given as OUTPUT. --overwrite would delete them, and readers cannot take them for
+    shards."""
     fs, root = output_fs(output, storage_options)
     for folder in (DATA_DIR, ERRORS_DIR):
-        path = f"{root}/{folder}"
-        if not fs.exists(path):
-            continue
-        foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)
-                         if not _ours(p.rsplit("/", 1)[-1]))
+        foreign = sorted(name for name in _entries(fs, f"{root}/{folder}")
+                         if not (is_shard(name) or name.startswith((".", "_"))))
         if foreign:
             some = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" * (len(foreign) > 5))
             raise ForeignFilesError(
                 f"{output.rstrip('/')}/{folder}/ holds files no sdedit run wrote ({some}); a "
-                f"run keeps only its shards there (part-*.parquet or .tar). Choose another "
-                "OUTPUT: an empty or new folder, or one a run made")
+                "run keeps only its shards there (part-*.parquet or .tar). Choose another "
+                "OUTPUT (an empty or new folder, or one a run made), or move those files out")
 
 
-def _ours(name: str) -> bool:
-    return is_shard(name) or name.startswith(TEMP_PREFIX)
+def _entries(fs, path: str) -> dict[str, str]:
+    """The names (-> paths) of what a folder holds; none for a folder that does not exist.
+    An object store's folder marker (the empty `data/` object a console's "create folder"
+    leaves) is no entry."""
+    if not fs.exists(path):
+        return {}
+    entries = {}
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if entry.rstrip("/") != path.rstrip("/") and name:
+            entries[name] = entry
+    return entries
 
 
 def _remove_run(fs, root: str) -> None:
-    """Delete what runs and the report commands wrote in OUTPUT (`refuse_foreign_files` has
-    made sure that data/ and errors/ hold nothing else); other files stay."""
+    """Delete what runs and the report commands wrote in OUTPUT (shards, the temporary files
+    of cut writes, records, reports), each folder's in one request; other files stay."""
     from fsspec.implementations.local import LocalFileSystem
 
-    for folder, ours in ((DATA_DIR, _ours), (ERRORS_DIR, _ours),
+    for folder, ours in ((DATA_DIR, _run_file), (ERRORS_DIR, _run_file),
                          (INSPECT_DIR, lambda name: name in INSPECT_FILES)):
         path = f"{root}/{folder}"
-        if not fs.exists(path):
-            continue
-        for file in fs.ls(path, detail=False):
-            if ours(file.rsplit("/", 1)[-1]):
-                fs.rm(file)
-        if isinstance(fs, LocalFileSystem) and not fs.ls(path, detail=False):
+        doomed = [entry for name, entry in _entries(fs, path).items() if ours(name)]
+        if doomed:
+            fs.rm(doomed)  # object stores delete a list in batches
+        if isinstance(fs, LocalFileSystem) and fs.exists(path) and not fs.ls(path):
             fs.rmdir(path)  # object stores have no folders to leave behind
-    for name in (SUMMARY, RUN_CONFIG, EVALUATION, *INDEXES.values()):
+    for name in (SUMMARY, RUN_CONFIG, RUN_MANIFEST, EVALUATION, *INDEXES.values()):
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")
+
+
+def _run_file(name: str) -> bool:
+    return is_shard(name) or name.startswith(TEMP_PREFIX)
 
 
 def read_committed(output: str, data_format: str, storage_options: Mapping) -> Committed:
@@ -173,7 +188,8 @@ def read_committed(output: str, data_format: str, storage_options: Mapping) -> C
 def _folder_keys(fs, root: str, folder: str, suffix: str, read, schema: pa.Schema) -> pa.Table:
     import pyarrow.compute as pc
 
-    shards = {path.rsplit("/", 1)[-1]: path for path in _visible(fs, f"{root}/{folder}", suffix)}
+    shards = {path.rsplit("/", 1)[-1]: path
+              for path in visible_shards(fs, f"{root}/{folder}", suffix)}
     indexed = _read_index(fs, f"{root}/{INDEXES[folder]}", schema)
     names = pa.array(list(shards), pa.string())
     indexed = indexed.filter(pc.is_in(indexed["shard"].cast(pa.string()), value_set=names))
@@ -243,7 +259,7 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
     if fs.exists(f"{root}/{INDEXES[ERRORS_DIR]}"):
         fs.rm(f"{root}/{INDEXES[ERRORS_DIR]}")
     forgotten = 0
-    for path in _visible(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
+    for path in visible_shards(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
         with fs.open(path, "rb") as stream:
             rows = pq.read_table(stream)
         retry = in_stages(rows["stage"], stages)
@@ -269,7 +285,8 @@ def clean_temporaries(output: str, storage_options: Mapping) -> int:
     top only those of files the lease holder writes (the caller): a run waiting for the lease
     may be writing its own lease file there."""
     fs, root = output_fs(output, storage_options)
-    holders = tuple(TEMP_PREFIX + name for name in (RUN_CONFIG, SUMMARY, *INDEXES.values()))
+    holders = tuple(TEMP_PREFIX + name
+                    for name in (RUN_CONFIG, RUN_MANIFEST, SUMMARY, *INDEXES.values()))
     removed = 0
     for folder, prefixes in ((DATA_DIR, TEMP_PREFIX), (ERRORS_DIR, TEMP_PREFIX), ("", holders)):
         path = f"{root}/{folder}".rstrip("/")
@@ -298,6 +315,21 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
         return
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
            storage_options)  # whole or not at all: a torn record would refuse every rerun
+
+
+def record_manifest(output: str, manifest: str, storage_options: Mapping) -> None:
+    """Record which manifest this run reads (`RUN_MANIFEST`), replacing the last run's."""
+    commit(output, RUN_MANIFEST, json.dumps({"manifest": redact(manifest)}).encode(),
+           storage_options)
+
+
+def recorded_manifest(output: str, storage_options: Mapping) -> str | None:
+    """The manifest `record_manifest` recorded in OUTPUT, or None."""
+    fs, root = output_fs(output, storage_options)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{RUN_MANIFEST}"))["manifest"]
+    except FileNotFoundError:
+        return None
 
 
 # Recorded as None when the run leaves them to the rows' task presets (or built-in values).

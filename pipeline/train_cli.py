@@ -54,7 +54,7 @@ def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
 
     uris = sorted(protocol + path for path in found if path.lower().endswith(image_suffixes()))
     if not uris:
-        raise click.BadParameter(f"no images (files with a suffix Pillow opens, such as .png, "
+        raise click.BadParameter(f"no images (files with a suffix Pillow decodes, such as .png, "
                                  f".jpg, .webp or .tif) under {source}", param_hint="IMAGES")
     return uris
 

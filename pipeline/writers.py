@@ -36,7 +36,7 @@ DATA_COLUMNS = tuple(DATA_TYPES)
 ERROR_COLUMNS = ("id", "t0", "sample", "stage", "error")
 URI_COLUMNS = ("guide", "mask")  # manifest columns of URIs, which may carry credentials
 TEMP_PREFIX = ".tmp-"
-UPLOAD_ATTEMPTS = 6  # backoff 0.5 + 1 + 2 + 4 + 8 s between them
+UPLOAD_ATTEMPTS = 4  # backoff 0.5 + 1 + 2 s between them, botocore's own retries within each
 SHARD_NAME = re.compile(r"part-[0-9a-f]+\.(?:parquet|tar)")  # every shard writer's file names
 
 
@@ -86,7 +86,8 @@ def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> 
 def _upload(fs, path: str, payload: bytes, attempts: int = UPLOAD_ATTEMPTS) -> None:
     """One PUT per attempt (the object appears whole or not at all), with backoff through an
     outage of the store of about half a minute (botocore retries each attempt a few times
-    too); no bucket or no rights fail at once."""
+    too, 5-8 s against an endpoint that does not answer); no bucket, no rights or refused
+    credentials fail at once."""
     with_backoff(lambda: fs.pipe_file(path, payload), attempts, delay=0.5)
 
 

@@ -95,7 +95,10 @@ def is_outage(error: BaseException) -> bool:
 
 def store_may_pass(error: BaseException) -> bool:
     """Whether a store's failure to list, write or read a file of OUTPUT may pass when tried
-    again: an outage or another I/O error, not a missing file or refused permission."""
+    again: an outage or another I/O error, not a missing file, refused permission or refused
+    credentials (which s3fs raises as OSError EINVAL, as any HTTP 400)."""
+    if _error_code(error) in REFUSED_CREDENTIALS:
+        return False
     return is_outage(error) or (isinstance(error, OSError) and not isinstance(
         error, FileNotFoundError | PermissionError))
 

@@ -28,7 +28,6 @@ from tasks.images import (
 )
 from tasks.sources import is_remote, resolve
 
-HIDDEN_PREFIXES = (".", "_")  # temporary / uncommitted files are never read
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
 SHARD_SUFFIXES: dict[Format, str] = {"parquet": ".parquet", "webdataset": ".tar"}
 
@@ -53,17 +52,12 @@ def _filesystem(folder: OutputFolder):
 
 
 def shard_files(folder: OutputFolder, sub: str, suffix: str = ".parquet") -> list[str]:
-    """Committed `suffix` files under OUTPUT/sub, sorted (hidden temporary names skipped)."""
+    """Committed `suffix` shards under OUTPUT/sub, sorted: the files `sdedit run` takes for
+    shards when it resumes, no other file there."""
+    from pipeline.resume import visible_shards
+
     fs, root = _filesystem(folder)
-    where = posixpath.join(root, sub)
-    if not fs.exists(where):
-        return []
-    found = [
-        path
-        for path in fs.find(where)
-        if path.endswith(suffix) and not posixpath.basename(path).startswith(HIDDEN_PREFIXES)
-    ]
-    return sorted(found)
+    return visible_shards(fs, posixpath.join(root, sub), suffix)
 
 
 def data_shards(folder: OutputFolder) -> tuple[Format, list[str]]:
@@ -173,22 +167,24 @@ def find_value(tree: object, names: tuple[str, ...]) -> object | None:
 
 def manifest_base(folder: OutputFolder, summary: dict) -> str | None:
     """The folder relative guide/mask paths resolve against: explicit, else that of the
-    manifest the summary records, else that of the run holding OUTPUT's lease (a first run
-    still writing, or killed). None when none names one (a first run stopped before its
-    summary)."""
+    manifest the last run started recorded (`pipeline.resume.RUN_MANIFEST`: also while a first
+    run writes, or after one was stopped or killed, before any summary), else that of the
+    manifest the summary records (OUTPUTs of earlier versions). None when none names one."""
     if folder.manifest_base:
         return folder.manifest_base
-    manifest = find_value(summary, ("manifest",)) or _leased_manifest(folder)
+    manifest = _recorded_manifest(folder) or find_value(summary, ("manifest",))
     if not isinstance(manifest, str):
         return None
     return run_manifest_base(manifest, folder.storage_options)
 
 
-def _leased_manifest(folder: OutputFolder) -> str | None:
-    from pipeline.lease import read_lease
+def _recorded_manifest(folder: OutputFolder) -> str | None:
+    from pipeline.resume import recorded_manifest
 
-    lease = read_lease(folder.uri, folder.storage_options)
-    return lease.manifest if lease and lease.manifest else None
+    try:
+        return recorded_manifest(folder.uri, folder.storage_options)
+    except Exception:  # noqa: BLE001 (unreadable or malformed: guides are then not resolved)
+        return None
 
 
 def run_manifest_base(manifest: str, storage_options: dict) -> str:

@@ -105,15 +105,17 @@ def stderr_note(line: str) -> None:
 @functools.cache
 def image_suffixes() -> tuple[str, ...]:
     """The file suffixes of every format Pillow can open (.jfif, .ppm, .tga, ...), as
-    `tasks.images` and `sdedit run` decode any of them; less Pillow's stub formats (HDF5,
-    GRIB, BUFR, WMF), which decode only through handlers this project never installs."""
-    from PIL import Image, ImageFile
+    `tasks.images` and `sdedit run` decode any of them; less those it identifies but cannot
+    decode here: its stub formats (HDF5, GRIB, BUFR, WMF: handlers this project never
+    installs), MPEG video (identified only), and EPS/PS without Ghostscript."""
+    from PIL import EpsImagePlugin, Image, ImageFile
 
     Image.init()
-    stubs = {name for name, (factory, _) in Image.OPEN.items()
-             if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)}
+    undecodable = {name for name, (factory, _) in Image.OPEN.items()
+                   if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)}
+    undecodable |= {"MPEG"} | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"})
     return tuple(sorted(suffix for suffix, name in Image.registered_extensions().items()
-                        if name in Image.OPEN and name not in stubs))
+                        if name in Image.OPEN and name not in undecodable))
 
 
 def list_images(
@@ -146,7 +148,7 @@ def list_images(
     if not images:
         what = "it is a .parquet file" if found == [path] else "it holds .parquet files"
         hint = f"; {what}: {parquet_hint}" * any(p.lower().endswith(".parquet") for p in found)
-        raise FileNotFoundError(f"no images (files with a suffix Pillow opens, such as .png, "
+        raise FileNotFoundError(f"no images (files with a suffix Pillow decodes, such as .png, "
                                 f".jpg, .webp or .tif) found at {location}{hint}")
     remote = is_remote(location)
     return [(fs.unstrip_protocol(p) if remote else p, _relative(p, root)) for p in images]
@@ -173,7 +175,7 @@ def _left_out(files: list[str], location: str) -> list[str]:
     if others:
         suffixes = sorted({PurePosixPath(p).suffix.lower() or "(no suffix)" for p in others})
         lines.append(f"left out {len(others)} file(s) at {location} with a suffix of no image "
-                     f"format Pillow opens: {', '.join(suffixes)}")
+                     f"format Pillow decodes: {', '.join(suffixes)}")
     chained = [p for p in files if CHAINED in p and p.lower().endswith(image_suffixes())]
     if chained:
         named = ", ".join(chained[:NAMED_AT_MOST])

@@ -264,6 +264,29 @@ def test_a_region_the_store_refuses_to_sign_for_stops_the_run_instead_of_failing
     assert _may_pass(as_s3fs_raises("InvalidRequest")) is False  # one request's own fault
 
 
+def test_commits_wait_out_outages_but_not_refused_credentials():
+    """Writes and lease reads retry what may pass; s3fs raises refused credentials as
+    OSError EINVAL (an HTTP 400), which was retried for 15 s like an outage."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from s3fs.errors import translate_boto_error
+
+    from tasks.images import store_may_pass
+
+    def refused(code: str) -> OSError:
+        answer = ClientError({"Error": {"Code": code, "Message": "refused"},
+                              "ResponseMetadata": {"HTTPStatusCode": 400}}, "PutObject")
+        try:
+            raise translate_boto_error(answer) from answer
+        except OSError as error:
+            return error
+
+    for code in ("AuthorizationHeaderMalformed", "InvalidToken", "TokenRefreshRequired"):
+        assert store_may_pass(refused(code)) is False, code
+    assert store_may_pass(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert store_may_pass(ConnectionResetError()) and store_may_pass(refused("SlowDown"))
+    assert not store_may_pass(FileNotFoundError("b/out/_run_lease.json"))
+
+
 def test_a_decode_error_says_the_same_on_every_run(tmp_path):
     """Pillow named its in-memory buffer: "cannot identify image file <_io.BytesIO object at
     0x7fac...>", an address that differed from run to run in committed error rows."""

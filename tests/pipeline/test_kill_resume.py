@@ -17,6 +17,7 @@ from run_helpers import read_dataset, write_images, write_manifest
 
 from pipeline.lease import LEASE, Lease, read_lease
 from pipeline.progress import RAY_PROGRESS_VARIABLE
+from pipeline.resume import recorded_manifest
 from pipeline.writers import commit
 from tasks.inspect import sheet_rows
 from tasks.outputs import OutputFolder
@@ -75,9 +76,9 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
                                         env={**quiet, RAY_PROGRESS_VARIABLE: "0"})
     kill_run(first)
     assert "Total Progress" in (tmp_path / "first.log").read_text()  # Ray Data's, asked for
-    # No summary.json yet: the killed run's lease says which manifest its relative guides
+    # No summary.json yet: the killed run recorded which manifest its relative guides
     # resolve against, so inspect shows them without --manifest (it drew "no guide").
-    assert read_lease(str(output), {}).manifest == str(manifest)
+    assert recorded_manifest(str(output), {}) == str(manifest)
     assert not (output / "summary.json").exists()
     drawn, _ = sheet_rows(OutputFolder(str(output)))
     assert drawn and all(row.guide is not None for row in drawn)

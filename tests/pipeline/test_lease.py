@@ -185,3 +185,14 @@ def test_run_refuses_an_output_in_use_and_touches_nothing(tmp_path):
     assert sorted(p.name for p in output.rglob("*")) == sorted([LEASE, "data", in_flight.name])
     assert in_flight.read_bytes() == b"half a shard"
     assert read_lease(str(output), {}) == holder and not ray.is_initialized()
+
+
+def test_the_lease_keeps_the_fields_earlier_versions_read_and_ignores_later_ones(tmp_path):
+    """A field added to the lease made the version before it read the lease as none (its
+    `Lease(**json)` refused the key) and take a live run's OUTPUT over; a lease with a key a
+    later version adds must still be read here."""
+    with holding(str(tmp_path), {}, print) as lease:
+        written = json.loads((tmp_path / LEASE).read_text())
+        assert set(written) == {"run", "host", "pid", "started_at", "renewed_at"}
+        (tmp_path / LEASE).write_text(json.dumps({**written, "added_later": 1}))
+        assert read_lease(str(tmp_path), {}) == lease

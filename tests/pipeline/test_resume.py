@@ -21,10 +21,10 @@ from pipeline.resume import (
 from pipeline.writers import DATA_DIR, ERRORS_DIR, ParquetShardWriter
 
 
-def commit_errors(output, rows: list[tuple]) -> None:
+def commit_errors(output, rows: list[tuple], storage_options: dict | None = None) -> None:
     """One committed error shard holding (id, t0, sample, stage) rows."""
     ids, t0s, samples, stages = zip(*rows, strict=True)
-    writer = ParquetShardWriter(f"{output}/{ERRORS_DIR}", {})
+    writer = ParquetShardWriter(f"{output}/{ERRORS_DIR}", storage_options or {})
     messages = [f"{stage} failed for {row_id}" for row_id, stage in zip(ids, stages, strict=True)]
     writer.write(pa.table({"id": list(ids), "t0": list(t0s), "sample": list(samples),
                            "stage": list(stages), "error": messages}))
@@ -174,7 +174,8 @@ def test_an_output_folder_of_the_users_own_files_is_refused_and_overwrite_delete
         assert str(error.value) == (
             f"{tmp_path}/data/ holds files no sdedit run wrote (README.txt, guide.png, "
             "manifest.parquet); a run keeps only its shards there (part-*.parquet or .tar). "
-            "Choose another OUTPUT: an empty or new folder, or one a run made")
+            "Choose another OUTPUT (an empty or new folder, or one a run made), or move those "
+            "files out")
     assert sorted(p.name for p in (tmp_path / DATA_DIR).iterdir()) == [
         "README.txt", "guide.png", "manifest.parquet"]
     assert not (tmp_path / "_run_config.json").exists()
@@ -186,8 +187,26 @@ def test_overwrite_deletes_only_what_runs_and_reports_wrote(tmp_path):
     claim_output(str(tmp_path), {"steps": 2}, False, {})
     (tmp_path / "inspect").mkdir()
     for name in ("inspect/contact_sheet.png", "inspect/notes.txt", "evaluation.json",
-                 "errors/.tmp-part-1.parquet.ab", "labels.csv"):
+                 "errors/.tmp-part-1.parquet.ab", "labels.csv", "errors/.DS_Store"):
         (tmp_path / name).write_bytes(b"x")
-    claim_output(str(tmp_path), {"steps": 3}, True, {})
+    claim_output(str(tmp_path), {"steps": 3}, True, {})  # hidden names are nobody's data
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "_run_config.json", "inspect", "inspect/notes.txt", "labels.csv"]
+        "_run_config.json", "errors", "errors/.DS_Store", "inspect", "inspect/notes.txt",
+        "labels.csv"]
+
+
+def test_an_object_stores_folder_marker_is_no_foreign_file(s3_server):
+    """The empty `data/` object a console's "create folder" leaves: s3fs lists it as an entry
+    named "", and the run's own OUTPUT was refused for holding files "()"."""
+    import s3fs
+
+    output = f"{s3_server.new_bucket()}/out"
+    store = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url)
+    store.pipe_file(f"{output}/data/", b"")
+    commit_errors(output, [("a", 0.5, 0, "read")], s3_server.storage_options)  # as a run does
+    store.invalidate_cache()
+    claim_output(output, {"steps": 2}, False, s3_server.storage_options)
+    claim_output(output, {"steps": 3}, True, s3_server.storage_options)
+    store.invalidate_cache()
+    root = output.removeprefix("s3://")
+    assert store.find(root) == [f"{root}/_run_config.json", f"{root}/data/"]  # the marker stays

@@ -48,11 +48,11 @@ def write_output(
     for index in range(files):
         part = records[index::files]
         if part:
-            pq.write_table(pa.Table.from_pylist(part), root / "data" / f"shard-{index}.parquet")
+            pq.write_table(pa.Table.from_pylist(part), root / "data" / f"part-{index:x}.parquet")
     (root / "data" / ".tmp-shard.parquet").write_bytes(b"partial garbage")
     if errors is not None:
         (root / "errors").mkdir(exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(errors), root / "errors" / "errors-0.parquet")
+        pq.write_table(pa.Table.from_pylist(errors), root / "errors" / "part-0.parquet")
     if summary is not None:
         (root / "summary.json").write_text(json.dumps(summary))
     return root

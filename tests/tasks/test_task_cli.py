@@ -194,8 +194,8 @@ def test_manifest_refuses_a_missing_source_and_a_manifest_for_one(tmp_path):
     result = CliRunner().invoke(main, ["manifest", str(tmp_path / "m.parquet"), str(output)])
     assert result.exit_code == 1 and result.output == (
         f"note: left out 1 file(s) at {tmp_path}/m.parquet with a suffix of no image format "
-        f"Pillow opens: .parquet\nError: cannot write a manifest of {tmp_path}/m.parquet to "
-        f"{output}: FileNotFoundError: no images (files with a suffix Pillow opens, such as "
+        f"Pillow decodes: .parquet\nError: cannot write a manifest of {tmp_path}/m.parquet to "
+        f"{output}: FileNotFoundError: no images (files with a suffix Pillow decodes, such as "
         f".png, .jpg, .webp or .tif) found at {tmp_path}/m.parquet; it is a .parquet file: "
         "`sdedit manifest` takes a folder or glob of images, not a manifest\n")
     assert not output.exists()

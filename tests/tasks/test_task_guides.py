@@ -438,10 +438,10 @@ def test_a_folder_of_manifests_given_as_images_says_what_it_holds(tmp_path, caps
     with pytest.raises(FileNotFoundError) as error:
         folder_rows(str(tmp_path))
     assert str(error.value) == (
-        "no images (files with a suffix Pillow opens, such as .png, .jpg, .webp or .tif) found "
+        "no images (files with a suffix Pillow decodes, such as .png, .jpg, .webp or .tif) found "
         f"at {tmp_path}; it holds .parquet files: a manifest SOURCE is one .parquet file")
     assert capsys.readouterr().err == (
-        f"note: left out 1 file(s) at {tmp_path} with a suffix of no image format Pillow opens: "
+        f"note: left out 1 file(s) at {tmp_path} with a suffix of no image format Pillow decodes: "
         ".parquet\n")
 
 

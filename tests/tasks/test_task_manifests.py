@@ -209,14 +209,15 @@ def test_every_suffix_pillow_opens_is_an_image_and_other_files_are_counted(tmp_p
     names = ["a.jfif", "b.jpe", "c.ppm", "d.pgm", "e.tga", "f.ico", "g.PNG"]
     for name in names:
         Image.new("RGB", (16, 16), (200, 100, 50)).save(tmp_path / name)
-    for name in ("notes.txt", "README", "cube.h5"):  # .h5: a Pillow stub, never decoded
+    # .h5: a Pillow stub, never decoded; .MPG: a video Pillow identifies and cannot decode
+    for name in ("notes.txt", "README", "cube.h5", "MVI_0002.MPG"):
         (tmp_path / name).write_text("not an image")
     rows = folder_rows(str(tmp_path))
     assert [row["id"] for row in rows] == ["a", "b", "c", "d", "e", "f", "g"]
     assert [read_image(row["source"], {}).size for row in rows] == [(16, 16)] * 7
     assert capsys.readouterr().err == (
-        f"note: left out 3 file(s) at {tmp_path} with a suffix of no image format Pillow opens: "
-        "(no suffix), .h5, .txt\n")
+        f"note: left out 4 file(s) at {tmp_path} with a suffix of no image format Pillow "
+        "decodes: (no suffix), .h5, .mpg, .txt\n")
 
 
 def test_images_whose_path_holds_a_chain_separator_are_left_out_by_name(tmp_path, capsys):

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from task_fixtures import flat, photo, png_bytes, write_output
 
-from pipeline.lease import holding
 from pipeline.manifest import find_files
+from pipeline.resume import record_manifest
 from pipeline.writers import DATA_TYPES, WRITERS
 from tasks.evaluate import evaluate
 from tasks.inspect import (
@@ -248,10 +248,11 @@ def test_relative_guides_resolve_against_the_folder_the_run_used(tmp_path, layou
     assert evaluate(folder)["outputs_scored"] == 1
     (row,), _ = sheet_rows(folder)
     assert row.guide is not None and row.guide.getpixel((0, 0)) == (100, 100, 100)
-    (output / "summary.json").unlink()  # a first run still writing: its lease names it
-    with holding(str(output), {}, print, manifest=manifest):
-        assert evaluate(folder)["outputs_scored"] == 1
-    assert evaluate(folder)["outputs_scored"] == 0  # stopped before its summary: --manifest
+    (output / "summary.json").unlink()  # a first run still writing, stopped or killed
+    record_manifest(str(output), manifest, {})  # as every run does when it starts
+    assert evaluate(folder)["outputs_scored"] == 1
+    (output / "_run_manifest.json").unlink()  # OUTPUTs of earlier versions: --manifest
+    assert evaluate(folder)["outputs_scored"] == 0
     result = CliRunner().invoke(evaluate_command, [str(output), "--manifest", manifest])
     assert result.exit_code == 0, result.output
     assert json.loads((output / "evaluation.json").read_text())["outputs_scored"] == 1
