@@ -11,6 +11,7 @@ Rows that cannot be processed become keys carrying an error (stage "validate"), 
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
 from collections import Counter, defaultdict
@@ -178,7 +179,8 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
     if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):
         base = path[: magic.start()].rsplit("/", 1)[0]
-        files = _outside_outputs(fs, [f for f in fs.glob(path) if not _hidden(f, base)], base)
+        files = _outside_outputs(fs, [f for f in fs.glob(path) if not _hidden(f, base, path)],
+                                 base)
     elif fs.isdir(path):
         base = path
         files = _outside_outputs(fs, [f for f in fs.find(path)
@@ -213,12 +215,16 @@ def _outside_outputs(fs, files: list[str], root: str) -> list[str]:
     return sorted(file for file in files if not in_output(file))
 
 
-def _hidden(path: str, root: str) -> bool:
+def _hidden(path: str, root: str, pattern: str = "") -> bool:
     """Whether a file under a folder manifest `root` is hidden: its name or a folder between
-    (Spark's `_temporary/`, Delta's `_delta_log/`, `.ipynb_checkpoints/`) starts with '.' or
-    '_', as pyarrow and Spark skip them."""
+    (Spark's `_temporary/`, Delta's `_delta_log/`, `.ipynb_checkpoints/`, `_SUCCESS`) starts
+    with '.' or '_', as pyarrow and Spark skip them; unless a glob `pattern` names such a part
+    itself (`/d/_staging*/m.parquet`)."""
     below = path[len(root.rstrip("/")):].strip("/")
-    return any(part.startswith((".", "_")) for part in below.split("/"))
+    named = pattern[len(root.rstrip("/")):].strip("/").split("/") if pattern else []
+    return any(part.startswith((".", "_")) and not any(
+        wanted.startswith(part[0]) and fnmatch.fnmatchcase(part, wanted) for wanted in named)
+        for part in below.split("/"))
 
 
 def clashing_columns(names: Sequence[str]) -> list[str]:

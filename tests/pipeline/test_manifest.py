@@ -487,6 +487,9 @@ def test_a_glob_skips_hidden_files_and_an_unreadable_manifest_file_is_named(tmp_
     write_manifest(tmp_path / "m" / "part-0.parquet", {"id": ["a"], "guide": ["a.png"]})
     (tmp_path / "m" / "_SUCCESS").write_bytes(b"")  # Spark's marker, empty
     assert len(find_files(str(tmp_path / "m" / "*"), {}).files) == 1  # was "size is 0 bytes"
+    write_manifest(tmp_path / "_staging1" / "m.parquet", {"id": ["b"], "guide": ["b.png"]})
+    named = find_files(str(tmp_path / "_staging*" / "m.parquet"), {})  # asked for by name
+    assert named.files == (f"file://{tmp_path}/_staging1/m.parquet",)
     (tmp_path / "m" / "part-1.parquet").write_bytes(b"not parquet")
     with pytest.raises(ManifestError) as error:
         find_files(str(tmp_path / "m" / "*"), {})
