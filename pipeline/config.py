@@ -222,9 +222,9 @@ def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
     options: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            name = pair.split("=")[0]  # never echo a value: it may be a secret
-            raise ConfigError(f"storage option must look like KEY=VALUE, got {name!r}")
+        if not sep or not key:  # never echo what was given: without '=' it may be all secret
+            got = "one with no '=' (not shown: it may hold a secret)" if not sep else "no KEY"
+            raise ConfigError(f"storage option must look like KEY=VALUE, got {got}")
         *parents, leaf = key.split(".")
         target = options
         for parent in parents:

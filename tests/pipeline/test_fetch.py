@@ -223,6 +223,18 @@ def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(t
     assert error.value.stage == "read"
     assert str(error.value) == (f"{huge} is larger than {file_limit(100):,} bytes, more than an "
                                 "image within the pixel limit (--max-pixels) needs")
+    import tracemalloc
+
+    with open(huge, "r+b") as sparse:  # 256 MiB: read whole, a bytes object of that size
+        sparse.truncate(256 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="is larger than"):
+            prepare(str(huge), None, 8, {}, max_pixels=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the limit and a little more were read, not the file
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError) as error:
         prepare(str(tmp_path / "empty.png"), None, 8, {}, max_pixels=100)

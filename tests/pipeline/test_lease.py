@@ -100,7 +100,8 @@ def test_a_run_may_wait_for_a_lease_to_expire_or_be_released(tmp_path):
     lines = []
     started = time.monotonic()
     lease, replaced = acquire(str(output), {}, wait_seconds=10, report=lines.append)
-    assert 0.9 < time.monotonic() - started < 3 and replaced.host == "node-7"
+    # taken once the lease expired (1 s), not at the end of the 10 s it may wait
+    assert 0.9 < time.monotonic() - started < 9 and replaced.host == "node-7"
     assert len(lines) == 1 and re.search(r"in use by run other \(host node-7, pid 4242\).*; "
                                          r"waiting up to (10|9) s for it to end", lines[0])
     release(str(output), lease, {})

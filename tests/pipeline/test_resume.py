@@ -195,6 +195,7 @@ def test_overwrite_deletes_only_what_runs_and_reports_wrote(tmp_path):
         "labels.csv"]
 
 
+@pytest.mark.slow
 def test_an_object_stores_folder_marker_is_no_foreign_file(s3_server):
     """The empty `data/` object a console's "create folder" leaves: s3fs lists it as an entry
     named "", and the run's own OUTPUT was refused for holding files "()"."""

@@ -29,9 +29,11 @@ def test_bad_option_values_are_usage_errors(tmp_path):
 
 
 def test_storage_option_values_are_never_echoed(tmp_path):
-    result = CliRunner().invoke(main, ["run", "m.parquet", str(tmp_path),
-                                       "--storage-option", "secret"])
-    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+    for malformed in ("=SECRETVAL", "secret:SECRETVAL"):  # no key, or no '='
+        result = CliRunner().invoke(main, ["run", "m.parquet", str(tmp_path),
+                                           "--storage-option", malformed])
+        assert result.exit_code == 2 and "KEY=VALUE" in result.output
+        assert "SECRETVAL" not in result.output, result.output
 
 
 def test_manifest_and_output_may_come_from_a_config_file(tmp_path):
