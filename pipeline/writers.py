@@ -192,8 +192,18 @@ def read_webdataset_shard(stream: IO[bytes], images: bool = True) -> pa.Table:
     """
     rows = list(webdataset_rows(stream, images))
     passthrough = sorted({name for row in rows for name in row} - set(DATA_TYPES))
-    return pa.table({name: pa.array([row.get(name) for row in rows], DATA_TYPES.get(name))
-                     for name in [*DATA_COLUMNS, *passthrough]})
+    return pa.table({**{name: pa.array([row.get(name) for row in rows], DATA_TYPES[name])
+                        for name in DATA_COLUMNS},
+                     **{name: _inferred([row.get(name) for row in rows]) for name in passthrough}})
+
+
+def _inferred(values: list) -> pa.Array:
+    """A pass-through column from its JSON values; values Arrow cannot type alike (an integer
+    beyond int64, as a uint64 column can hold; numbers mixed with text) as their JSON text."""
+    try:
+        return pa.array(values)
+    except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if value is None else json.dumps(value) for value in values])
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

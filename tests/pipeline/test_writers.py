@@ -146,3 +146,15 @@ def test_guide_and_mask_uris_reach_the_outputs_without_their_credentials():
         "https://h/m.png?X-Amz-Credential=***&X-Amz-Signature=***", None]
     assert written["caption"].to_pylist() == ["token=kept", "as is"]  # not a URI column
     assert written.column_names == [*DATA_COLUMNS, "guide", "mask", "caption"]
+
+
+def test_webdataset_values_arrow_cannot_type_alike_read_back_as_their_json_text(tmp_path):
+    """A uint64 pass-through column holding 2**64 - 1 made `sdedit inspect` stop with
+    OverflowError: Python int too large to convert to C long."""
+    table = rows(["a", "b"]).append_column("big", pa.array([2**64 - 1, 1], pa.uint64()))
+    writer = WRITERS["webdataset"](str(tmp_path), {})
+    writer.write(table.append_column("label", pa.array(["cat", "dog"])))
+    with open(writer.close().removeprefix("file://"), "rb") as stream:
+        read = read_webdataset_shard(stream)
+    assert read["big"].to_pylist() == [str(2**64 - 1), "1"]
+    assert read["label"].to_pylist() == ["cat", "dog"]  # others typed as before
