@@ -358,21 +358,28 @@ def init_ray(address: str | None) -> bool:
         return False
     caller_sigterm = signal.getsignal(signal.SIGTERM)
     address, source = cluster_address(address)
-    if address:
-        try:
-            check_listening(address)
-            ray.init(address=address)
-        except (ConnectionError, ray.exceptions.RayError) as error:  # not a storage failure
-            raise ClusterUnreachable(
-                f"cannot join the Ray cluster at {address} ({source}): {type(error).__name__}: "
-                f"{error}. Is it running (`ray status --address {address}`)? A cluster with "
-                "token authentication also needs RAY_AUTH_MODE=token and its token here; what "
-                "was committed stays in OUTPUT, rerun to resume") from error
-    else:
-        ray.init(address="local", include_dashboard=False)
-    if (caller_sigterm not in (signal.SIG_DFL, None)  # ray.init put sys.exit(15) in its place
-            and threading.current_thread() is threading.main_thread()):
-        signal.signal(signal.SIGTERM, caller_sigterm)
+    try:
+        if address:
+            try:
+                check_listening(address)
+                ray.init(address=address)
+            except (ConnectionError, ray.exceptions.RayError) as error:  # not a storage failure
+                raise ClusterUnreachable(
+                    f"cannot join the Ray cluster at {address} ({source}): "
+                    f"{type(error).__name__}: {error}. Is it running (`ray status --address "
+                    f"{address}`)? A cluster with token authentication also needs "
+                    "RAY_AUTH_MODE=token and its token here; what was committed stays in "
+                    "OUTPUT, rerun to resume") from error
+        else:
+            ray.init(address="local", include_dashboard=False)
+    except SystemExit as stop:  # SIGTERM while ray.init ran, under Ray's own sys.exit(15)
+        if stop.code == signal.SIGTERM and callable(caller_sigterm):
+            caller_sigterm(signal.SIGTERM, None)  # the caller's answer (the CLI: unwind, 143)
+        raise
+    finally:
+        if (caller_sigterm not in (signal.SIG_DFL, None)  # ray.init put sys.exit(15) there
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGTERM, caller_sigterm)
     return True
 
 

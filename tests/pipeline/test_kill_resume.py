@@ -193,3 +193,25 @@ def test_a_killed_actor_is_replaced_and_its_work_redone_once(tmp_path):
     assert table["id"].to_pylist() == [f"r{i:02d}" for i in range(ROWS)]  # each exactly once
     summary = json.loads((output / "summary.json").read_text())
     assert summary["reconciled"] and summary["errors"] == 0
+
+
+def test_sigterm_while_ray_starts_unwinds_as_any_other_sigterm(tmp_path):
+    """While ray.init runs, Ray's own SIGTERM handler (sys.exit(15)) is in force: a run stopped
+    then exited 15 without its 'stopped by SIGTERM' line. The signal comes 1 s into init_ray
+    (Ray takes several seconds to start here); wherever it lands, the caller's handler answers."""
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from pipeline.job import init_ray\n"
+        "from pipeline.run_cli import Terminated, stopping_on_sigterm\n"
+        "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "try:\n"
+        "    with stopping_on_sigterm():\n"
+        "        init_ray(None)\n"
+        "        time.sleep(60)\n"
+        "except Terminated:\n"
+        "    print('terminated', flush=True)\n"
+        "    sys.exit(143)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert (done.returncode, done.stdout) == (143, "terminated\n"), done.stderr[-2000:]
