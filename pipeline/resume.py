@@ -110,10 +110,22 @@ def output_fs(output: str, storage_options: Mapping):
 def visible_shards(fs, folder: str, suffix: str) -> list[str]:
     """The committed shards under `folder` whose names end in `suffix`, sorted: what runs
     resume from, and `sdedit inspect` and `evaluate` read."""
-    if not fs.exists(folder):
-        return []
-    return sorted(p for p in fs.ls(folder, detail=False)
-                  if p.endswith(suffix) and is_shard(p.rsplit("/", 1)[-1]))
+    return sorted(path for name, path in _entries(fs, folder).items()
+                  if name.endswith(suffix) and is_shard(name))
+
+
+def _entries(fs, path: str) -> dict[str, str]:
+    """The names (-> paths) of what a folder holds; none for a folder that does not exist.
+    An object store's folder marker (the empty `data/` object a console's "create folder"
+    leaves) is no entry."""
+    if not fs.exists(path):
+        return {}
+    entries = {}
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if entry.rstrip("/") != path.rstrip("/") and name:
+            entries[name] = entry
+    return entries
 
 
 class ForeignFilesError(RuntimeError):
@@ -135,20 +147,6 @@ def refuse_foreign_files(output: str, storage_options: Mapping) -> None:
                 f"{output.rstrip('/')}/{folder}/ holds files no sdedit run wrote ({some}); a "
                 "run keeps only its shards there (part-*.parquet or .tar). Choose another "
                 "OUTPUT (an empty or new folder, or one a run made), or move those files out")
-
-
-def _entries(fs, path: str) -> dict[str, str]:
-    """The names (-> paths) of what a folder holds; none for a folder that does not exist.
-    An object store's folder marker (the empty `data/` object a console's "create folder"
-    leaves) is no entry."""
-    if not fs.exists(path):
-        return {}
-    entries = {}
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if entry.rstrip("/") != path.rstrip("/") and name:
-            entries[name] = entry
-    return entries
 
 
 def _remove_run(fs, root: str) -> None:
@@ -289,12 +287,10 @@ def clean_temporaries(output: str, storage_options: Mapping) -> int:
                     for name in (RUN_CONFIG, RUN_MANIFEST, SUMMARY, *INDEXES.values()))
     removed = 0
     for folder, prefixes in ((DATA_DIR, TEMP_PREFIX), (ERRORS_DIR, TEMP_PREFIX), ("", holders)):
-        path = f"{root}/{folder}".rstrip("/")
-        if fs.exists(path):
-            for leftover in fs.ls(path, detail=False):
-                if leftover.rsplit("/", 1)[-1].startswith(prefixes):
-                    fs.rm(leftover)
-                    removed += 1
+        for name, leftover in _entries(fs, f"{root}/{folder}".rstrip("/")).items():
+            if name.startswith(prefixes):
+                fs.rm(leftover)
+                removed += 1
     return removed
 
 
