@@ -38,28 +38,34 @@ import click
 @click.option("--batch-size", default=32, show_default=True, help="Rows per actor call.")
 @click.option("--model-batch", default=32, show_default=True, help="Samples per model call.")
 @click.option("--actors", default=1, show_default=True)
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="The network's dtype, for model-only and the pipeline alike.")
 @click.option("--compile", is_flag=True,
               help="torch.compile the network (model-only compiles before timing; the "
                    "pipeline's start-up includes the compile).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep inputs/outputs here.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Also write the JSON result to this file.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
               help="Pipeline runs, each on a new Ray runtime; prints each ratio and the median.")
 def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
-          model_batch: int, actors: int, compile: bool, workdir: str | None, repeat: int) -> None:
+          model_batch: int, actors: int, dtype: str, compile: bool, workdir: str | None,
+          out_path: str | None, repeat: int) -> None:
     """Print model-only and end-to-end images/s on --images generated images, and their ratio."""
     with tempfile.TemporaryDirectory(prefix="sdedit-bench-") as scratch:
         root = Path(workdir or scratch)
         manifest = write_inputs(root / "inputs", count, size)
-        measure = (root / "inputs", model, count, t0, steps, model_batch, actors, compile)
-        actor_start = actor_start_seconds(model, steps, model_batch, actors, compile)
+        measure = (root / "inputs", model, count, t0, steps, model_batch, actors, dtype, compile)
+        actor_start = actor_start_seconds(model, steps, model_batch, actors, dtype, compile)
         model_runs, runs = [model_throughput(*measure)], []
         for _ in range(repeat):
             pipeline = pipeline_throughput(manifest, root / "output", model, t0, steps,
-                                           batch_size, model_batch, actors, compile)
+                                           batch_size, model_batch, actors, dtype, compile)
             model_runs.append(model_throughput(*measure))
             runs.append(compare(pipeline, model_runs[-2], model_runs[-1]))
     result = {"images": count, "size": size, "t0": t0, "steps": steps, "model": model,
-              "compile": compile, "runs": runs,
+              "dtype": dtype, "compile": compile, "runs": runs,
               "ratios": [run["ratio"] for run in runs],
               "ratio": median(run["ratio"] for run in runs),
               "steady_state_ratio": median(run["steady_state_ratio"] for run in runs
@@ -67,6 +73,8 @@ def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: 
               "actor_start_seconds": actor_start,
               "best_case_ratio": best_case_ratio(count, median(model_runs), actor_start)}
     click.echo(json.dumps(result, indent=2))
+    if out_path:
+        Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def compare(pipeline: dict, before: float, after: float) -> dict:
@@ -104,12 +112,12 @@ def best_case_ratio(count: int, model_only: float, actor_start: float) -> float:
 
 
 def actor_start_seconds(model: str, steps: int, model_batch: int, actors: int,
-                        compile: bool = False) -> float:
+                        dtype: str = "float32", compile: bool = False) -> float:
     """Seconds a fresh process with Ray already imported takes to import Ray Data and build the
     SDEdit actor as the pipeline does (torch, diffusers, model load; a compile happens later,
     on the first batch)."""
     settings = dict(model=model, steps=steps, model_batch=model_batch, actors=actors,
-                    compile=compile)
+                    dtype=dtype, compile=compile)
     code = "from pipeline.bench_cli import _time_actor_start; _time_actor_start()"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)],
                           capture_output=True, text=True)
@@ -128,8 +136,8 @@ def _time_actor_start() -> None:
 
     from pipeline.actor import SDEditActor
 
-    SDEditActor(settings["model"], "float32", {}, settings["model_batch"], settings["steps"],
-                threads=actor_threads(settings["actors"]),
+    SDEditActor(settings["model"], settings["dtype"], {}, settings["model_batch"],
+                settings["steps"], threads=actor_threads(settings["actors"]),
                 compile=settings["compile"])
     print(time.perf_counter() - started)
 
@@ -162,18 +170,21 @@ def write_inputs(folder: Path, count: int, size: int) -> Path:
 
 
 def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int,
-                     model_batch: int, actors: int, compile: bool = False) -> float:
+                     model_batch: int, actors: int, dtype: str = "float32",
+                     compile: bool = False) -> float:
     """Images/s through `sdedit.edit` alone, guides decoded beforehand (a compiled network
     compiles on an untimed first chunk)."""
 
     import torch
 
     import sdedit
-    from pipeline.actor import to_tensor
+    from pipeline.actor import prefer_deterministic_cuda, to_tensor
     from pipeline.fetch import prepare
 
     torch.set_num_threads(actor_threads(actors))
-    prior = sdedit.load(model, compile=compile)
+    if torch.cuda.is_available():
+        prefer_deterministic_cuda()  # as the actor does, so both use the same kernels
+    prior = sdedit.load(model, dtype=dtype, compile=compile)
     guides = [prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
               for i in range(count)]
 
@@ -188,12 +199,14 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
     started = time.perf_counter()
     for first in range(0, count, model_batch):
         edit(first)
+    if prior.device.type == "cuda":
+        torch.cuda.synchronize()
     return count / (time.perf_counter() - started)
 
 
 def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, steps: int,
                         batch_size: int, model_batch: int, actors: int,
-                        compile: bool = False) -> dict:
+                        dtype: str = "float32", compile: bool = False) -> dict:
     """Images/s of a full `sdedit run` on a new local Ray runtime, shut down after it (Ray
     start excluded, actor start-up included)."""
     import ray
@@ -204,7 +217,7 @@ def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, ste
     config = RunConfig(manifest=str(manifest), output=str(output), model=model, t0=(t0,),
                        steps=steps, batch_size=batch_size, model_batch=model_batch,
                        actors=(actors, actors), rows_per_shard=max(batch_size, 64),
-                       compile=compile, overwrite=True)
+                       dtype=dtype, compile=compile, overwrite=True)
     started_ray = init_ray(None)
     try:
         summary = run(config)

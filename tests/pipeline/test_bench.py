@@ -3,6 +3,8 @@ best case left by the actor's start-up) and the actor start-up measurement."""
 
 from __future__ import annotations
 
+import json
+
 import click
 import pytest
 
@@ -56,3 +58,22 @@ def test_median_of_odd_and_even_counts():
     assert median([0.91, 0.85, 0.88, 0.86]) == 0.87
     assert median(iter([0.9])) == 0.9
     assert median([]) is None
+
+
+def test_bench_runs_end_to_end_in_the_chosen_dtype(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.bench_cli import bench
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench, ["--images", "2", "--size", "16", "--steps", "2",
+                                        "--batch-size", "2", "--model-batch", "2",
+                                        "--dtype", "bfloat16", "--workdir", str(tmp_path / "w"),
+                                        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["dtype"] == "bfloat16"
+    assert [run["written"] for run in saved["runs"]] == [2]
+    assert saved["runs"][0]["model_only_images_per_s"] > 0 and saved["ratio"] > 0
+    run_config = json.loads((tmp_path / "w" / "output" / "summary.json").read_text())["config"]
+    assert run_config["dtype"] == "bfloat16"  # the pipeline ran in it too, not float32
