@@ -58,7 +58,7 @@ from pathlib import Path; from bench_gpu_edit import church_folder; church_folde
   part bench-default 60 120 sdedit bench --model default --size 32 --images "$DEFAULT_IMAGES" \
     --t0 0.5 --steps "$STEPS" --batch-size 512 --model-batch 256 --workdir /tmp/bench-default \
     --out "$OUT/bench_default.json"
-  part actor 60 150 python3 benchmarks/gpu_actor_check.py --rows "$ROWS" --model-batch 256 \
-    --steps "$STEPS" --variants float32,bfloat16 --out "$OUT/actor_check.json"
+  part actor 60 200 python3 benchmarks/gpu_actor_check.py --rows "$ROWS" --model-batch 256 \
+    --steps "$STEPS" --variants float32,bfloat16,bfloat16+compile --out "$OUT/actor_check.json"
   echo "total $(( $(date +%s) - started )) s"
 } 2>&1 | tee "$OUT/check.log"
