@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the `device` tool) for what only a GPU shows about the whole job:
 #  1. `sdedit run` of the README example with its Ray actor pool on the GPU (OUTPUT comes back
-#     as example.tar, to compare with a CPU run);
+#     as example.tar: untar it and compare with a CPU run of the same commit,
+#     `python benchmarks/compare_outputs.py GPU_OUTPUT CPU_OUTPUT`);
 #  2. `sdedit bench` on the GPU: end to end against model-only for a church-256-shaped UNet in
 #     bfloat16 (a user's workload) and for the bundled 32x32 prior at full speed (the CPU stages
 #     under the most pressure);
@@ -18,7 +19,7 @@
 set -uo pipefail
 : "${OUT:?set OUT to a folder for the results}"
 BUDGET=${BUDGET:-540} STEPS=${STEPS:-20}
-CHURCH_IMAGES=${CHURCH_IMAGES:-768} DEFAULT_IMAGES=${DEFAULT_IMAGES:-8192} ROWS=${ROWS:-2048}
+CHURCH_IMAGES=${CHURCH_IMAGES:-512} DEFAULT_IMAGES=${DEFAULT_IMAGES:-4096} ROWS=${ROWS:-1024}
 PARTS=${PARTS:-example church-folder bench-church noise bench-default actor}
 started=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - started) )); }
@@ -55,10 +56,10 @@ from pathlib import Path; from bench_gpu_edit import church_folder; church_folde
     --t0 0.5 --steps "$STEPS" --batch-size 64 --model-batch 64 --dtype bfloat16 \
     --workdir /tmp/bench-church --out "$OUT/bench_church.json"
   part noise 40 90 python3 benchmarks/gpu_noise_check.py --church --out "$OUT/noise.npz"
-  part bench-default 60 120 sdedit bench --model default --size 32 --images "$DEFAULT_IMAGES" \
+  part bench-default 60 150 sdedit bench --model default --size 32 --images "$DEFAULT_IMAGES" \
     --t0 0.5 --steps "$STEPS" --batch-size 512 --model-batch 256 --workdir /tmp/bench-default \
     --out "$OUT/bench_default.json"
-  part actor 60 200 python3 benchmarks/gpu_actor_check.py --rows "$ROWS" --model-batch 256 \
+  part actor 60 180 python3 benchmarks/gpu_actor_check.py --rows "$ROWS" --model-batch 256 \
     --steps "$STEPS" --variants float32,bfloat16,bfloat16+compile --out "$OUT/actor_check.json"
   echo "total $(( $(date +%s) - started )) s"
 } 2>&1 | tee "$OUT/check.log"

@@ -7,8 +7,10 @@ generator and its own t0, so rows with different t0 values but as many steps (an
 `steps=N`) share model batches instead of each padding their own. Every sample of a chunk takes
 part in every model call, and kernels give the same bits for a sample whatever its neighbours
 when the batch shape is fixed, so outputs do not change with --batch-size, actor counts or
-restarts (on CUDA the actor asks for deterministic cuDNN/cuBLAS kernels for this). Changing
-`model_batch` (or the device) may change rare pixels by one grey level.
+restarts (on CUDA the actor asks for deterministic cuDNN/cuBLAS kernels in true float32, no
+TF32, for this). Noise comes from CPU generators on every device, so a GPU makes the CPU's
+images up to floating point. Changing `model_batch` (or the device) may change rare pixels by
+one grey level.
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ class SDEditActor:
             mask = to_tensor([m or full for m in [*masks, *[masks[0]] * pad]], size, 1)
             mask = (mask + 1) / 2
         device = self.prior.device
-        generators = sdedit.generators([*seeds, *[0] * pad], device=device)
+        # noise from CPU generators on every device: a GPU makes the CPU's images (to floating
+        # point), not ones from CUDA's own random streams (see `sdedit.noise`)
+        generators = sdedit.generators([*seeds, *[0] * pad])
         t0 = torch.tensor([*t0s, *[t0s[0]] * pad], dtype=torch.float64)
         out = sdedit.edit(self.prior.model, self.prior.schedule, guide.to(device), t0=t0,
                           mask=None if mask is None else mask.to(device), steps=self.steps,
@@ -151,9 +155,11 @@ class SDEditActor:
 
 def prefer_deterministic_cuda() -> None:
     """Ask cuDNN and cuBLAS for kernels whose result for a sample does not depend on run or
-    neighbours. On an H200, float32 outputs of the same rows differed between batchings
-    without this (bfloat16 ones did not). cuBLAS reads its workspace setting when CUDA starts,
-    so this runs before the model loads."""
+    neighbours, in true float32 (no TF32). On an H200 (benchmarks/gpu_determinism_check.py),
+    float32 outputs of 16 of 256 rows changed when the rows were batched differently while TF32
+    was on, with cuDNN's deterministic mode or without; with TF32 off none did, and the images
+    agree with a CPU's. bfloat16 does not use TF32 and was batch-invariant either way. cuBLAS
+    reads its workspace setting when CUDA starts, so this runs before the model loads."""
     import os
 
     import torch
@@ -161,6 +167,8 @@ def prefer_deterministic_cuda() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def to_tensor(buffers: list[bytes], size: int, channels: int):

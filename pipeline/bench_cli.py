@@ -191,7 +191,7 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
     def edit(first: int) -> None:
         chunk = guides[first:first + model_batch]
         guide = to_tensor(chunk, prior.resolution, 3).to(prior.device)
-        generators = sdedit.generators(range(first, first + len(chunk)), device=prior.device)
+        generators = sdedit.generators(range(first, first + len(chunk)))  # on the CPU, as the actor
         prior.edit(guide, t0=t0, steps=steps, generator=generators)
 
     if compile:
