@@ -53,7 +53,11 @@ class UNetAdapter(torch.nn.Module):
         self.unit_range = unit_range
         self.unet = unet.eval().requires_grad_(False)
         if dtype != torch.float32:
-            self.unet = self.unet.to(dtype=dtype)
+            # diffusers' ModelMixin.to warns on every dtype cast ("modules ... should be kept
+            # in float32: []") even when no module must stay float32; cast as a plain Module then
+            keep = getattr(self.unet, "_keep_in_fp32_modules", None)
+            self.unet = (self.unet.to(dtype=dtype) if keep else
+                         torch.nn.Module.to(self.unet, dtype=dtype))
         self.dtype = dtype
         self.channels_last = channels_last
         if channels_last:

@@ -337,6 +337,15 @@ def test_bfloat16_adapter_returns_float32_close_to_float32():
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
 
 
+def test_a_half_precision_load_logs_no_diffusers_cast_warning(capfd):
+    # diffusers warns on every dtype cast, even with no module to keep in float32, and each
+    # actor of a bfloat16 run printed it to the job's log
+    capfd.readouterr()
+    half = sdedit.load("builtin:tiny", device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.model.unet.parameters()} == {torch.bfloat16}
+    assert "kept in float32" not in "".join(capfd.readouterr())
+
+
 # --- describe: what load would give, without building the network --------------------------
 
 
