@@ -18,8 +18,9 @@ from pipeline.manifest import Plan, expand_table, keys_table
 
 @pytest.fixture(scope="module")
 def actor():
-    torch.set_num_threads(1)
-    return SDEditActor("builtin:tiny", "float32", {}, model_batch=3, steps=2, threads=1)
+    threads = torch.get_num_threads()  # the actor sets one thread in this process: restored
+    yield SDEditActor("builtin:tiny", "float32", {}, model_batch=3, steps=2, threads=1)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -218,8 +218,7 @@ def test_same_sample_same_seed_same_output_whatever_the_batch(schedule, model, s
     assert torch.equal(alone, together)
 
 
-def test_batch_invariance_with_the_builtin_unet():
-    torch.set_num_threads(1)
+def test_batch_invariance_with_the_builtin_unet(one_torch_thread):
     prior = sdedit.load("builtin:tiny", device="cpu")
     batch = torch.nn.functional.interpolate(guides(3, seed=5), size=64)
     alone = prior.edit(batch[1:2], t0=0.5, steps=3, generator=sdedit.generators([21]))
