@@ -7,7 +7,8 @@
 #     bfloat16 (a user's workload) and for the bundled 32x32 prior at full speed (the CPU stages
 #     under the most pressure);
 #  3. gpu_noise_check.py: CUDA against CPU noise generators (cost, and agreement with a CPU);
-#  4. gpu_actor_check.py: the actor's determinism across batchings, kept region, throughput.
+#  4. bench_overhead.py: the pipeline with a model that costs nothing (the node's CPU ceiling);
+#  5. gpu_actor_check.py: the actor's determinism across batchings, kept region, throughput.
 # The machine has torch but not Ray or diffusers: carry .gpu holding ray.tar.xz (the Ray wheel
 # unpacked without ray/jars, ray/rllib, ray/llm and the dashboard's web build, tar | xz -9:
 # the wheel alone is over the call's 64 MiB) and the wheels of diffusers, importlib_metadata
@@ -20,7 +21,7 @@ set -uo pipefail
 : "${OUT:?set OUT to a folder for the results}"
 BUDGET=${BUDGET:-540} STEPS=${STEPS:-20}
 CHURCH_IMAGES=${CHURCH_IMAGES:-512} DEFAULT_IMAGES=${DEFAULT_IMAGES:-4096} ROWS=${ROWS:-1024}
-PARTS=${PARTS:-example church-folder bench-church noise bench-default actor}
+PARTS=${PARTS:-example church-folder bench-church noise bench-default overhead actor}
 started=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - started) )); }
 part() {  # part NAME MIN_S MAX_S COMMAND...: COMMAND under min(MAX_S, what is left) seconds
@@ -43,7 +44,7 @@ export PATH=/tmp/bin:$PATH
   fi
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  nproc; free -g | head -2
+  nproc; uname -r; free -g | head -2  # kernel 4.4.0: gVisor (slower syscalls: Ray, files)
   python3 -c 'import sys, torch, diffusers, ray, pyarrow
 print(sys.version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__,
       "ray", ray.__version__, "pyarrow", pyarrow.__version__, "cuda", torch.cuda.is_available())'
@@ -59,6 +60,7 @@ from pathlib import Path; from bench_gpu_edit import church_folder; church_folde
   part bench-default 60 150 sdedit bench --model default --size 32 --images "$DEFAULT_IMAGES" \
     --t0 0.5 --steps "$STEPS" --batch-size 512 --model-batch 256 --workdir /tmp/bench-default \
     --out "$OUT/bench_default.json"
+  part overhead 40 90 python3 benchmarks/bench_overhead.py --images "$DEFAULT_IMAGES"
   part actor 60 180 python3 benchmarks/gpu_actor_check.py --rows "$ROWS" --model-batch 256 \
     --steps "$STEPS" --variants float32,bfloat16,bfloat16+compile --out "$OUT/actor_check.json"
   echo "total $(( $(date +%s) - started )) s"

@@ -120,12 +120,16 @@ def test_cuda_actors_ask_for_deterministic_kernels_in_true_float32(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    prefer_deterministic_cuda()
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    # TF32 made float32 outputs change with batching on an H200; true float32 did not
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    # cuda.matmul.allow_tf32 is a property that monkeypatch cannot undo: restored by hand
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        prefer_deterministic_cuda()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        # TF32 made float32 outputs change with batching on an H200; true float32 did not
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own choice is kept
     prefer_deterministic_cuda()
