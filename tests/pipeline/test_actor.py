@@ -128,9 +128,9 @@ def test_cuda_actors_ask_for_deterministic_kernels_in_true_float32(monkeypatch):
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         # TF32 made float32 outputs change with batching on an H200; true float32 did not
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own choice is kept
+        prefer_deterministic_cuda()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own choice is kept
-    prefer_deterministic_cuda()
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
