@@ -9,10 +9,8 @@
 #  3. gpu_noise_check.py: CUDA against CPU noise generators (cost, and agreement with a CPU);
 #  4. bench_overhead.py: the pipeline with a model that costs nothing (the node's CPU ceiling);
 #  5. gpu_actor_check.py: the actor's determinism across batchings, kept region, throughput.
-# The machine has torch but not Ray or diffusers: carry .gpu holding ray.tar.xz (the Ray wheel
-# unpacked without ray/jars, ray/rllib, ray/llm and the dashboard's web build, tar | xz -9:
-# the wheel alone is over the call's 64 MiB) and the wheels of diffusers, importlib_metadata
-# (8.x) and jsonschema with its needs. Run from the repository root with OUT set:
+# The machine has torch but not Ray or diffusers: `bash benchmarks/gpu_carry.sh` builds .gpu/
+# (their wheels, Ray as a trimmed ray.tar.xz) for the call to carry. From the repository root:
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_pipeline_check.sh
 # Each part runs under its own timeout and is skipped when the script's BUDGET (seconds) is
 # nearly spent; PARTS names the parts to run, and sizes shrink with CHURCH_IMAGES,
