@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from gpu_actor_check import by_id, fetched_table, run_in_pieces
+from gpu_actor_check import by_id, fetched_table, run_in_pieces, timed
 
 import sdedit
 from pipeline.actor import SDEditActor
@@ -37,14 +36,6 @@ def apply(deterministic: bool, tf32: bool) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_actor_check import timed
 
 import sdedit
 
@@ -57,15 +57,16 @@ def time_edit(prior, batch: int, device: str) -> float:
     """Best of three wall times of one `edit` call with generators on `device`."""
     guides = smooth_guides(batch, prior.resolution).to(prior.device)
     prior.edit(guides, t0=0.5, steps=2, generator=sdedit.generators(range(batch), device=device))
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        prior.edit(guides, t0=0.5, steps=20,
-                   generator=sdedit.generators(range(batch), device=device))
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return min(timed(lambda: prior.edit(guides, t0=0.5, steps=20,
+                                        generator=sdedit.generators(range(batch), device=device)))
+               for _ in range(3))
+
+
+VARIANTS = {  # saved name -> (generator device, TF32 on)
+    "cuda_generators": ("cuda", True),
+    "cpu_generators": ("cpu", True),
+    "cpu_generators_no_tf32": ("cpu", False),  # what the actor does (prefer_deterministic_cuda)
+}
 
 
 def on_gpu(args: argparse.Namespace) -> None:
@@ -74,11 +75,10 @@ def on_gpu(args: argparse.Namespace) -> None:
     prefer_deterministic_cuda()
     prior = sdedit.load("default", device="cuda", dtype="float32")
     guides = smooth_guides(args.rows, prior.resolution)
-    saved = {"guides": to_uint8(guides), "cuda_generators": outputs(prior, guides, "cuda"),
-             "cpu_generators": outputs(prior, guides, "cpu")}
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    saved["cpu_generators_no_tf32"] = outputs(prior, guides, "cpu")
-    torch.backends.cudnn.allow_tf32 = True
+    saved = {"guides": to_uint8(guides)}
+    for name, (device, tf32) in VARIANTS.items():  # TF32 set each time: the actor turns it off
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+        saved[name] = outputs(prior, guides, device)
     np.savez_compressed(args.out, **saved)
     timings = [("default", "float32", prior, 256)]
     if args.church:
@@ -96,18 +96,14 @@ def on_gpu(args: argparse.Namespace) -> None:
 
 def compare(path: str) -> None:
     """The CPU's outputs for the same guides against each GPU variant in `path`."""
+    from compare_outputs import compare as compare_images
+
     saved = np.load(path)
     prior = sdedit.load("default", device="cpu", dtype="float32")
-    guides = from_uint8(saved["guides"])
-    here = outputs(prior, guides, "cpu")
-    for name in ("cuda_generators", "cpu_generators", "cpu_generators_no_tf32"):
-        diff = np.abs(here.astype(np.int16) - saved[name].astype(np.int16))
-        mse = float((diff.astype(np.float64) ** 2).mean())
-        print(json.dumps({"gpu": name, "identical_images": int((diff.reshape(len(diff), -1)
-                                                               .max(1) == 0).sum()),
-                          "images": len(diff), "max_abs_diff": int(diff.max()),
-                          "mean_abs_diff": round(float(diff.mean()), 4),
-                          "psnr_db": round(10 * np.log10(255**2 / mse), 2) if mse else None}))
+    here = outputs(prior, from_uint8(saved["guides"]), "cpu")
+    for name in VARIANTS:
+        print(json.dumps({"gpu": name, **compare_images(dict(enumerate(here)),
+                                                        dict(enumerate(saved[name])))}))
 
 
 def main() -> None:
