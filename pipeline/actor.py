@@ -84,12 +84,13 @@ class SDEditActor:
         of model calls per pass, so every sample of a chunk is in every call."""
         import sdedit
 
-        groups = defaultdict(list)
+        groups, calls = defaultdict(list), {}  # calls: t0 -> model calls, once per t0
         rows = zip(t0s, table["repeats"].to_pylist(), stages, strict=True)
         for index, (t0, repeats, stage) in enumerate(rows):
             if stage is None:
-                calls = sdedit.model_calls(self.prior.schedule, t0, self.steps)
-                groups[(calls, repeats)].append(index)
+                if t0 not in calls:
+                    calls[t0] = sdedit.model_calls(self.prior.schedule, t0, self.steps)
+                groups[(calls[t0], repeats)].append(index)
         return [(repeats, members[first:first + self.model_batch])
                 for (_, repeats), members in sorted(groups.items())
                 for first in range(0, len(members), self.model_batch)]

@@ -47,9 +47,11 @@ class SampleNoise:
             if not all(isinstance(stream, torch.Generator) for stream in streams):
                 raise TypeError("generator list must hold torch.Generator objects")
             self._per_sample: list[torch.Generator] | None = streams
+            self._on_cpu = all(stream.device.type == "cpu" for stream in streams)
             self._shared = None
         else:
             self._per_sample = None
+            self._on_cpu = False
             self._shared = generator
 
     def draw(self, indices: Sequence[int], shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,7 @@ class SampleNoise:
             noise = torch.randn(
                 (len(indices), *shape), generator=self._shared, device=device, dtype=torch.float32
             )
-        else:
+        elif not self._on_cpu:
             noise = torch.stack(
                 [
                     torch.randn(
@@ -68,4 +70,18 @@ class SampleNoise:
                     for i in indices
                 ]
             )
+        else:
+            return self._draw_on_cpu(indices, shape, like)
         return noise.to(device=like.device, dtype=like.dtype)
+
+    def _draw_on_cpu(self, indices: Sequence[int], shape: torch.Size,
+                     like: torch.Tensor) -> torch.Tensor:
+        """CPU streams fill one float32 buffer in place (the same numbers as a stack of single
+        draws, without the stack's copy). For a CUDA `like` the buffer is pinned and copied
+        without waiting: a pageable copy would wait for the GPU to finish every queued kernel,
+        so the draws for the next step could not overlap the model's work on this one."""
+        pinned = like.is_cuda
+        noise = torch.empty((len(indices), *shape), dtype=torch.float32, pin_memory=pinned)
+        for row, index in enumerate(indices):
+            torch.randn(shape, generator=self._per_sample[index], out=noise[row])
+        return noise.to(like.device, non_blocking=pinned).to(like.dtype)
