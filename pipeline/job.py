@@ -467,7 +467,7 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
     edited = fetched.map_batches(
         SDEditActor, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=resources.cpus, num_gpus=resources.gpus,
+        **actor_remote_args(resources),
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
                                    model_batch=config.model_batch, steps=config.steps,
                                    threads=resources.threads, allow_pickle=config.allow_pickle,
@@ -478,6 +478,27 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
         compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(output=config.output, data_format=config.format,
                        image_format=config.image_format, storage_options=options, run=run_id))
+
+
+def actor_remote_args(resources: ActorResources) -> dict:
+    """`num_gpus` and `num_cpus` for the actors' map step. A GPU actor that takes one CPU names
+    none when Ray reserves one CPU for a GPU map step by default (ray-project/ray#66202): naming
+    both makes Ray Data warn on every run that the combination is experimental."""
+    if resources.gpus and resources.cpus == 1 and gpu_maps_reserve_a_cpu():
+        return {"num_gpus": resources.gpus}
+    return {"num_gpus": resources.gpus, "num_cpus": resources.cpus}
+
+
+def gpu_maps_reserve_a_cpu() -> bool:
+    """Whether this Ray gives a GPU map step that names no `num_cpus` one CPU (older versions
+    give it none, which would let CPU tasks crowd its node)."""
+    try:
+        from ray.data._internal.execution.operators.map_operator import (
+            _canonicalize_ray_remote_args as canonical,
+        )
+        return canonical({"num_gpus": 1}).get("num_cpus") == 1
+    except (ImportError, AttributeError, TypeError):  # private: moved or changed, ask for one
+        return False
 
 
 def cpu_task_concurrency() -> int:

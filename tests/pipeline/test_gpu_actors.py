@@ -3,11 +3,13 @@ two logical GPUs on this CPU machine; the actors ask for them and run on the CPU
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import actor_resources, describe_actors, run
+from pipeline.job import actor_remote_args, actor_resources, describe_actors, run
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +64,38 @@ def test_the_progress_line_names_the_pool(ray_two_gpus):
         "1-4 SDEdit actors (0.5 CPU, 1 thread each)")
     assert describe_actors(actor_resources(config(gpus_per_actor=0.0))) == (
         "1 SDEdit actor (0.5 CPU, 2 threads each)")
+
+
+def test_a_one_cpu_gpu_actor_leaves_the_cpu_to_rays_default(ray_two_gpus):
+    # this Ray reserves 1 CPU for a GPU map step that names none (ray-project/ray#66202)
+    assert actor_remote_args(actor_resources(config())) == {"num_gpus": 1.0}
+    assert actor_remote_args(actor_resources(config(cpus_per_actor=0.25))) == {
+        "num_gpus": 1.0, "num_cpus": 0.25}
+    assert actor_remote_args(actor_resources(config(gpus_per_actor=0.0))) == {
+        "num_gpus": 0.0, "num_cpus": 0.5}
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_gpu_run_has_no_experimental_resources_warning(ray_two_gpus, tmp_path):
+    names = write_images(tmp_path / "inputs", 4)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet",
+                              {"id": [f"r{i}" for i in range(4)], "guide": names})
+    logger = logging.getLogger("ray.data._internal.execution.operators.map_operator")
+    handler = Lines()
+    logger.addHandler(handler)
+    try:
+        summary = run(RunConfig(manifest=str(manifest), output=str(tmp_path / "out"),
+                                model="builtin:tiny", steps=2, t0=(0.5,), batch_size=2,
+                                model_batch=2, actors=(1, 1)))
+    finally:
+        logger.removeHandler(handler)
+    assert (summary["written"], summary["this_run"]["actors"]) == (4, [1, 1])
+    assert not [line for line in handler.lines if "num_cpus and num_gpus" in line]
