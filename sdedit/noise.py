@@ -10,7 +10,9 @@ model runs on; a CUDA generator seeded alike gives other numbers, hence another 
 with CUDA generators made images 11.9 dB PSNR from the CPU's, with CPU generators 60 dB, and
 bit-identical for 58 of 64 with TF32 off: benchmarks/gpu_noise_check.py). The draws cost CPU
 time: on that H200 an `edit` call took 1.06x as long for a 256x256 UNet in bfloat16 (batch 64),
-1.42x for the bundled 32x32 prior (batch 256).
+1.42x for the bundled 32x32 prior (batch 256). That was with a blocking copy of each step's
+noise, which waited for the GPU; the copy is now asynchronous from pinned memory, so the draws
+can overlap the model's work (not yet measured on a GPU).
 """
 
 from __future__ import annotations
