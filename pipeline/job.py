@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import NamedTuple
 
@@ -40,6 +40,7 @@ from pipeline.manifest import (
     shared_key_guides,
     shared_keys,
     superseded_errors,
+    typed_as_shards,
 )
 from pipeline.progress import Progress, Report, quiet, ray_data_progress
 from pipeline.resume import (
@@ -52,8 +53,10 @@ from pipeline.resume import (
     record_manifest,
     recorded,
     refuse_foreign_files,
+    shard_schema,
     write_index,
 )
+from pipeline.writers import DATA_COLUMNS
 from tasks.images import options_for, storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
@@ -100,7 +103,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
-        retried, committed = open_output(config, plan, model)
+        manifest, retried, committed = open_output(config, manifest, plan, model)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
             plan_columns, plan, committed.written, committed.failed))))
@@ -176,7 +179,7 @@ def preview(config: RunConfig) -> dict:
     """What `run` would do now, without starting Ray or changing OUTPUT: the counts, the model,
     whether OUTPUT accepts this configuration (ConfigMismatchError if it does not) and which
     live run holds it, if any (`run` would refuse to start)."""
-    _, plan_columns, plan, model = plan_job(config)
+    manifest, plan_columns, plan, model = plan_job(config)
     with storage_step(f"cannot read OUTPUT {config.output}"):
         refuse_foreign_files(config.output, config.storage_options)
         if config.overwrite:
@@ -184,6 +187,7 @@ def preview(config: RunConfig) -> dict:
         else:  # refused as `run` would refuse it, then read as `run` would find it
             recorded(config.output, config.output_record(model.digest), config.storage_options,
                      defaults_in_play(plan))
+            typed_as_output(config, manifest)
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
                                                 ).without_failures(config.retry_errors)
@@ -212,16 +216,26 @@ def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInf
     return manifest, plan_columns, plan, model
 
 
-def open_output(config: RunConfig, plan: Plan, model: ModelInfo) -> tuple[int, Committed]:
-    """Claim OUTPUT for this configuration, remove what killed runs left, turn committed
-    failures of the --retry-errors stages back into work; (failures retried, committed keys)."""
+def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan,
+                model: ModelInfo) -> tuple[ManifestFiles, int, Committed]:
+    """Claim OUTPUT for this configuration, remove what killed runs left, type the manifest's
+    pass-through columns as OUTPUT's shards hold them, turn committed failures of the
+    --retry-errors stages back into work; (manifest, failures retried, committed keys)."""
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
         claim_output(config.output, config.output_record(model.digest), config.overwrite,
                      config.storage_options, defaults_in_play(plan))
         record_manifest(config.output, config.manifest, config.storage_options)
         clean_temporaries(config.output, config.storage_options)
+        manifest = typed_as_output(config, manifest)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
-        return retried, read_committed(config.output, config.format, config.storage_options)
+        return (manifest, retried,
+                read_committed(config.output, config.format, config.storage_options))
+
+
+def typed_as_output(config: RunConfig, manifest: ManifestFiles) -> ManifestFiles:
+    """The manifest with the column types OUTPUT's shards already have (`typed_as_shards`)."""
+    held = shard_schema(config.output, config.format, config.storage_options)
+    return replace(manifest, schema=typed_as_shards(manifest.schema, held, DATA_COLUMNS))
 
 
 def close_output(config: RunConfig, model: ModelInfo, counts: tuple[int, int, int],

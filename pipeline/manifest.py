@@ -15,7 +15,7 @@ import fnmatch
 import posixpath
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Collection, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -149,6 +149,43 @@ def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
                     f"{other}; its files must agree on each column's type (or differ only by "
                     "widening without loss, e.g. float32 to float64)")
     return schema
+
+
+def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
+                    own: Collection[str]) -> pa.Schema:
+    """The manifest's schema with each pass-through column (one not in `own`) typed as OUTPUT's
+    committed shards hold it, so that every shard of a dataset agrees: readers that take one
+    shard's schema for all (pyarrow.dataset, polars, DuckDB, Hugging Face datasets) otherwise
+    fail on the first shard that differs. `shards` is (a shard's schema, its URI), or None when
+    OUTPUT holds none. A column that is only nulls, and that no shard types yet, is written as
+    string: Arrow's null type takes no later value. Values that would not cast unchanged to the
+    shards' type stop the job before any work."""
+    held, shard = shards if shards is not None else (pa.schema([]), "")
+    fields = []
+    for column in schema:
+        kind = column.type
+        if column.name not in own:
+            before = held.field(column.name).type if column.name in held.names else pa.null()
+            if not pa.types.is_null(before):
+                if not _casts_unchanged(kind, before):
+                    raise ManifestError(
+                        f"manifest column {column.name!r} is {kind} but OUTPUT's shards hold it "
+                        f"as {before} ({shard}); the shards of one dataset must agree on each "
+                        f"column's type: cast the column to {before} in the manifest, or write "
+                        "to another OUTPUT (or rerun with --overwrite)")
+                kind = before
+            elif pa.types.is_null(kind):
+                kind = pa.string()
+        fields.append(column.with_type(kind))
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _casts_unchanged(source: pa.DataType, target: pa.DataType) -> bool:
+    """`_widens`, or both strings or both binaries of either offset width."""
+    types = pa.types
+    return _widens(source, target) or all(
+        types.is_string(kind) or types.is_large_string(kind) for kind in (source, target)) or all(
+        types.is_binary(kind) or types.is_large_binary(kind) for kind in (source, target))
 
 
 UNITS = ("s", "ms", "us", "ns")  # timestamp units, coarsest first

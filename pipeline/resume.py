@@ -128,6 +128,22 @@ def _entries(fs, path: str) -> dict[str, str]:
     return entries
 
 
+def shard_schema(output: str, data_format: str,
+                 storage_options: Mapping) -> tuple[pa.Schema, str] | None:
+    """The Arrow schema of OUTPUT's first committed Parquet data shard, and its URI; None when
+    there is none, or for WebDataset tars (their JSON carries no column types)."""
+    import pyarrow.parquet as pq
+
+    if data_format != "parquet":
+        return None
+    fs, root = output_fs(output, storage_options)
+    shards = visible_shards(fs, f"{root}/{DATA_DIR}", ".parquet")
+    if not shards:
+        return None
+    with fs.open(shards[0], "rb") as stream:
+        return pq.ParquetFile(stream).schema_arrow, fs.unstrip_protocol(shards[0])
+
+
 class ForeignFilesError(RuntimeError):
     """OUTPUT's data/ or errors/ holds files no run wrote."""
 

@@ -7,13 +7,17 @@ import json
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from run_helpers import read_dataset, read_errors, write_images, write_manifest
 
 from pipeline.config import RunConfig
 from pipeline.job import preview, run
+from pipeline.manifest import ManifestError
 from pipeline.resume import ConfigMismatchError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -78,6 +82,42 @@ def test_rerun_does_nothing_and_append_does_only_new_rows(tmp_path):
     assert (first["written"], appended["this_run"]["todo"], appended["written"]) == (4, 2, 6)
     assert {k: after[k] for k in before} == before  # finished shards untouched
     assert read_dataset(output)["id"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_appended_rows_take_the_column_types_output_holds_so_readers_see_one_schema(tmp_path):
+    """pandas writes a column of only None as Arrow's null type. Rows appended later with
+    values made shards typed string beside the first run's null-typed one, and readers that take
+    one shard's schema for all (pyarrow.dataset, polars, DuckDB, Hugging Face datasets) failed
+    when that shard came first."""
+    names = write_images(tmp_path / "inputs", 5)
+    folder = tmp_path / "inputs" / "manifest"
+    guides = [f"../{name}" for name in names]
+    write_manifest(folder / "a.parquet", {"id": ["a", "b"], "guide": guides[:2],
+                                          "caption": pa.nulls(2),
+                                          "score": pa.array([1, 2], pa.int32())})
+    output = tmp_path / "out"
+    run(config(folder, output))
+    write_manifest(folder / "b.parquet", {"id": ["c", "d"], "guide": guides[2:4],
+                                          "caption": ["x", None],
+                                          "score": pa.array([3, None], pa.int16())})
+    assert run(config(folder, output))["this_run"]["todo"] == 2
+    shards = sorted((output / "data").glob("part-*.parquet"))
+    assert len(shards) == 2
+    assert {pq.read_schema(s).field("caption").type for s in shards} == {pa.string()}
+    assert {pq.read_schema(s).field("score").type for s in shards} == {pa.int32()}
+    table = pyarrow.dataset.dataset(output / "data", format="parquet").to_table()
+    assert sorted(zip(*(table[c].to_pylist() for c in ("id", "caption", "score")),
+                      strict=True)) == [("a", None, 1), ("b", None, 2), ("c", "x", 3),
+                                        ("d", None, None)]
+    before = shard_state(output)
+    write_manifest(folder / "c.parquet", {"id": ["e"], "guide": guides[4:],
+                                          "score": pa.array([2**40], pa.int64())})
+    refusal = r"'score' is int64 but OUTPUT's shards hold it as int32 .*cast the column"
+    with pytest.raises(ManifestError, match=refusal):
+        preview(config(folder, output))
+    with pytest.raises(ManifestError, match=refusal):
+        run(config(folder, output))
+    assert shard_state(output) == before
 
 
 def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp_path):

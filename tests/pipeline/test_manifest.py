@@ -30,6 +30,7 @@ from pipeline.manifest import (
     row_work,
     shared_key_errors,
     shared_keys,
+    typed_as_shards,
 )
 from sdedit import stable_seed
 
@@ -335,6 +336,47 @@ def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path
                       strict=True))
     assert keys == [("double", 0.25), ("double", 0.5), ("float", 0.25), ("float", 0.5),
                     ("plain", 0.75)]
+
+
+MANIFEST_WITH_PASSTHROUGH = pa.schema([
+    ("id", pa.string()), ("guide", pa.string()), ("t0", pa.list_(pa.float64())),
+    ("caption", pa.null()), ("score", pa.int16()), ("note", pa.large_string())])
+OWN = ("id", "t0", "seed")  # columns the pipeline writes itself (writers.DATA_COLUMNS)
+
+
+def test_pass_through_columns_take_the_types_output_already_holds():
+    shards = pa.schema([("id", pa.string()), ("t0", pa.float64()), ("guide", pa.string()),
+                        ("caption", pa.string()), ("score", pa.int64()), ("note", pa.string())])
+    typed = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "s3://b/out/data/part-1.parquet"),
+                            OWN)
+    assert typed == pa.schema([
+        ("id", pa.string()), ("guide", pa.string()),
+        ("t0", pa.list_(pa.float64())),  # the pipeline's own: a list in, a float out
+        ("caption", pa.string()), ("score", pa.int64()), ("note", pa.string())])
+
+
+def test_a_column_of_only_nulls_is_written_as_string_until_a_shard_types_it():
+    alone = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, None, OWN)
+    assert alone.field("caption").type == pa.string()  # never Arrow's null type
+    assert alone.field("score").type == pa.int16() and alone.field("note").type == pa.large_string()
+    untyped = pa.schema([("caption", pa.null()), ("score", pa.null())])  # an older version's
+    assert typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (untyped, "x"), OWN) == alone
+
+
+def test_a_pass_through_type_the_shards_cannot_hold_unchanged_is_refused_by_name():
+    shards = pa.schema([("score", pa.int8())])
+    with pytest.raises(ManifestError) as error:
+        typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "file:///out/data/part-9.parquet"),
+                        OWN)
+    assert str(error.value) == (
+        "manifest column 'score' is int16 but OUTPUT's shards hold it as int8 "
+        "(file:///out/data/part-9.parquet); the shards of one dataset must agree on each "
+        "column's type: cast the column to int8 in the manifest, or write to another OUTPUT "
+        "(or rerun with --overwrite)")
+    with pytest.raises(ManifestError, match="'caption' is string but OUTPUT's shards hold it as "
+                                            "double"):
+        typed_as_shards(pa.schema([("caption", pa.string())]),
+                        (pa.schema([("caption", pa.float64())]), "x"), OWN)
 
 
 def test_manifest_files_whose_types_do_not_widen_without_loss_are_refused_by_name(tmp_path):
