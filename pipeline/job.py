@@ -266,6 +266,7 @@ def probe_model(config: RunConfig) -> ModelInfo:
 def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
     """Settings every worker needs to expand rows identically."""
     names = set(plan_columns["task"].to_pylist()) if "task" in plan_columns.column_names else set()
+    untasked = "task" not in plan_columns.column_names or any(not name for name in names)
     if config.task:
         names.add(config.task)
     presets = {name: preset for name in names if name and (preset := _preset(name))}
@@ -274,7 +275,7 @@ def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
 
         raise ConfigError(f"unknown task {config.task!r}; known tasks: {', '.join(task_names())}")
     return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
-                repeats=config.repeats, task=config.task, presets=presets,
+                repeats=config.repeats, task=config.task, presets=presets, untasked=untasked,
                 duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None)
 
 

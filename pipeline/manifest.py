@@ -83,6 +83,7 @@ class Plan:
     repeats: int | None = None
     task: str | None = None
     presets: Mapping[str, TaskDefaults] = field(default_factory=dict)
+    untasked: bool = True  # some row names no task (so, without --task, takes NO_TASK)
     duplicates: frozenset[str] = frozenset()
     # Work rows ordered by t0 (full-schedule runs, whose model calls differ per t0, so actor
     # batches share them) or as expanded: each row's t0 x samples rows side by side, so a
@@ -656,9 +657,9 @@ def _layout(row_t0: Sequence | None, task: str | None,
 
 def defaults_in_play(plan: Plan) -> list[TaskDefaults]:
     """Where this plan's rows take t0, samples and repeats from when the run leaves them unset:
-    the task presets its rows name, and the built-in values unless --task gives every row a
-    task."""
-    return [*plan.presets.values(), *([] if plan.task else [NO_TASK])]
+    the task presets its rows name, and the built-in values where a row names no task and
+    --task gives it none."""
+    return [*plan.presets.values(), *([NO_TASK] if plan.untasked and not plan.task else [])]
 
 
 def distinct_t0(t0s: Sequence[float | None]) -> tuple:

@@ -537,3 +537,30 @@ def test_a_glob_skips_hidden_files_and_an_unreadable_manifest_file_is_named(tmp_
         find_files(str(tmp_path / "m" / "*"), {})
     assert str(error.value).startswith(f"manifest file file://{tmp_path}/m/part-1.parquet is not "
                                        "a readable Parquet file: Parquet magic bytes not found")
+
+
+def test_the_builtin_defaults_are_in_play_only_where_a_row_names_no_task():
+    """Every row with a synthesis task (t0 0.4, 0.5, 0.6) and `--t0 0.4 --t0 0.5 --t0 0.6`
+    written out was refused as another configuration than t0 unset: the built-in 0.5 counted
+    as in play though no row takes it."""
+    from pipeline.config import RunConfig
+    from pipeline.job import make_plan
+    from pipeline.manifest import NO_TASK, ManifestFiles, defaults_in_play
+
+    manifest = ManifestFiles(("m.parquet",), "/base", pa.schema([]))
+
+    def in_play(tasks: list | None, task: str | None = None) -> list:
+        columns = {"id": [f"r{i}" for i in range(len(tasks or [0]))]}
+        if tasks is not None:
+            columns["task"] = pa.array(tasks, pa.string())
+        config = RunConfig(manifest="m.parquet", output="o", task=task)
+        return defaults_in_play(make_plan(config, manifest, pa.table(columns)))
+
+    synthesis = in_play(["synthesis"])
+    assert len(synthesis) == 1 and synthesis[0] != NO_TASK
+    assert synthesis[0].t0 == (0.4, 0.5, 0.6)
+    assert in_play(["synthesis", "synthesis"]) == synthesis
+    assert in_play(["synthesis", None]) == [*synthesis, NO_TASK]
+    assert in_play(["synthesis", ""]) == [*synthesis, NO_TASK]
+    assert in_play(None) == [NO_TASK]
+    assert in_play([None], task="synthesis") == synthesis
