@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -118,6 +119,19 @@ def _check_types(config: RunConfig) -> None:
     if not isinstance(config.storage_options, Mapping):
         raise ConfigError("storage_options must be a mapping of option names to values (or, "
                           "as flags, KEY=VALUE strings)")
+    if names := _names_not_text(config.storage_options):
+        raise ConfigError(f"storage_options names must be text, got {names[0]!r}")
+
+
+def _names_not_text(options: Mapping) -> list:
+    """Keys of `options`, and of mappings nested in it, that are not strings."""
+    names = []
+    for key, value in options.items():
+        if not isinstance(key, str):
+            names.append(key)
+        elif isinstance(value, Mapping):
+            names.extend(_names_not_text(value))
+    return names
 
 
 def _check_sizes(config: RunConfig) -> None:
@@ -161,8 +175,8 @@ def _check_actors(config: RunConfig) -> None:
         raise ConfigError(f"actors must be N or MIN-MAX with 1 <= MIN <= MAX, got {low}-{high}")
     for name in ("gpus_per_actor", "cpus_per_actor"):
         value = getattr(config, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
+        if value is not None and not 0 <= value < math.inf:  # NaN too
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def _check_rates(config: RunConfig) -> None:
@@ -221,6 +235,8 @@ def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:
     true/false/integers are converted."""
     options: dict = {}
     for pair in pairs:
+        if not isinstance(pair, str):
+            raise ConfigError(f"storage options as a list must be KEY=VALUE strings, got {pair!r}")
         key, sep, raw = pair.partition("=")
         if not sep or not key:  # never echo what was given: without '=' it may be all secret
             got = "one with no '=' (not shown: it may hold a secret)" if not sep else "no KEY"
@@ -271,31 +287,49 @@ def load_config_file(path: str) -> dict:
 
         parse, errors, kind = (lambda text: yaml.safe_load(text) or {}), yaml.YAMLError, "YAML"
     else:
-        raise ConfigError(f"config file {path}: expected a .yaml, .yml or .toml file")
+        raise ConfigError(f"config file {path}: expected a .yaml, .yml, .json or .toml file")
     try:
         data = parse(text)
     except errors as error:
         raise ConfigError(f"config file {path} is not valid {kind}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of option names to values")
+    if names := [key for key in data if not isinstance(key, str)]:
+        raise ConfigError(f"config file {path}: option names must be text, got {names[0]!r}")
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def build_config(file_values: dict, flag_values: dict) -> RunConfig:
-    """Merge file values and explicitly given flags (flags win) into a validated RunConfig."""
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    if file_values.get("storage_options") and flag_values.get("storage_options"):
-        merged["storage_options"] = _merged(_options(file_values["storage_options"]),
-                                            _options(flag_values["storage_options"]))
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        guesses = ", ".join(_guessed(name, known) for name in unknown)
-        raise ConfigError(f"unknown option(s): {guesses}")
-    missing = [name for name in ("manifest", "output") if not merged.get(name)]
-    if missing:
-        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
-    return RunConfig(**_normalise(merged))
+def build_config(file_values: dict, flag_values: dict, source: str | None = None) -> RunConfig:
+    """Merge file values and explicitly given flags (flags win) into a validated RunConfig; an
+    error about an option that came from the file names the file (`source`)."""
+    flags = {k: v for k, v in flag_values.items() if v is not None}
+    merged = {**file_values, **flags}
+    from_file = set(file_values) - set(flags)
+    try:
+        if file_values.get("storage_options") and flag_values.get("storage_options"):
+            merged["storage_options"] = _merged(_options(file_values["storage_options"]),
+                                                _options(flag_values["storage_options"]))
+            from_file.discard("storage_options")
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            guesses = ", ".join(_guessed(name, known) for name in unknown)
+            raise ConfigError(f"unknown option(s): {guesses}")
+        missing = [name for name in ("manifest", "output") if not merged.get(name)]
+        if missing:
+            raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+        return RunConfig(**_normalise(merged))
+    except ConfigError as error:
+        if source and _about(str(error), from_file):
+            raise ConfigError(f"config file {source}: {error}") from error
+        raise
+
+
+def _about(message: str, names: set[str]) -> bool:
+    """Whether an error message is about one of `names`: it starts with the option's name (or
+    `storage option` for storage_options), or lists unknown options."""
+    starts = [f"{name} " for name in names] + ["storage option"] * ("storage_options" in names)
+    return message.startswith(("unknown option", *starts))
 
 
 def _guessed(name: str, known: set[str]) -> str:
@@ -339,6 +373,8 @@ def _normalise(values: dict) -> dict:
         values["retry_errors"] = parse_stages(values["retry_errors"])
     if isinstance(values.get("storage_options"), list | tuple):
         values["storage_options"] = parse_storage_options(values["storage_options"])
+    if values.get("model", "") is None:  # `model: ~` in a file: the default, as other nulls
+        del values["model"]
     for name in ("manifest", "output", "model"):
         if name in values:
             values[name] = str(values[name])

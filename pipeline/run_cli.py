@@ -35,13 +35,13 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
 @click.option("--format", "format", type=click.Choice(["parquet", "webdataset"]))
 @click.option("--image-format", type=click.Choice(["png", "jpeg", "webp"]))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--compile", is_flag=True, default=None,
+@click.option("--compile/--no-compile", default=None,
               help="torch.compile the network in each actor; it compiles on the first batch. "
                    "Meant for GPUs (no gain measured on CPU); may move rare pixels by one "
                    "grey level.")
-@click.option("--channels-last", is_flag=True, default=None,
+@click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last memory format for the network (often faster on GPUs).")
-@click.option("--fast-decode", is_flag=True, default=None,
+@click.option("--fast-decode/--no-fast-decode", default=None,
               help="Decode JPEG guides at a reduced scale (1/2 to 1/8, never below the model "
                    "resolution): 3-12x less fetch CPU for photos of 0.25-16 megapixels; "
                    "guides differ from a full decode by about one grey level. Masks decode "
@@ -72,11 +72,11 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
               help="If another run holds OUTPUT, wait up to SECONDS for it to end or its lease "
                    "to expire (120 s after a killed run's last renewal) instead of stopping at "
                    "once; for retried cluster jobs. Default 0.")
-@click.option("--overwrite", is_flag=True, default=None,
+@click.option("--overwrite/--no-overwrite", default=None,
               help="Delete what earlier runs wrote in OUTPUT (outputs, errors, summary, "
                    "evaluation and inspect reports; nothing else) and redo every output, e.g. "
                    "to replace a run made with another configuration.")
-@click.option("--allow-pickle", is_flag=True, default=None,
+@click.option("--allow-pickle/--no-allow-pickle", default=None,
               help="Allow pickle (.bin) weights; they can run code, so only for trusted models.")
 @click.option("--retry-errors", metavar="STAGES",
               help="Redo committed failures of these stages (comma list, or all), e.g. read "
@@ -86,7 +86,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM e
                    "retry) and the model, and check that OUTPUT accepts this configuration, "
                    "without starting Ray or writing anything.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML or TOML file with these options; flags override it.")
+              help="YAML or TOML file with these options; flags override it (--no-overwrite "
+                   "and the other --no- switches turn off one it turns on).")
 def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[float, ...],
         dry_run: bool, **flags) -> None:
     """Edit every row of MANIFEST with SDEdit and write sharded outputs to OUTPUT."""
@@ -97,7 +98,8 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
         config = build_config(
             load_config_file(config_file) if config_file else {},
             {**flags, "t0": t0 or None,
-             "storage_options": parse_storage_options(storage_options) or None})
+             "storage_options": parse_storage_options(storage_options) or None},
+            source=config_file)
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
     try:

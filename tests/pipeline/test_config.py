@@ -152,6 +152,60 @@ def test_a_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, text, 
         build_config(load_config_file(str(path)), {})
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("1: 2", "option names must be text, got 1"),  # tracebacks before: 'int' has no .replace
+    ("storage_options: [5]", "storage options as a list must be KEY=VALUE strings, got 5"),
+    ("storage_options: {1: x}", "storage_options names must be text, got 1"),
+    ("storage_options: {client_kwargs: {2: x}}", "storage_options names must be text, got 2"),
+    ("cpus_per_actor: .nan", "cpus_per_actor must be a finite number >= 0, got nan"),
+    ("gpus_per_actor: .inf", "gpus_per_actor must be a finite number >= 0, got inf"),
+])
+def test_a_malformed_config_file_is_a_clear_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"manifest: m.parquet\noutput: out\n{text}\n")
+    with pytest.raises(ConfigError) as error:
+        build_config(load_config_file(str(path)), {}, source=str(path))
+    assert str(error.value) == f"config file {path}: {message}"
+
+
+def test_errors_about_a_files_options_name_the_file_and_a_flags_do_not(tmp_path):
+    path = tmp_path / "nightly.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nstepz: 5\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: unknown option\(s\): stepz "
+                                          r"\(did you mean steps\?\)$"):
+        build_config(load_config_file(str(path)), {}, source=str(path))
+    path.write_text("manifest: m.parquet\noutput: out\nsteps: '2'\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: steps must be a positive "
+                                          "integer, got '2'$"):
+        build_config(load_config_file(str(path)), {}, source=str(path))
+    assert build_config(load_config_file(str(path)), {"steps": 3}, source=str(path)).steps == 3
+    with pytest.raises(ConfigError, match="^batch_size must be a positive integer, got 0$"):
+        build_config(load_config_file(str(path)), {"steps": 3, "batch_size": 0},
+                     source=str(path))
+
+
+def test_a_null_model_in_a_file_is_the_default_model(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nmodel: ~\n")
+    config = build_config(load_config_file(str(path)), {})
+    assert config.model == RunConfig(manifest="m", output="o").model == "default"
+
+
+def test_a_switch_a_file_turns_on_can_be_turned_off_by_a_flag(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    path = tmp_path / "nightly.yaml"
+    path.write_text("overwrite: true\ncompile: true\n")
+    flags = {"overwrite": False, "compile": False}
+    config = build_config({"manifest": "m", "output": "o", **load_config_file(str(path))}, flags)
+    assert (config.overwrite, config.compile) == (False, False)
+    usage = CliRunner().invoke(main, ["run", "--help"]).output
+    for switch in ("overwrite", "compile", "channels-last", "fast-decode", "allow-pickle"):
+        assert f"--{switch} / --no-{switch}" in usage
+
+
 def test_invalid_toml_is_a_clear_error(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('manifest = "m.parquet"\noutput = \n')
