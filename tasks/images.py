@@ -76,7 +76,9 @@ def storage_step(failure: str) -> Iterator[None]:
         option = _option_refused(cause, error)
         if not (client or option or isinstance(cause, OSError)):
             raise
-        hint = " (a --storage-option this file system does not take?)" if option else ""
+        hint = "" if not option else (
+            " (two storage options that set one argument?)" if "multiple values" in str(cause)
+            else " (a --storage-option this file system does not take?)")
         raise StorageError(f"{failure}: {type(cause).__name__}: {cause}{hint}") from error
 
 
@@ -120,9 +122,11 @@ def with_backoff(call: Callable[[], T], attempts: int, delay: float,
 def _option_refused(cause: BaseException, error: BaseException) -> bool:
     """Whether `cause` is the TypeError of a storage option the file system does not take: a
     keyword argument refused in a storage client's own code (s3fs hands unknown options on to
-    botocore's session), not in this project's. Across Ray the traceback is only text, in the
-    wrapping `error`'s message: its innermost file decides."""
-    if not (isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause)):
+    botocore's session; `token` and `client_kwargs.aws_session_token` both name one of its
+    arguments), not in this project's. Across Ray the traceback is only text, in the wrapping
+    `error`'s message: its innermost file decides."""
+    refusals = ("unexpected keyword argument", "got multiple values for keyword argument")
+    if not (isinstance(cause, TypeError) and any(text in str(cause) for text in refusals)):
         return False
     trace = cause.__traceback__
     if trace is None:

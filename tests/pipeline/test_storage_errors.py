@@ -147,6 +147,25 @@ def test_a_storage_option_the_file_system_does_not_take_is_one_clear_error(tmp_p
     assert unknown in message and message.endswith(hint)
 
 
+def test_two_storage_options_that_set_one_argument_are_one_clear_error(tmp_path):
+    """`token` and `client_kwargs.aws_session_token` both become botocore's session token: s3fs
+    passed both, and the TypeError was a traceback from the driver."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", {"id": ["a"], "guide": ["a.png"]})
+    result = CliRunner().invoke(main, [
+        "run", "--dry-run", str(manifest), "s3://bucket/out", "--storage-option", "token=X",
+        "--storage-option", "client_kwargs.aws_session_token=Y"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: cannot read OUTPUT s3://bucket/out: TypeError: ")
+    assert result.output.endswith("got multiple values for keyword argument "
+                                  "'aws_session_token' (two storage options that set one "
+                                  "argument?)\n")
+    assert "Traceback" not in result.output
+
+
 def test_a_keyword_typo_in_the_projects_own_code_is_not_taken_for_a_storage_option():
     from tasks.images import storage_step
 
