@@ -217,17 +217,28 @@ def _plain(value: object) -> object:
     return value
 
 
-def mask_secrets(options: Mapping[str, Any]) -> dict:
-    """A copy of storage options with credential-looking values replaced by "***"."""
+def mask_secrets(options: Mapping[str, Any], everything: bool = False) -> dict:
+    """A copy of storage options with credential-looking values replaced by "***": those under
+    secret-looking names, every header's value (`X-JFrog-Art-Api` carries a key under a name no
+    pattern knows), and a URI's password or token wherever it appears (an endpoint, a list of
+    proxies). `everything` masks every value, keeping the names."""
     masked = {}
     for key, value in options.items():
+        secret = everything or bool(SECRET_KEY.search(str(key)))
         if isinstance(value, Mapping):
-            masked[key] = mask_secrets(value)
-        elif SECRET_KEY.search(str(key)):
-            masked[key] = "***"
-        else:  # e.g. an endpoint or proxy URL with user:password@ in it
-            masked[key] = redact(value) if isinstance(value, str) else value
+            masked[key] = mask_secrets(value, secret or str(key).lower() == "headers")
+        else:
+            masked[key] = "***" if secret else _redacted(value)
     return masked
+
+
+def _redacted(value: Any) -> Any:
+    """Strings with a URI's credentials masked, in lists too; other values as they are."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    return value
 
 
 def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict:

@@ -98,6 +98,19 @@ def test_public_dict_masks_credentials():
     assert "s3cr3t" not in repr(public)
 
 
+def test_public_dict_masks_every_header_and_uri_credentials_in_lists():
+    config = RunConfig(manifest="m", output="o", storage_options={
+        "https": {"headers": {"X-JFrog-Art-Api": "APIKEYHDR1313", "Accept": "image/png"}},
+        "proxies": ["http://user:PW1313@proxy:3128", "http://proxy2:3128"],
+        "session_kwargs": {"profile_name": "nightly"}, "endpoint_url": "http://x", "anon": False})
+    public = config.public_dict()
+    assert public["storage_options"] == {
+        "https": {"headers": {"X-JFrog-Art-Api": "***", "Accept": "***"}},
+        "proxies": ["http://user:***@proxy:3128", "http://proxy2:3128"],
+        "session_kwargs": {"profile_name": "***"}, "endpoint_url": "http://x", "anon": False}
+    assert "APIKEYHDR1313" not in repr(public) and "PW1313" not in repr(public)
+
+
 def test_output_record_holds_only_output_deciding_fields():
     config = RunConfig(manifest="m", output="o", t0=(0.5,), batch_size=4, actors=(2, 2))
     record = config.output_record("sha256:abc")
