@@ -12,6 +12,7 @@ import click
 
 from pipeline.config import ConfigError, build_config, load_config_file, parse_storage_options
 from sdedit.loading import redact
+from tasks.images import without_ray_retry_note
 
 EXIT_ERROR_RATE = 3
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
@@ -118,7 +119,7 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
         click.echo(f"error: {redact(str(error))}", err=True)
         sys.exit(EXIT_ERROR_RATE)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+        raise click.ClickException(without_ray_retry_note(str(error))) from error
     click.echo(json.dumps(_headline(summary, config.output), indent=2))
 
 

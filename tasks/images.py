@@ -76,10 +76,21 @@ def storage_step(failure: str) -> Iterator[None]:
         option = _option_refused(cause, error)
         if not (client or option or isinstance(cause, OSError)):
             raise
+        message = without_ray_retry_note(str(cause))
         hint = "" if not option else (
             " (two storage options that set one argument?)" if "multiple values" in str(cause)
             else " (a --storage-option this file system does not take?)")
-        raise StorageError(f"{failure}: {type(cause).__name__}: {cause}{hint}") from error
+        raise StorageError(f"{failure}: {type(cause).__name__}: {message}{hint}") from error
+
+
+RAY_RETRY_NOTE = re.compile(r"\nFailed to [^\n]* after \d+/\d+ attempts \(total backoff [^\n]*\)\."
+                            r".*\Z", re.DOTALL)
+
+
+def without_ray_retry_note(message: str) -> str:
+    """A task's error message less the lines Ray Data appends to it (how many attempts it made,
+    and how to configure `DataContext` retries, which a user of this CLI cannot)."""
+    return RAY_RETRY_NOTE.sub("", message)
 
 
 # The exception types of a store that did not answer at all (refused or dropped connections,
