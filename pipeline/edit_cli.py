@@ -54,6 +54,11 @@ def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
     if not _writable(format_name):
         raise click.BadParameter(f"Pillow cannot write RGB or grayscale {format_name} images "
                                  f"({value.suffix}) here; use e.g. .png")
+    folder = value.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
     return value
 
 
@@ -263,9 +268,9 @@ def _save(image, path: Path) -> None:
 
     from pipeline.encode import ENCODERS
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     kind = Image.registered_extensions().get(path.suffix.lower(), "").lower()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, **ENCODERS.get(kind, {}))
     except (OSError, ValueError) as error:  # a format that cannot hold this mode says either
         raise click.ClickException(f"cannot write {path}: {error}") from error

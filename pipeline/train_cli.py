@@ -8,9 +8,11 @@ The output folder is a diffusers-format prior (EMA weights) that `sdedit.load` a
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import replace
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import click
 
@@ -232,13 +234,37 @@ def _save(state, output: str) -> None:
     save_checkpoint(state, output)
 
 
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse NaN and infinity, which click's FloatRange lets through."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def check_writable(output: str) -> None:
+    """Refuse, before training rather than at the first save (`--save-every` steps of work
+    later), an OUTPUT_MODEL under a file or in a folder this process cannot write: a file is
+    written and removed in OUTPUT_MODEL or the nearest folder above it that exists (nothing is
+    created, so a run that fails on its images leaves no folder)."""
+    folder = Path(output)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".sdedit-write-check-{os.getpid()}"
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a folder")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise click.BadParameter(f"cannot write the model to {output}: {error}",
+                                 param_hint="OUTPUT_MODEL") from error
+
+
 def run_training(state, images, output: str, save_every: int, log_every: int,
                  time_limit_s: float | None = None) -> bool:
     """Train until `state.config.steps`, logging every `log_every` and saving every
     `save_every` steps and at the end. With `time_limit_s`, stop (and save) after the first
     step that ends past that many seconds. Returns whether all steps were done."""
-    import torch
-
     from sdedit.schedules import VPSchedule
     from sdedit.training import train_step
 
@@ -247,17 +273,32 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
     while state.step < state.config.steps:
         pending.append(train_step(state, images, schedule))
         if state.step % log_every == 0 or state.step == state.config.steps:
-            window = torch.stack(pending).float().tolist()  # one device sync per log line
-            state.losses.extend(window)
-            pending = []
+            window, pending = _settle(state, pending, output), []
             click.echo(_log_line(state, window, started, first_step))
         if time_limit_s is not None and time.time() - started > time_limit_s:
             break
         if state.step % save_every == 0 and state.step < state.config.steps:
+            _settle(state, pending, output)
+            pending = []
             _save(state, output)
-    state.losses.extend(torch.stack(pending).float().tolist() if pending else [])
+    _settle(state, pending, output)
     _save(state, output)
     return state.step >= state.config.steps
+
+
+def _settle(state, pending: list, output: str) -> list[float]:
+    """The losses of the steps since the last call, added to `state.losses` (one device sync);
+    a NaN or infinite one stops training before it saves weights it has ruined."""
+    import torch
+
+    window = torch.stack(pending).float().tolist() if pending else []
+    if bad := [loss for loss in window if not math.isfinite(loss)]:
+        raise click.ClickException(
+            f"training diverged: loss {bad[0]} by step {state.step}, so it stops without saving "
+            f"({output} keeps this run's last save, if any). Train with a lower --lr into a new "
+            "OUTPUT_MODEL")
+    state.losses.extend(window)
+    return window
 
 
 @click.command("train")
@@ -269,7 +310,8 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
               help="Total optimizer steps (a resumed run continues up to this many).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4,
-              show_default=True, help="AdamW learning rate after a linear warmup.")
+              show_default=True, callback=finite,
+              help="AdamW learning rate after a linear warmup.")
 @click.option("--channels", default="32,64,64", show_default=True,
               help="UNet widths, one level per width, each half the size of the one before; "
                    "attention runs at the level that is 8x8 pixels, so none at --resolution 64 "
@@ -282,6 +324,7 @@ def run_training(state, images, output: str, save_every: int, log_every: int,
               help="Write the model and a resumable checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              callback=finite,
               help="Stop after this many minutes, saving a checkpoint that the same command "
                    "resumes from.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -307,6 +350,7 @@ def train(ctx: click.Context, images: str, output_model: str, resolution: str, s
     from sdedit.training import parameter_count
 
     output, storage = local_folder(output_model), parse_storage_options(storage_options)
+    check_writable(output)
     if threads:
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -410,7 +410,21 @@ def _load_folder(folder: Path, uri: str, allow_pickle: bool):
         raise ModelLoadError(f"model {uri}: cannot build the UNet from {parts.unet_dir} "
                              f"(config.json, {parts.weights.name}): {type(error).__name__}: "
                              f"{error}") from error
+    _check_finite(unet, uri, parts.weights)
     return unet, schedule, _file_digest(parts.weights)
+
+
+def _check_finite(unet: torch.nn.Module, uri: str, weights: Path) -> None:
+    """Refuse weights holding NaN or infinity (a training run that diverged): every image such a
+    network makes is NaN, written as black."""
+    import torch
+
+    bad = [name for name, tensor in unet.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ModelLoadError(f"model {uri}: weights in {weights.name} hold NaN or infinite "
+                             f"values ({len(bad)} tensors, e.g. {bad[0]}); was it saved from a "
+                             "training run that diverged?")
 
 
 def _check_pixel_pipeline(folder: Path, uri: str) -> None:

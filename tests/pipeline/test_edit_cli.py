@@ -418,3 +418,33 @@ def test_binary_and_soft_masks():
     assert binary.shape == soft.shape == (1, 1, 2, 2)
     assert binary.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
     torch.testing.assert_close(soft.flatten(), torch.tensor([0, 64, 128, 255]) / 255.0)
+
+
+@pytest.mark.parametrize("below", ["", "sub/"])
+def test_an_output_under_a_file_is_refused_before_editing(tmp_path, below):
+    """`--out z/file/a.png` with z/file a file: the edit ran, then mkdir raised a traceback."""
+    guide = write_png(tmp_path / "g.png", noise_pixels(8, 8))
+    (tmp_path / "file").write_bytes(b"not a folder")
+    out = tmp_path / "file" / f"{below}o.png"
+    result = sdedit_edit("--model", str(tmp_path / "no-model"), "--guide", str(guide),
+                         "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {out}: {tmp_path / 'file'} is a file, not a folder" in result.output
+
+
+def test_a_model_with_nan_weights_is_refused(tmp_path, saved_model):
+    """A prior saved from a training run that diverged: every output was black, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    weights = saved_model / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[3]
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights)
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32))
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", str(saved_model), "--guide", str(guide), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert (f"weights in diffusion_pytorch_model.safetensors hold NaN or infinite values "
+            f"(1 tensors, e.g. {name})") in result.output
+    assert not out.exists()

@@ -308,3 +308,31 @@ def _png_bytes(image: Image.Image, **options) -> bytes:
     stream = io.BytesIO()
     image.save(stream, format="PNG", **options)
     return stream.getvalue()
+
+
+def test_an_output_model_it_cannot_write_is_refused_before_training(pngs, tmp_path):
+    """OUTPUT_MODEL under a file was found only at the first save, after --save-every steps."""
+    (tmp_path / "file").write_bytes(b"not a folder")
+    result = _train(pngs, tmp_path / "file" / "prior", "--steps", "2", *SMALL)
+    assert result.exit_code == 2, result.output
+    assert f"cannot write the model to {tmp_path / 'file' / 'prior'}" in result.output
+    assert "images at 32px" not in result.output  # nothing read, nothing trained
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "nan"), ("--lr", "inf"),
+                                               ("--time-limit", "nan")])
+def test_a_learning_rate_or_time_limit_that_is_not_finite_is_refused(pngs, tmp_path, option,
+                                                                      value):
+    result = _train(pngs, tmp_path / "prior", "--steps", "2", option, value, *SMALL)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': must be a finite number, got {value}" in result.output
+
+
+def test_training_that_diverges_stops_without_saving(pngs, tmp_path):
+    """--lr 1e9 made every weight NaN; the run saved them and exited 0, and `sdedit edit` with
+    that prior wrote black images."""
+    out = tmp_path / "prior"
+    result = _train(pngs, out, "--steps", "6", "--log-every", "2", "--lr", "1e9", *SMALL)
+    assert result.exit_code == 1, result.output
+    assert "training diverged: loss nan by step" in result.output
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()
