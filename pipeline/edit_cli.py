@@ -117,6 +117,9 @@ def edit(
     options = EditOptions(t0, steps, repeats, seed, mask_mode)
     guide = read_image(guide_path, max_pixels)
     mask = read_mask(mask_path, guide.size, max_pixels) if mask_path is not None else None
+    if mask is not None and _lossy(out_path):
+        _note(f"{out_path.suffix} is lossy: outside the mask the written image is near the guide, "
+              "not exactly it (.png and .webp keep it exactly)")
     prior = _load_prior(model_uri, device, dtype, allow_pickle)
     result = edit_image(prior, guide, mask, options)
     _save(result, out_path)
@@ -274,6 +277,13 @@ def _save(image, path: Path) -> None:
         image.save(path, **ENCODERS.get(kind, {}))
     except (OSError, ValueError) as error:  # a format that cannot hold this mode says either
         raise click.ClickException(f"cannot write {path}: {error}") from error
+
+
+def _lossy(path: Path) -> bool:
+    """Whether `sdedit edit` writes `path`'s format lossily (JPEG; WebP it writes lossless)."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(path.suffix.lower()) == "JPEG"
 
 
 def _note(message: str) -> None:

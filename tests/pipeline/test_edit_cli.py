@@ -448,3 +448,16 @@ def test_a_model_with_nan_weights_is_refused(tmp_path, saved_model):
     assert (f"weights in diffusion_pytorch_model.safetensors hold NaN or infinite values "
             f"(1 tensors, e.g. {name})") in result.output
     assert not out.exists()
+
+
+def test_a_masked_edit_written_as_jpeg_notes_that_the_kept_region_is_not_exact(tmp_path):
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32, seed=3))
+    mask = write_png(tmp_path / "m.png", box_mask(32, 32))
+    result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask", str(mask),
+                         "--steps", "2", "--out", str(tmp_path / "o.jpg"))
+    assert result.exit_code == 0, result.output
+    assert "note: .jpg is lossy: outside the mask the written image is near the guide" in (
+        result.stderr)
+    plain = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--steps", "2",
+                        "--out", str(tmp_path / "o2.jpg"))
+    assert plain.exit_code == 0 and "lossy" not in plain.stderr  # no mask, no kept region
