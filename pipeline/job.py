@@ -41,6 +41,7 @@ from pipeline.manifest import (
     shared_keys,
     superseded_errors,
     typed_as_shards,
+    undeciding,
 )
 from pipeline.progress import Progress, Report, quiet, ray_data_progress
 from pipeline.resume import (
@@ -186,7 +187,7 @@ def preview(config: RunConfig) -> dict:
             committed, retried = Committed(), 0
         else:  # refused as `run` would refuse it, then read as `run` would find it
             recorded(config.output, config.output_record(model.digest), config.storage_options,
-                     defaults_in_play(plan))
+                     defaults_in_play(plan), undeciding(plan))
             typed_as_output(config, manifest)
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
@@ -223,7 +224,7 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan,
     --retry-errors stages back into work; (manifest, failures retried, committed keys)."""
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
         claim_output(config.output, config.output_record(model.digest), config.overwrite,
-                     config.storage_options, defaults_in_play(plan))
+                     config.storage_options, defaults_in_play(plan), undeciding(plan))
         record_manifest(config.output, config.manifest, config.storage_options)
         clean_temporaries(config.output, config.storage_options)
         manifest = typed_as_output(config, manifest)

@@ -662,6 +662,12 @@ def defaults_in_play(plan: Plan) -> list[TaskDefaults]:
     return [*plan.presets.values(), *([NO_TASK] if plan.untasked and not plan.task else [])]
 
 
+def undeciding(plan: Plan) -> tuple[str, ...]:
+    """Run options that decide none of this plan's outputs: --task when every row names its own
+    task (a row's task wins over it)."""
+    return () if plan.untasked else ("task",)
+
+
 def distinct_t0(t0s: Sequence[float | None]) -> tuple:
     """Each t0 value once as keys see it (rounded to T0_DECIMALS; missing ones are one NaN), in
     the order given: a row whose list names 0.3 twice, or 0.3 and 0.3000000001, has one output

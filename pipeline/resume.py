@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -311,9 +311,9 @@ def clean_temporaries(output: str, storage_options: Mapping) -> int:
 
 
 def claim_output(output: str, record: dict, overwrite: bool, storage_options: Mapping,
-                 defaults: Sequence[TaskDefaults] = ()) -> None:
+                 defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> None:
     """Record this run's configuration in OUTPUT, or refuse a different recorded one (see
-    `recorded` for `defaults`).
+    `recorded` for `defaults` and `ignored`).
 
     With `overwrite`, what a previous run left (shards, errors, summary) is deleted first, and
     what `sdedit evaluate` and `inspect` made of the outputs replaced. An OUTPUT whose data/ or
@@ -323,7 +323,7 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     refuse_foreign_files(output, storage_options)
     if overwrite:
         _remove_run(fs, root)
-    elif recorded(output, record, storage_options, defaults):
+    elif recorded(output, record, storage_options, defaults, ignored):
         return
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
            storage_options)  # whole or not at all: a torn record would refuse every rerun
@@ -373,11 +373,12 @@ def _shown(value, other):
 
 
 def recorded(output: str, record: dict, storage_options: Mapping,
-             defaults: Sequence[TaskDefaults] = ()) -> bool:
+             defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> bool:
     """Whether OUTPUT records this configuration (False: it records none); a different one
     raises ConfigMismatchError naming what changed. `defaults` are where this run's rows take
     unset t0, samples and repeats from (`manifest.defaults_in_play`); without them, unset and
-    set values always differ."""
+    set values always differ. `ignored` fields decide none of this manifest's outputs
+    (`manifest.undeciding`)."""
     fs, root = output_fs(output, storage_options)
     path = f"{root}/{RUN_CONFIG}"
     if not fs.exists(path):
@@ -390,7 +391,7 @@ def recorded(output: str, record: dict, storage_options: Mapping,
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
             "replace it") from error
     changed = sorted(k for k in set(stored) | set(record)
-                     if _differs(k, stored.get(k), record.get(k), defaults))
+                     if k not in ignored and _differs(k, stored.get(k), record.get(k), defaults))
     if changed:
         details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
                             f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)

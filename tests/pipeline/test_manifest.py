@@ -564,3 +564,17 @@ def test_the_builtin_defaults_are_in_play_only_where_a_row_names_no_task():
     assert in_play(["synthesis", ""]) == [*synthesis, NO_TASK]
     assert in_play(None) == [NO_TASK]
     assert in_play([None], task="synthesis") == synthesis
+
+
+def test_the_task_option_decides_no_output_when_every_row_names_its_task():
+    from pipeline.config import RunConfig
+    from pipeline.job import make_plan
+    from pipeline.manifest import ManifestFiles, undeciding
+
+    manifest = ManifestFiles(("m.parquet",), "/base", pa.schema([]))
+    config = RunConfig(manifest="m.parquet", output="o", task="augmentation")
+    tasked = pa.table({"id": ["a", "b"], "task": ["synthesis", "editing"]})
+    assert undeciding(make_plan(config, manifest, tasked)) == ("task",)
+    mixed = pa.table({"id": ["a", "b"], "task": ["synthesis", None]})
+    assert undeciding(make_plan(config, manifest, mixed)) == ()
+    assert undeciding(make_plan(config, manifest, pa.table({"id": ["a"]}))) == ()

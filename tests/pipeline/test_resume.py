@@ -149,6 +149,19 @@ def test_an_unset_t0_samples_or_repeats_is_the_value_every_row_takes_by_default(
         claim_output(str(tmp_path), {**unset, "repeats": 1}, False, {})
 
 
+def test_a_task_option_that_no_row_takes_is_not_a_different_configuration(tmp_path):
+    """`--task synthesis` added to a nightly job whose rows all name their own task (which wins)
+    was refused as a different configuration (task: None -> 'synthesis')."""
+    unset = {"model": "builtin:tiny", "task": None, "steps": 2}
+    claim_output(str(tmp_path), unset, False, {})
+    claim_output(str(tmp_path), {**unset, "task": "synthesis"}, False, {}, ignored=("task",))
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == unset  # kept as it was
+    with pytest.raises(ConfigMismatchError, match=r"\(task: None -> 'synthesis'\)"):
+        claim_output(str(tmp_path), {**unset, "task": "synthesis"}, False, {})
+    with pytest.raises(ConfigMismatchError, match=r"\(steps: 2 -> 3\)"):  # only the task
+        claim_output(str(tmp_path), {**unset, "steps": 3}, False, {}, ignored=("task",))
+
+
 def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path):
     """`--t0 0.8 --t0 0.4` into an OUTPUT made with `--t0 0.4 --t0 0.8` makes the same outputs
     (keys and seeds are per t0 value): it was refused as a different configuration."""
