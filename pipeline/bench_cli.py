@@ -20,6 +20,8 @@ measured before, between and after them, and reports every ratio and their media
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,16 +30,55 @@ from pathlib import Path
 
 import click
 
+POSITIVE = click.IntRange(min=1)
+
+
+class UnitInterval(click.FloatRange):
+    """A t0 in (0, 1]: click's FloatRange lets NaN through (every comparison with it is false),
+    which the sampler then refused with a traceback after the benchmark had started."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1, min_open=True)
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{number} is not in the range 0<x<=1.", param, ctx)
+        return number
+
+
+def check_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--out's folder, made now if missing: a file in the way or a folder that cannot be made
+    or written is refused before the benchmark runs, not after it."""
+    if value is None:
+        return None
+    folder = Path(value).absolute().parent
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise click.BadParameter(f"{value}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = f"{value}: cannot make folder {folder}: {error.strerror}"
+        raise click.BadParameter(reason) from error
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"{value}: folder {folder} is not writable")
+    return value
+
 
 @click.command()
 @click.option("--model", default="builtin:tiny", show_default=True)
-@click.option("--images", "count", default=256, show_default=True, help="Images to edit.")
-@click.option("--size", default=64, show_default=True, help="Generated image side (pixels).")
-@click.option("--t0", default=0.5, show_default=True)
-@click.option("--steps", default=20, show_default=True)
-@click.option("--batch-size", default=32, show_default=True, help="Rows per actor call.")
-@click.option("--model-batch", default=32, show_default=True, help="Samples per model call.")
-@click.option("--actors", default=1, show_default=True)
+@click.option("--images", "count", default=256, show_default=True, type=POSITIVE,
+              help="Images to edit.")
+@click.option("--size", default=64, show_default=True, type=POSITIVE,
+              help="Generated image side (pixels).")
+@click.option("--t0", default=0.5, show_default=True, type=UnitInterval())
+@click.option("--steps", default=20, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE,
+              help="Rows per actor call.")
+@click.option("--model-batch", default=32, show_default=True, type=POSITIVE,
+              help="Samples per model call.")
+@click.option("--actors", default=1, show_default=True, type=POSITIVE)
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]),
               help="The network's dtype, for model-only and the pipeline alike.")
@@ -45,8 +86,8 @@ import click
               help="torch.compile the network (model-only compiles before timing; the "
                    "pipeline's start-up includes the compile).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep inputs/outputs here.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False),
-              help="Also write the JSON result to this file.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=check_out,
+              help="Also write the JSON result to this file (its folder is made if missing).")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
               help="Pipeline runs, each on a new Ray runtime; prints each ratio and the median.")
 def bench(model: str, count: int, size: int, t0: float, steps: int, batch_size: int,
@@ -144,8 +185,6 @@ def _time_actor_start() -> None:
 
 def actor_threads(actors: int) -> int:
     """torch threads of each of `actors` CPU actors sharing this machine's cores."""
-    import os
-
     return max(1, (os.cpu_count() or 1) // actors)
 
 

@@ -272,12 +272,20 @@ def output_folder(output: str, storage_options: tuple[str, ...], manifest_uri: s
     from tasks.outputs import OutputFolder
 
     options = parse_storage_options(storage_options)
-    base = None
-    if manifest_uri:
-        from tasks.outputs import run_manifest_base
-
-        base = run_manifest_base(manifest_uri, options)
+    base = given_manifest_base(manifest_uri, options) if manifest_uri else None
     return OutputFolder(output.rstrip("/"), options, base)
+
+
+def given_manifest_base(manifest_uri: str, storage_options: dict) -> str:
+    """The folder a --manifest's relative guide paths resolve against, refused when the
+    manifest is not there as `sdedit run` reads it (it silently resolved no guide)."""
+    from pipeline.manifest import ManifestError
+    from tasks.outputs import manifest_folder
+
+    try:
+        return manifest_folder(manifest_uri, storage_options)
+    except ManifestError as error:
+        raise click.BadParameter(str(error), param_hint="--manifest") from error
 
 
 manifest_option = click.option(
@@ -290,10 +298,12 @@ manifest_option = click.option(
 
 @click.command()
 @click.argument("output")
-@click.option("-n", "--count", default=8, show_default=True, help="Ids on the contact sheet.")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Ids on the contact sheet.")
 @click.option("--id", "ids", multiple=True, help="Show these ids (repeatable).")
 @click.option("--sample", default=0, show_default=True, help="Which sample per (id, t0).")
-@click.option("--cell", default=128, show_default=True, help="Cell size in pixels.")
+@click.option("--cell", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Cell size in pixels.")
 @click.option("--out", "destination", default=None, help="Where to write (default OUTPUT/inspect).")
 @manifest_option
 @storage_option

@@ -18,13 +18,14 @@ from PIL import Image
 from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
-    decode,
-    iter_rows,
+    decode_output,
+    iter_shards,
     load_image,
     manifest_base,
     pixel_limit,
     read_summary,
     resolve_guide,
+    row_label,
     to_unit,
 )
 
@@ -76,29 +77,37 @@ def faithfulness(
 def score_rows(folder: OutputFolder) -> tuple[list[dict], int]:
     """Per-output scores (id, t0, sample, format, reported and recomputed faithfulness).
 
-    Returns the scores and how many outputs had no readable guide (they are not scored).
+    Returns the scores and how many outputs had no readable guide (they are not scored). An
+    output whose image cannot be decoded is a ValueError naming it (id, t0, sample, shard).
     """
     summary = read_summary(folder)
     base, limit = manifest_base(folder, summary), pixel_limit(summary)
     scores, missing = [], 0
-    for row in iter_rows(folder):
-        guide_uri = resolve_guide(row.get("guide"), base)
-        if guide_uri is None:
-            missing += 1
-            continue
-        mask_uri = resolve_guide(row.get("mask"), base)
-        try:
-            guide = load_image(guide_uri, folder.storage_options, "RGB", limit)
-            mask = load_image(mask_uri, folder.storage_options, "L", limit) if mask_uri else None
-        except InputError:
-            missing += 1
-            continue
-        score = faithfulness(decode(row["image"]), guide, mask)
-        scores.append(
-            {key: row.get(key) for key in ("id", "t0", "sample", "image_format", "l2_to_guide")}
-            | {"recomputed": score}
-        )
+    for shard, table in iter_shards(folder):
+        for row in table.to_pylist():
+            score = score_row(folder, row, shard, base, limit)
+            if score is None:
+                missing += 1
+            else:
+                scores.append(score)
     return scores, missing
+
+
+def score_row(folder: OutputFolder, row: dict, shard: str, base: str | None,
+              limit: int) -> dict | None:
+    """One output's scores (see `score_rows`), None when its guide or mask cannot be read."""
+    guide_uri = resolve_guide(row.get("guide"), base)
+    if guide_uri is None:
+        return None
+    mask_uri = resolve_guide(row.get("mask"), base)
+    try:
+        guide = load_image(guide_uri, folder.storage_options, "RGB", limit)
+        mask = load_image(mask_uri, folder.storage_options, "L", limit) if mask_uri else None
+    except InputError:
+        return None
+    score = faithfulness(decode_output(row["image"], row_label(row, shard)), guide, mask)
+    return ({key: row.get(key) for key in ("id", "t0", "sample", "image_format", "l2_to_guide")}
+            | {"recomputed": score})
 
 
 def summarize_t0(scores: list[dict]) -> dict:

@@ -12,20 +12,23 @@ import html
 import io
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageOps
 
 from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
-    decode,
+    decode_output,
     find_value,
+    iter_shards,
     load_image,
     manifest_base,
     pixel_limit,
     read_summary,
     read_table,
     resolve_guide,
+    row_label,
 )
 
 PAD = 4  # pixels between cells and around the sheet
@@ -38,6 +41,16 @@ META_COLUMNS = ["id", "t0", "sample", "l2_to_guide", "guide", "mask"]
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 
 
+class Output(NamedTuple):
+    """One output cell: the encoded image, its format, the run's L2 and which row it is (id,
+    t0, sample, shard: what an undecodable image's error names)."""
+
+    data: bytes
+    image_format: str
+    l2: float | None
+    label: str
+
+
 @dataclass(frozen=True)
 class SheetRow:
     """One id's cells: guide, mask (None when absent) and, per t0, the output (None if failed)."""
@@ -45,7 +58,7 @@ class SheetRow:
     id: str
     guide: Image.Image | None
     mask: Image.Image | None
-    outputs: dict[float, tuple[bytes, str, float | None] | None]  # t0 -> (bytes, format, L2)
+    outputs: dict[float, Output | None]  # by t0
     failed: frozenset[float] = frozenset()  # t0 values with an error row (else: not requested)
 
     def missing_label(self, t0: float) -> str:
@@ -175,15 +188,16 @@ def check_choice(folder: OutputFolder, known: list[str], ids: list[str] | None,
 
 def chosen_outputs(
     folder: OutputFolder, ids: list[str], sample: int
-) -> dict[tuple[str, float], tuple[bytes, str, float | None]]:
-    """(id, t0) -> (image bytes, format, L2) of sample `sample`, reading only those ids."""
+) -> dict[tuple[str, float], Output]:
+    """(id, t0) -> the Output of sample `sample`, reading only those ids."""
     columns = ["id", "t0", "sample", "image", "image_format", "l2_to_guide"]
-    table = read_table(folder, "data", columns, ids)
     outputs = {}
-    for row in table.to_pylist() if table is not None else []:
-        if row["sample"] == sample:
-            key = (row["id"], float(row["t0"]))
-            outputs[key] = (row["image"], row.get("image_format") or "png", row.get("l2_to_guide"))
+    for shard, table in iter_shards(folder, columns, ids):
+        for row in table.to_pylist():
+            if row["sample"] == sample:
+                outputs[(row["id"], float(row["t0"]))] = Output(
+                    row["image"], row.get("image_format") or "png", row.get("l2_to_guide"),
+                    row_label(row, shard))
     return outputs
 
 
@@ -252,7 +266,7 @@ def _cells(row: SheetRow, t0s: list[float], cell: int) -> list[Image.Image]:
     ]
     for t0 in t0s:
         output = row.outputs.get(t0)
-        cells.append(fit_cell(decode(output[0]), cell) if output
+        cells.append(fit_cell(decode_output(output.data, output.label), cell) if output
                      else placeholder(row.missing_label(t0), cell))
     return cells
 
@@ -292,9 +306,9 @@ def _html_row(row: SheetRow, t0s: list[float]) -> str:
         if output is None:
             cells.append(_empty(row.missing_label(t0)))
             continue
-        data, image_format, l2 = output
-        caption = f"L2 {l2:.4f}" if l2 is not None else ""
-        cells.append(f"<td><img src='{data_uri(data, image_format)}'><div>{caption}</div></td>")
+        caption = f"L2 {output.l2:.4f}" if output.l2 is not None else ""
+        cells.append(f"<td><img src='{data_uri(output.data, output.image_format)}'>"
+                     f"<div>{caption}</div></td>")
     return "<tr>" + "".join(cells) + "</tr>\n"
 
 
@@ -348,11 +362,11 @@ def write_contact_sheet(
         f"{destination.rstrip('/')}/contact_sheet.png",
         f"{destination.rstrip('/')}/contact_sheet.html",
     )
+    buffer = io.BytesIO()
+    render_sheet(rows, t0s, cell).save(buffer, format="PNG")  # before any file is made
     fs, root = fsspec.core.url_to_fs(destination,
                                        **options_for(destination, folder.storage_options))
     fs.makedirs(root, exist_ok=True)
-    buffer = io.BytesIO()
-    render_sheet(rows, t0s, cell).save(buffer, format="PNG")
     with fsspec.open(png, "wb", **options_for(png, folder.storage_options)) as file:
         file.write(buffer.getvalue())
     with fsspec.open(page, "w", encoding="utf-8",

@@ -13,12 +13,13 @@ import io
 import json
 import os
 import posixpath
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import Format
 from tasks.images import (
@@ -30,6 +31,7 @@ from tasks.sources import is_remote, resolve
 
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
 SHARD_SUFFIXES: dict[Format, str] = {"parquet": ".parquet", "webdataset": ".tar"}
+FORMAT_NAMES: dict[Format, str] = {"parquet": "Parquet", "webdataset": "WebDataset (tar)"}
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,25 @@ def data_shards(folder: OutputFolder) -> tuple[Format, list[str]]:
 
 def read_shard(
     fs, path: str, data_format: Format, columns: list[str] | None = None,
-    ids: list[str] | None = None,
+    ids: list[str] | None = None, uri: str | None = None,
 ):
     """One committed data shard as a pyarrow Table in the Parquet dataset's columns and types.
 
-    `columns` missing from the shard are skipped; `ids` keeps only those ids' rows.
+    `columns` missing from the shard are skipped; `ids` keeps only those ids' rows. A shard
+    cut short or in another format is a ValueError naming it (`uri`, else `path`); a storage
+    failure stays an OSError.
     """
-    with fs.open(path, "rb") as file:
-        return SHARD_READERS[data_format](file, columns, ids)
+    import pyarrow as pa
+
+    try:
+        with fs.open(path, "rb") as file:
+            return SHARD_READERS[data_format](file, columns, ids)
+    except OSError:
+        raise
+    except (ValueError, tarfile.TarError, pa.ArrowException) as error:
+        raise ValueError(f"shard {uri or path} is not a readable {FORMAT_NAMES[data_format]} "
+                         f"file (cut short or damaged?): {type(error).__name__}: {error}"
+                         ) from error
 
 
 def _read_parquet(file, columns: list[str] | None, ids: list[str] | None):
@@ -124,22 +137,44 @@ def read_table(
     """
     import pyarrow as pa
 
-    fs, _ = _filesystem(folder)
     try:
-        data_format, paths = data_shards(folder) if sub == "data" else ("parquet",
-                                                                        shard_files(folder, sub))
+        shards = committed_shards(folder, sub)
     except FileNotFoundError:  # no data shard: every output failed, or none committed yet
         return None
-    tables = [read_shard(fs, path, data_format, columns, ids) for path in paths]
+    tables = [table for _, table in read_shards(folder, shards, columns, ids)]
     return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def committed_shards(folder: OutputFolder, sub: str = "data") -> tuple[Format, list[str]]:
+    """The format and committed shards of OUTPUT/sub: `data` in the run's format (see
+    `data_shards`: FileNotFoundError when none), other folders (`errors`) Parquet."""
+    return data_shards(folder) if sub == "data" else ("parquet", shard_files(folder, sub))
+
+
+def read_shards(
+    folder: OutputFolder, shards: tuple[Format, list[str]], columns: list[str] | None = None,
+    ids: list[str] | None = None,
+) -> Iterator[tuple[str, object]]:
+    """(URI, pyarrow Table) of each of `shards` in turn, so large datasets stream through and a
+    row can be told by its shard (`columns` and `ids` as in `read_table`)."""
+    fs, root = _filesystem(folder)
+    data_format, paths = shards
+    for path in paths:
+        uri = folder.path(posixpath.relpath(path, root))
+        yield uri, read_shard(fs, path, data_format, columns, ids, uri)
+
+
+def iter_shards(folder: OutputFolder, columns: list[str] | None = None,
+                ids: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """(URI, pyarrow Table) of each data shard in turn (either format; FileNotFoundError when
+    there is none)."""
+    return read_shards(folder, committed_shards(folder), columns, ids)
 
 
 def iter_rows(folder: OutputFolder, columns: list[str] | None = None) -> Iterator[dict]:
     """Output rows one data shard at a time (either format), so large datasets stream through."""
-    fs, _ = _filesystem(folder)
-    data_format, paths = data_shards(folder)
-    for path in paths:
-        yield from read_shard(fs, path, data_format, columns).to_pylist()
+    for _, table in iter_shards(folder, columns):
+        yield from table.to_pylist()
 
 
 def read_summary(folder: OutputFolder) -> dict:
@@ -194,19 +229,26 @@ def run_manifest_base(manifest: str, storage_options: dict) -> str:
     command cannot list (gone since the run, or in a store out of its reach: outputs with
     absolute guide URIs need no base) is placed by its name: a `.parquet` file's or a glob's
     folder, else itself."""
-    import fsspec
-
-    from pipeline.manifest import list_parquet
-
     try:
-        fs, path = fsspec.core.url_to_fs(manifest, **options_for(manifest, storage_options))
-        return fs.unstrip_protocol(list_parquet(fs, path, manifest)[1])
+        return manifest_folder(manifest, storage_options)
     except Exception:  # noqa: BLE001 (any store's failure: the name still says where)
         if not (manifest.endswith(".parquet") or any(char in manifest for char in "*?[")):
             return manifest
         if is_remote(manifest):
             return posixpath.dirname(manifest)
         return os.path.dirname(os.path.abspath(manifest.removeprefix("file://")))
+
+
+def manifest_folder(manifest: str, storage_options: dict) -> str:
+    """The folder `sdedit run` resolves `manifest`'s relative paths against (see
+    `run_manifest_base`), read as the run reads it: `pipeline.manifest.ManifestError` when it
+    does not exist or holds no .parquet file."""
+    import fsspec
+
+    from pipeline.manifest import list_parquet
+
+    fs, path = fsspec.core.url_to_fs(manifest, **options_for(manifest, storage_options))
+    return fs.unstrip_protocol(list_parquet(fs, path, manifest)[1])
 
 
 def resolve_guide(uri: str | None, base: str | None) -> str | None:
@@ -221,6 +263,22 @@ def resolve_guide(uri: str | None, base: str | None) -> str | None:
 def decode(image_bytes: bytes) -> Image.Image:
     """An output image decoded to RGB."""
     return Image.open(io.BytesIO(image_bytes)).convert("RGB")
+
+
+def row_label(row: dict, shard: str) -> str:
+    """Which output a data row holds, for messages: id, t0, sample and shard."""
+    return f"output id {row['id']!r}, t0 {row['t0']:g}, sample {row['sample']} in {shard}"
+
+
+def decode_output(image_bytes: bytes, label: str) -> Image.Image:
+    """An output image decoded to RGB; a ValueError starting `label` (see `row_label`) when its
+    bytes are no image Pillow can decode."""
+    try:
+        return decode(image_bytes)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        reason = ("not an image Pillow can identify" if isinstance(error, UnidentifiedImageError)
+                  else f"{type(error).__name__}: {error}")
+        raise ValueError(f"{label}: its image cannot be decoded: {reason}") from error
 
 
 @lru_cache(maxsize=64)

@@ -77,3 +77,62 @@ def test_bench_runs_end_to_end_in_the_chosen_dtype(tmp_path):
     assert saved["runs"][0]["model_only_images_per_s"] > 0 and saved["ratio"] > 0
     run_config = json.loads((tmp_path / "w" / "output" / "summary.json").read_text())["config"]
     assert run_config["dtype"] == "bfloat16"  # the pipeline ran in it too, not float32
+
+
+@pytest.fixture
+def bench_never_runs(monkeypatch):
+    """Fail the test if `sdedit bench` starts benchmarking (writing its input images)."""
+    import pipeline.bench_cli
+
+    def refuse(*args):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(pipeline.bench_cli, "write_inputs", refuse)
+
+
+@pytest.mark.parametrize(("option", "value", "shown"), [
+    ("--images", "0", "0 is not in the range x>=1."),
+    ("--size", "0", "0 is not in the range x>=1."),
+    ("--t0", "2", "2.0 is not in the range 0<x<=1."),
+    ("--t0", "0", "0.0 is not in the range 0<x<=1."),
+    ("--t0", "nan", "nan is not in the range 0<x<=1."),
+    ("--steps", "0", "0 is not in the range x>=1."),
+    ("--batch-size", "0", "0 is not in the range x>=1."),
+    ("--model-batch", "0", "0 is not in the range x>=1."),
+    ("--actors", "0", "0 is not in the range x>=1."),
+])
+def test_bench_refuses_out_of_range_options_before_it_runs(bench_never_runs, option, value,
+                                                           shown):
+    """Each was a traceback (ZeroDivisionError, the library's ValueError, a ConfigError)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["bench", option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: Invalid value for '{option}': {shown}"
+
+
+def test_bench_refuses_an_out_under_a_file_before_it_runs(bench_never_runs, tmp_path):
+    """It wrote the result only after the whole benchmark, and failed there."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "z").write_text("a file")
+    out = tmp_path / "z" / "file" / "x.json"
+    result = CliRunner().invoke(main, ["bench", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: Invalid value for '--out': {out}: {tmp_path / 'z'} is a file, not a folder")
+
+
+def test_bench_makes_a_missing_out_folder_before_it_runs(bench_never_runs, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "new" / "deeper" / "x.json"
+    result = CliRunner().invoke(main, ["bench", "--out", str(out)])
+    assert isinstance(result.exception, AssertionError)  # past the checks: it would run
+    assert out.parent.is_dir() and not out.exists()

@@ -126,6 +126,7 @@ def test_manifest_option_resolves_guides_without_a_summary(known_output, tmp_pat
     (known_output / "summary.json").unlink()
     assert evaluate(OutputFolder(str(known_output)))["outputs_scored"] == 0
     manifest = str(tmp_path / "run" / "manifest.parquet")
+    pq.write_table(pa.table({"id": ["plain"], "guide": ["guides/plain.png"]}), manifest)
     out = tmp_path / "report.json"
     result = CliRunner().invoke(
         evaluate_command, [str(known_output), "--manifest", manifest, "--json", str(out)]
@@ -180,3 +181,54 @@ def test_exactness_is_judged_on_lossless_outputs_only(tmp_path, image_format, ve
     assert (group["max_change_outside_mask"] > 0) == (image_format == "jpeg")  # still reported
     assert report["exact_keep_outside_mask"] is exact
     assert f"guide kept exactly outside every mask: {verdict}" in format_report(report)
+
+
+def spoil_image(shard, row_id: str) -> None:
+    """Replace the encoded image of `row_id`'s rows in a Parquet shard with bytes of no image."""
+    rows = pq.read_table(shard).to_pylist()
+    for row in rows:
+        if row["id"] == row_id:
+            row["image"] = b"not an image"
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+
+
+def test_a_manifest_that_does_not_exist_is_refused(known_output, tmp_path):
+    """It was taken as any folder: 0 outputs scored, and a hint to pass --manifest."""
+    missing = tmp_path / "nope.parquet"
+    result = CliRunner().invoke(evaluate_command, [str(known_output), "--manifest", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: Invalid value for --manifest: manifest {missing} does not exist")
+    assert not (known_output / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("part-1.parquet", "Parquet file (cut short or damaged?): ArrowInvalid: Parquet magic bytes "
+     "not found in footer. Either the file is corrupted or this is not a parquet file."),
+    ("part-0.tar", "WebDataset (tar) file (cut short or damaged?): ReadError: invalid header"),
+])
+def test_an_unreadable_shard_is_named(tmp_path, name, reason):
+    """The error said what Arrow or tarfile found, not in which shard."""
+    output = write_output(tmp_path / "out", [{"id": "a", "t0": 0.5, "image": flat(1)},
+                                             {"id": "b", "t0": 0.5, "image": flat(2)}])
+    shard = output / "data" / name
+    if name.endswith(".parquet"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut short
+    else:  # a WebDataset OUTPUT whose one shard is no tar file
+        for parquet in output.glob("data/*.parquet"):
+            parquet.unlink()
+        shard.write_bytes(b"not a tar file" * 40)
+    result = CliRunner().invoke(evaluate_command, [str(output)])
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: shard {shard} is not a readable {reason}\n"
+
+
+def test_an_output_image_that_cannot_be_decoded_is_named(known_output):
+    """The error named a BytesIO object, not the row."""
+    spoil_image(known_output / "data" / "part-0.parquet", "large")
+    result = CliRunner().invoke(evaluate_command, [str(known_output)])
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: output id 'large', t0 0.3, sample 0 in {known_output}/data/part-0.parquet: its "
+        "image cannot be decoded: not an image Pillow can identify\n")
+    assert not (known_output / "evaluation.json").exists()

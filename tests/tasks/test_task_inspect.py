@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -189,3 +191,54 @@ def test_a_rerun_with_nothing_to_do_shows_no_rate_of_zero(run_output):
     summary["this_run"] = {"todo": 4, "images_per_second": 1.25}
     (run_output / "summary.json").write_text(json.dumps(summary))
     assert "images/s          1.25" in summary_lines(OutputFolder(str(run_output)))
+
+
+@pytest.mark.parametrize(("option", "value", "name"), [
+    ("-n", "0", "'-n' / '--count'"), ("-n", "-1", "'-n' / '--count'"),
+    ("--cell", "0", "'--cell'"), ("--cell", "-5", "'--cell'"),
+])
+def test_count_and_cell_under_one_are_refused(run_output, option, value, name):
+    """-n 0 was an Arrow traceback, -n -1 a Python slice, --cell 0 an empty sheet and --cell -5
+    Pillow's error naming no option."""
+    result = CliRunner().invoke(inspect_command, [str(run_output), option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: Invalid value for {name}: {value} is not in the range x>=1.")
+    assert not (run_output / "inspect").exists()
+
+
+def test_a_manifest_that_does_not_exist_is_refused(run_output, tmp_path):
+    """It was taken as any folder: every row showed "no guide"."""
+    missing = tmp_path / "nope.parquet"
+    result = CliRunner().invoke(inspect_command, [str(run_output), "--manifest", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: Invalid value for --manifest: manifest {missing} does not exist")
+    assert not (run_output / "inspect").exists()
+
+
+def test_an_unreadable_shard_is_named(run_output):
+    shard = run_output / "data" / "part-2.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = CliRunner().invoke(inspect_command, [str(run_output)])
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: shard {shard} is not a readable Parquet file (cut short or damaged?): "
+        "ArrowInvalid: Parquet magic bytes not found in footer. Either the file is corrupted or "
+        "this is not a parquet file.\n")
+
+
+def test_an_output_image_that_cannot_be_decoded_is_named(run_output):
+    """The error named a BytesIO object, not the row."""
+    shard = run_output / "data" / "part-0.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    for row in rows:
+        if (row["id"], row["t0"], row["sample"]) == ("id0", 0.25, 0):
+            row["image"] = b"not an image"
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    result = CliRunner().invoke(inspect_command, [str(run_output)])
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: output id 'id0', t0 0.25, sample 0 in {shard}: its image cannot be decoded: "
+        "not an image Pillow can identify\n")
+    assert not (run_output / "inspect").exists()
