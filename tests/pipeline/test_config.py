@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -157,28 +158,20 @@ def test_retry_errors_take_a_comma_list_or_all():
     ("retry_errors: 5", "retry_errors must be stage names"),
     ('storage_options: "endpoint_url=x"', "storage_options must be a mapping"),
     ("t0: [0.5\nsteps: 2", "is not valid YAML"),
-])
-def test_a_config_file_value_of_the_wrong_type_is_a_clear_error(tmp_path, text, message):
-    path = tmp_path / "job.yaml"
-    path.write_text(f"manifest: m.parquet\noutput: out\n{text}\n")
-    with pytest.raises(ConfigError, match=message):
-        build_config(load_config_file(str(path)), {})
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("1: 2", "option names must be text, got 1"),  # tracebacks before: 'int' has no .replace
+    # tracebacks before these were clear errors: 'int' object has no attribute 'replace'...
+    ("1: 2", "option names must be text, got 1"),
     ("storage_options: [5]", "storage options as a list must be KEY=VALUE strings, got 5"),
     ("storage_options: {1: x}", "storage_options names must be text, got 1"),
     ("storage_options: {client_kwargs: {2: x}}", "storage_options names must be text, got 2"),
     ("cpus_per_actor: .nan", "cpus_per_actor must be a finite number >= 0, got nan"),
     ("gpus_per_actor: .inf", "gpus_per_actor must be a finite number >= 0, got inf"),
 ])
-def test_a_malformed_config_file_is_a_clear_error_naming_the_file(tmp_path, text, message):
+def test_a_config_file_value_of_the_wrong_type_is_a_clear_error_naming_the_file(tmp_path, text,
+                                                                                message):
     path = tmp_path / "job.yaml"
     path.write_text(f"manifest: m.parquet\noutput: out\n{text}\n")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(path))}\b.*{message}"):
         build_config(load_config_file(str(path)), {}, source=str(path))
-    assert str(error.value) == f"config file {path}: {message}"
 
 
 def test_errors_about_a_files_options_name_the_file_and_a_flags_do_not(tmp_path):
