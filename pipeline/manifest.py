@@ -174,16 +174,28 @@ def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
                         f"as {before} ({shard}); the shards of one dataset must agree on each "
                         f"column's type: cast the column to {before} in the manifest, or write "
                         "to another OUTPUT (or rerun with --overwrite)")
-                kind = before
+                kind = _room_for_any_categories(before)
             elif pa.types.is_null(kind):
                 kind = pa.string()
         fields.append(column.with_type(kind))
     return pa.schema(fields, metadata=schema.metadata)
 
 
+def _room_for_any_categories(kind: pa.DataType) -> pa.DataType:
+    """A dictionary type with indices of at least 32 bits: pandas gives a category column of
+    few values int8 indices, which new rows with more categories would overflow."""
+    if pa.types.is_dictionary(kind) and kind.index_type.bit_width < 32:
+        return pa.dictionary(pa.int32(), kind.value_type, kind.ordered)
+    return kind
+
+
 def _casts_unchanged(source: pa.DataType, target: pa.DataType) -> bool:
-    """`_widens`, or both strings or both binaries of either offset width."""
+    """`_widens`, or both strings or both binaries of either offset width; a dictionary type
+    (pandas' categoricals) as its values' type."""
     types = pa.types
+    if types.is_dictionary(source) or types.is_dictionary(target):
+        return _casts_unchanged(*(kind.value_type if types.is_dictionary(kind) else kind
+                                  for kind in (source, target)))
     return _widens(source, target) or all(
         types.is_string(kind) or types.is_large_string(kind) for kind in (source, target)) or all(
         types.is_binary(kind) or types.is_large_binary(kind) for kind in (source, target))

@@ -353,6 +353,10 @@ def test_pass_through_columns_take_the_types_output_already_holds():
         ("id", pa.string()), ("guide", pa.string()),
         ("t0", pa.list_(pa.float64())),  # the pipeline's own: a list in, a float out
         ("caption", pa.string()), ("score", pa.int64()), ("note", pa.string())])
+    categorical = pa.dictionary(pa.int8(), pa.string())  # as pandas writes a category column
+    shards = pa.schema([("note", categorical)])
+    assert typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "x"), OWN).field("note").type == (
+        pa.dictionary(pa.int32(), pa.string()))  # room for more than 128 categories
 
 
 def test_a_column_of_only_nulls_is_written_as_string_until_a_shard_types_it():
