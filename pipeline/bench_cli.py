@@ -52,8 +52,10 @@ def check_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     or written is refused before the benchmark runs, not after it."""
     if value is None:
         return None
+    from tasks.cli import nearest_existing
+
     folder = Path(value).absolute().parent
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise click.BadParameter(f"{value}: {existing} is a file, not a folder")
     try:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import click
 
-from tasks.cli import check_device
+from tasks.cli import check_device, nearest_existing
 from tasks.images import MAX_PIXELS, InputError, open_image, to_mask, to_rgb
 
 MaskMode = Literal["binary", "soft"]
@@ -54,9 +54,7 @@ def _check_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
     if not _writable(format_name):
         raise click.BadParameter(f"Pillow cannot write RGB or grayscale {format_name} images "
                                  f"({value.suffix}) here; use e.g. .png")
-    folder = value.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(value.parent)
     if not folder.is_dir():
         raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
     return value

@@ -16,7 +16,13 @@ from pathlib import Path, PurePosixPath
 
 import click
 
-from tasks.cli import check_device, parse_storage_options, reported, storage_option
+from tasks.cli import (
+    check_device,
+    nearest_existing,
+    parse_storage_options,
+    reported,
+    storage_option,
+)
 from tasks.images import (
     MAX_PIXELS,
     InputError,
@@ -246,9 +252,7 @@ def check_writable(output: str) -> None:
     later), an OUTPUT_MODEL under a file or in a folder this process cannot write: a file is
     written and removed in OUTPUT_MODEL or the nearest folder above it that exists (nothing is
     created, so a run that fails on its images leaves no folder)."""
-    folder = Path(output)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(Path(output))
     probe = folder / f".sdedit-write-check-{os.getpid()}"
     try:
         if not folder.is_dir():

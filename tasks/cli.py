@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -23,6 +24,15 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict:
         return parse(pairs)
     except ConfigError as error:
         raise click.BadParameter(str(error), param_hint="--storage-option") from error
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or the nearest folder above it that exists: where a command that writes under
+    `path` finds out early whether it can (a file there is no folder to write in)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def parse_box(text: str | None) -> Box | None:
