@@ -171,12 +171,6 @@ def iter_shards(folder: OutputFolder, columns: list[str] | None = None,
     return read_shards(folder, committed_shards(folder), columns, ids)
 
 
-def iter_rows(folder: OutputFolder, columns: list[str] | None = None) -> Iterator[dict]:
-    """Output rows one data shard at a time (either format), so large datasets stream through."""
-    for _, table in iter_shards(folder, columns):
-        yield from table.to_pylist()
-
-
 def read_summary(folder: OutputFolder) -> dict:
     """OUTPUT/summary.json, or {} when the run has not written one yet."""
     fs, root = _filesystem(folder)
