@@ -296,7 +296,7 @@ def load_config_file(path: str) -> dict:
     elif file.suffix in (".yaml", ".yml", ".json"):
         import yaml
 
-        parse, errors, kind = (lambda text: yaml.safe_load(text) or {}), yaml.YAMLError, "YAML"
+        parse, errors, kind = load_yaml, yaml.YAMLError, "YAML"
     else:
         raise ConfigError(f"config file {path}: expected a .yaml, .yml, .json or .toml file")
     try:
@@ -307,7 +307,40 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path}: expected a mapping of option names to values")
     if names := [key for key in data if not isinstance(key, str)]:
         raise ConfigError(f"config file {path}: option names must be text, got {names[0]!r}")
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    options: dict = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in options:
+            spelled = [k for k in data if k.replace("-", "_") == name]
+            raise ConfigError(f"config file {path} gives option {name} twice, as "
+                              f"{spelled[0]} and {spelled[1]}; keep one")
+        options[name] = value
+    return options
+
+
+def load_yaml(text: str):
+    """YAML (or JSON) text as Python values, {} when empty; a mapping that names a key twice
+    is refused (PyYAML keeps the last, so a scheduled job's file could silently run the
+    values of a line its author did not mean)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Loader, node: yaml.MappingNode):
+        seen: dict[tuple, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"found key {key.value!r} again (first on line "
+                        f"{seen[key.tag, key.value]})", key.start_mark)
+                seen[key.tag, key.value] = key.start_mark.line + 1
+        yield from loader.construct_yaml_map(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader) or {}  # a SafeLoader: plain values only
 
 
 def build_config(file_values: dict, flag_values: dict, source: str | None = None) -> RunConfig:

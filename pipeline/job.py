@@ -43,7 +43,7 @@ from pipeline.manifest import (
     typed_as_shards,
     undeciding,
 )
-from pipeline.progress import Progress, Report, quiet, ray_data_progress
+from pipeline.progress import Progress, Report, quiet, ray_data_errors_held, ray_data_progress
 from pipeline.resume import (
     SUMMARY,
     Committed,
@@ -325,11 +325,13 @@ def execute(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: C
         dataset = build_dataset(config, manifest, plan, committed, model, resources, run_id)
         edit_seconds, edit_times = 0.0, []
         try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.add(sum(batch["written"].to_pylist()), sum(batch["failed"].to_pylist()))
-                edit_seconds += sum(batch["edit_seconds"].to_pylist())
-                edit_times += [t for name in ("edit_started_at", "edit_finished_at")
-                               for t in batch[name].to_pylist() if t is not None]
+            with ray_data_errors_held():
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    progress.add(sum(batch["written"].to_pylist()),
+                                 sum(batch["failed"].to_pylist()))
+                    edit_seconds += sum(batch["edit_seconds"].to_pylist())
+                    edit_times += [t for name in ("edit_started_at", "edit_finished_at")
+                                   for t in batch[name].to_pylist() if t is not None]
         except Exception as error:
             if failed := model_load_failure(error):
                 from sdedit.loading import ModelLoadError

@@ -7,9 +7,11 @@ the write step commits, so a line is due, at most every `interval` seconds, when
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 Report = Callable[[str], None]
@@ -21,6 +23,36 @@ def ray_data_progress(context) -> None:
     is 0: it repeats the commands' own progress lines (about 15 lines every 10 s without a
     terminal) and costs the driver CPU that CPU actors share."""
     context.enable_progress_bars = os.environ.get(RAY_PROGRESS_VARIABLE) == "0"
+
+
+@contextmanager
+def ray_data_errors_held() -> Iterator[None]:
+    """Hold Ray Data's error records back from the console while a dataset runs: when a task
+    fails, Ray Data logs its traceback (about 200 lines, with advice on settings a CLI user
+    cannot change) before the exception reaches the job, which reports it in one line. They
+    are dropped when the dataset fails (Ray Data's log file keeps them, `logs/ray-data` in the
+    Ray session's folder) and shown after it when it still finishes. Other levels pass."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        held.append(record)
+        return False
+
+    consoles = [handler for handler in logging.getLogger("ray.data").handlers
+                if isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)]
+    for handler in consoles:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(hold)
+    for record in held:
+        for handler in consoles:
+            handler.handle(record)
 
 
 def quiet(line: str) -> None:

@@ -320,10 +320,11 @@ def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:
 def _build_on_ray(work: list[dict], job: GuideJob) -> list[dict]:
     import ray
 
-    from pipeline.progress import ray_data_progress
+    from pipeline.progress import ray_data_errors_held, ray_data_progress
 
     dataset = ray.data.from_items(work, override_num_blocks=max(1, len(work) // job.batch_size))
     ray_data_progress(dataset.context)  # its report repeats the command's own lines
+    dataset.context.raise_original_map_exception = True  # a storage failure, not Ray's wrapper
     built = dataset.map_batches(
         _build_batch,
         fn_kwargs={"job": job},
@@ -331,7 +332,9 @@ def _build_on_ray(work: list[dict], job: GuideJob) -> list[dict]:
         batch_size=job.batch_size,
         num_cpus=job.num_cpus,
     )
-    return [r for batch in built.iter_batches(batch_format="pyarrow") for r in batch.to_pylist()]
+    with ray_data_errors_held():  # a failed task is the command's one error line
+        return [r for batch in built.iter_batches(batch_format="pyarrow")
+                for r in batch.to_pylist()]
 
 
 def _build_batch(batch, job: GuideJob):

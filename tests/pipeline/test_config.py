@@ -212,6 +212,34 @@ def test_a_switch_a_file_turns_on_can_be_turned_off_by_a_flag(tmp_path):
         assert f"--{switch} / --no-{switch}" in usage
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("nightly.yaml", "manifest: m\noutput: o\nt0: 0.3\nsteps: 20\nt0: 0.6\n",
+     r"(?s)nightly.yaml is not valid YAML: .*found key 't0' again \(first on line 3\)"),
+    ("nightly.yaml", "storage_options:\n  key: A\n  key: B\n",
+     r"found key 'key' again \(first on line 2\)"),
+    ("nightly.json", '{"t0": 0.3, "t0": 0.5}', r"found key 't0' again \(first on line 1\)"),
+    ("nightly.yaml", "batch-size: 3\nbatch_size: 4\n",
+     r"nightly.yaml gives option batch_size twice, as batch-size and batch_size; keep one"),
+    ("nightly.toml", "batch-size = 3\nbatch_size = 4\n", r"gives option batch_size twice"),
+])
+def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path, name, text, message):
+    """PyYAML keeps the last of two equal keys: a nightly file whose author added `t0: 0.6`
+    below a forgotten `t0: 0.3` ran with one of them, silently."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config_file(str(path))
+
+
+def test_yaml_merge_keys_and_repeated_values_are_not_duplicates(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("base: &base {region_name: eu}\nstorage_options:\n  client_kwargs:\n"
+                    "    <<: *base\n    region_name: us\nt0: [0.3, 0.3]\n")
+    options = load_config_file(str(path))
+    assert options["storage_options"] == {"client_kwargs": {"region_name": "us"}}
+    assert options["t0"] == [0.3, 0.3]
+
+
 def test_invalid_toml_is_a_clear_error(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('manifest = "m.parquet"\noutput = \n')

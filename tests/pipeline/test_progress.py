@@ -86,3 +86,36 @@ def test_ray_datas_own_progress_report_is_off_unless_its_variable_says_0(monkeyp
     monkeypatch.setenv(RAY_PROGRESS_VARIABLE, "0")
     ray_data_progress(context)
     assert context.enable_progress_bars is True
+
+
+def test_ray_datas_error_records_are_held_from_the_console_while_a_dataset_runs():
+    """A failed task's traceback (about 200 lines from Ray Data) came before the run's one
+    error line: it is dropped from the console when the dataset fails, shown after it when it
+    still finishes; other levels pass at once."""
+    import io
+    import logging
+
+    import ray.data  # noqa: F401  (configures Ray Data's console handler, as a run does)
+
+    from pipeline.progress import ray_data_errors_held
+
+    console, = [handler for handler in logging.getLogger("ray.data").handlers
+                if type(handler).__name__ == "PlainRayHandler"]
+    shown = io.StringIO()
+    before = console.setStream(shown)  # the stream it took when Ray Data was imported
+    try:
+        logger = logging.getLogger("ray.data._internal.execution.example")
+        with pytest.raises(RuntimeError, match="task failed"), ray_data_errors_held():
+            logger.warning("held-back check: a warning passes")
+            logger.error("held-back check: the failed task's traceback")
+            raise RuntimeError("task failed")
+        assert "a warning passes" in shown.getvalue()
+        assert "the failed task's traceback" not in shown.getvalue()
+        with ray_data_errors_held():
+            logger.error("held-back check: an error of a dataset that finished")
+            assert "that finished" not in shown.getvalue()
+        assert "an error of a dataset that finished" in shown.getvalue()
+        logger.error("held-back check: outside a run")
+        assert "outside a run" in shown.getvalue()
+    finally:
+        console.setStream(before)

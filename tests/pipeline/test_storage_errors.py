@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,6 +147,34 @@ def test_a_storage_option_the_file_system_does_not_take_is_one_clear_error(tmp_p
     message = str(error.value)
     assert message.startswith("the run stopped when a task could not use storage")
     assert message.endswith(f"{unknown} {hint}")  # without Ray Data's advice on its retries
+
+
+@pytest.mark.parametrize("command, failure", [
+    (["run", "MANIFEST", "OUT", "--model", "builtin:tiny", "--steps", "2"],
+     "the run stopped when a task could not use storage"),
+    (["guides", "strokes", "MANIFEST", "OUT"], "cannot build synthesis guides from "),
+])
+def test_a_failed_task_is_one_error_line_on_the_console_not_ray_datas_traceback(
+        command, failure, tmp_path):
+    """Ray Data logged its traceback of the failed task (212 lines on stderr for `run`) before
+    the command's own `Error:` line, and `guides` ended in a traceback of Ray's wrapper
+    (`UserCodeException: UDF failed to process a data block`). The traceback stays in Ray
+    Data's log file."""
+    manifest = write_manifest(tmp_path / "m.parquet",
+                              {"id": ["a", "b"], "guide": ["s3://bucket/a.png", "s3://b/b.png"]})
+    places = {"MANIFEST": str(manifest), "OUT": str(tmp_path / "out")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from pipeline.cli import main; main()",
+         *[places.get(word, word) for word in command], "--storage-option", "bogus=1"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines[-1].startswith(f"Error: {failure}")
+    assert lines[-1].endswith("TypeError: AioSession.__init__() got an unexpected keyword "
+                              "argument 'bogus' (a --storage-option this file system does not "
+                              "take?)")
+    assert "Traceback" not in done.stderr and "max_map_retries" not in done.stderr
+    assert len(lines) < 20, done.stderr  # the command's lines and Ray's few start-up lines
 
 
 def test_two_storage_options_that_set_one_argument_are_one_clear_error(tmp_path):
