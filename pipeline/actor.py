@@ -25,6 +25,8 @@ import pyarrow as pa
 from pipeline.manifest import INTERNAL
 from tasks.images import options_for
 
+HALF_HINT = {"float16": ": its range is small, bfloat16 and float32 have more"}
+
 
 class SDEditActor:
     """Ray Data callable class: `__call__(table) -> table` with `_sd_pixels` and `l2_to_guide`."""
@@ -53,6 +55,7 @@ class SDEditActor:
                 "model makes every output (OUTPUT refuses a different model unless --overwrite)")
         self.model_batch = model_batch
         self.steps = steps
+        self.dtype = dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
         started_at, start = time.time(), time.perf_counter()
@@ -73,8 +76,15 @@ class SDEditActor:
                     errors[i] = (f"SDEdit failed for id {table['id'][i].as_py()!r} at t0 "
                                  f"{t0s[i]}: {type(error).__name__}: {error}")
                 continue
-            for i, (image, distance) in zip(chunk, outputs, strict=True):
-                pixels[i], l2[i] = image, distance
+            for i, output in zip(chunk, outputs, strict=True):
+                if output is None:
+                    stages[i] = "edit"
+                    errors[i] = (f"SDEdit gave NaN or infinite values for id "
+                                 f"{table['id'][i].as_py()!r} at t0 {t0s[i]}, which would be "
+                                 f"a black image (dtype {self.dtype}"
+                                 f"{HALF_HINT.get(self.dtype, '')})")
+                else:
+                    pixels[i], l2[i] = output
         seconds = (time.perf_counter() - start) / max(table.num_rows, 1)
         return self._with_outputs(table, pixels, l2, stages, errors,
                                   (seconds, started_at, time.time()))
@@ -96,8 +106,9 @@ class SDEditActor:
                 for first in range(0, len(members), self.model_batch)]
 
     def _edit_chunk(self, guides: list[bytes], masks: list[bytes | None], seeds: list[int],
-                    t0s: list[float], repeats: int) -> list[tuple[bytes, float]]:
-        """Edit one chunk padded to model_batch; returns (uint8 RGB bytes, l2_to_guide).
+                    t0s: list[float], repeats: int) -> list[tuple[bytes, float] | None]:
+        """Edit one chunk padded to model_batch; returns (uint8 RGB bytes, l2_to_guide) per
+        row, None for a row whose output holds NaN or infinity (it would be written black).
 
         l2_to_guide is the mean squared error, in [-1, 1] units, between the 8-bit output and
         the guide at the model resolution: the stored image for PNG and WebP (lossless), the
@@ -127,7 +138,9 @@ class SDEditActor:
         restored = quantised.float() / 127.5 - 1
         distances = ((restored - guide[:real]) ** 2).mean(dim=(1, 2, 3)).tolist()
         images = quantised.permute(0, 2, 3, 1).contiguous().numpy()
-        return [(images[i].tobytes(), float(distances[i])) for i in range(real)]
+        finite = torch.isfinite(out[:real]).flatten(1).all(dim=1).tolist()
+        return [(images[i].tobytes(), float(distances[i])) if finite[i] else None
+                for i in range(real)]
 
     def _with_outputs(self, table, pixels, l2, stages, errors, timing) -> pa.Table:
         """The output columns; `timing` is (edit seconds per row, batch start, batch end)."""

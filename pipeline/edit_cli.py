@@ -147,6 +147,11 @@ def edit_image(prior, guide, mask, options: EditOptions):
     out = sdedit.edit(prior.model, prior.schedule, guide_batch, t0=options.t0, mask=mask_batch,
                       steps=options.steps, repeats=options.repeats,
                       generator=sdedit.generators([options.seed]))
+    if not bool(out.isfinite().all()):  # NaN becomes 0 in the uint8 cast: a black image
+        half = (" (float16's range is small: try --dtype bfloat16 or float32)"
+                if str(prior.model.dtype) == "torch.float16" else "")
+        raise click.ClickException(f"SDEdit gave NaN or infinite values with model "
+                                   f"{prior.name}; nothing was written{half}")
     result = tensor_to_image(out[0], guide.size)
     if resized and mask is not None:
         result = _paste_kept(result, guide, mask, options.mask_mode, resolution)

@@ -372,6 +372,7 @@ def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
         raise ModelLoadError(f"model {uri}: expected a UNet2DModel, found "
                              f"{unet_config.get('_class_name')!r} in {config_file}")
     _check_sample_size(unet_config, config_file, uri)
+    _check_unconditional(unet_config, config_file, uri)
     channels = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
     if channels[0] != channels[1]:
         raise ModelLoadError(f"model {uri}: {config_file} has in_channels={channels[0]} and "
@@ -381,7 +382,7 @@ def _folder_parts(folder: Path, uri: str, allow_pickle: bool) -> _FolderParts:
     weights = _weights_file(unet_dir, uri, allow_pickle)
     scheduler_file = scheduler_dir / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_file, uri)
-    check_scheduler(scheduler_config, uri)
+    _check_pairing(unet_config, check_scheduler(scheduler_config, uri), config_file, uri)
     if weights.suffix == ".safetensors":
         _check_weights(weights, unet_config, config_file, uri)
     return _FolderParts(unet_dir, unet_config, weights, scheduler_file, scheduler_config)
@@ -402,14 +403,20 @@ def _load_folder(folder: Path, uri: str, allow_pickle: bool):
     from diffusers import UNet2DModel
 
     try:
-        unet = UNet2DModel.from_pretrained(
+        unet, loading = UNet2DModel.from_pretrained(
             parts.unet_dir, use_safetensors=parts.weights.suffix == ".safetensors",
-            low_cpu_mem_usage=False,
+            low_cpu_mem_usage=False, output_loading_info=True,
         )
     except Exception as error:  # a size mismatch is a RuntimeError, a bad file an OSError...
         raise ModelLoadError(f"model {uri}: cannot build the UNet from {parts.unet_dir} "
                              f"(config.json, {parts.weights.name}): {type(error).__name__}: "
                              f"{error}") from error
+    if missing := sorted(loading.get("missing_keys") or ()):
+        # diffusers fills them with random values: every load would edit differently
+        raise ModelLoadError(f"model {uri}: the weights {parts.weights.name} lack "
+                             f"{len(missing)} tensors the UNet of its config.json has (e.g. "
+                             f"{', '.join(missing[:3])}); expected every weight of the model "
+                             "(a file cut short, or saved from another architecture?)")
     _check_finite(unet, uri, parts.weights)
     return unet, schedule, _file_digest(parts.weights)
 
@@ -466,6 +473,31 @@ def _check_sample_size(config: dict, config_file: Path, uri: str) -> None:
                for side in sizes):
         raise ModelLoadError(f"model {uri}: {config_file} has sample_size={size!r}; expected "
                              "the image resolution, a positive integer (or [height, width])")
+    if len(set(sizes)) > 1:  # guides are made square at the resolution
+        raise ModelLoadError(f"model {uri}: {config_file} has sample_size={size!r} (height, "
+                             "width); only square models are supported")
+
+
+def _check_unconditional(config: dict, config_file: Path, uri: str) -> None:
+    """SDEdit here calls the network with the image and the time alone: a class-conditioned
+    UNet fails at its first call (diffusers wants class labels)."""
+    conditioning = {name: config[name] for name in ("num_class_embeds", "class_embed_type")
+                    if config.get(name) is not None}
+    if conditioning:
+        settings = ", ".join(f"{name}={value!r}" for name, value in conditioning.items())
+        raise ModelLoadError(f"model {uri}: {config_file} describes a class-conditioned UNet "
+                             f"({settings}); expected an unconditional pixel-space prior")
+
+
+def _check_pairing(unet_config: dict, scheduler: str, config_file: Path, uri: str) -> None:
+    """A UNet of Fourier time embeddings (NCSN++) takes the log of a VE noise level; with a VP
+    scheduler it gets step indices from 0 and every edit is NaN."""
+    if (unet_config.get("time_embedding_type") == "fourier"
+            and scheduler not in VE_SCHEDULERS):
+        raise ModelLoadError(
+            f"model {uri}: {config_file} has time_embedding_type='fourier' (a VE, NCSN++-style "
+            f"network, which takes noise levels) but the scheduler is {scheduler}; expected "
+            "ScoreSdeVeScheduler with it")
 
 
 def _weights_file(unet_dir: Path, uri: str, allow_pickle: bool) -> Path:
@@ -507,7 +539,8 @@ def _expected_shapes(config: dict) -> list[tuple[str, int, int, str]]:
     """(tensor name, dimension, size, config field) that diffusers' UNet2DModel gives its
     input and output convolutions and each level's first ResNet: the widths a config from
     another model gets wrong. A tensor of another size fails `load` with a size mismatch;
-    a missing one does not (diffusers initialises it), so only present tensors are checked."""
+    a missing one does not (diffusers initialises it at random; `_load_folder` refuses that
+    once the UNet is built), so only present tensors are checked here."""
     expected = [("conv_in.weight", 1, config.get("in_channels", 3), "in_channels"),
                 ("conv_out.weight", 0, config.get("out_channels", 3), "out_channels")]
     widths = config.get("block_out_channels")

@@ -134,3 +134,17 @@ def test_cuda_actors_ask_for_deterministic_kernels_in_true_float32(monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_an_output_holding_nan_is_an_edit_error_not_a_black_image(work):
+    """NaN became 0 in the uint8 cast: a network that overflows (float16) had its outputs
+    written as black images."""
+    actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=2, steps=2, threads=1)
+    with torch.no_grad():
+        actor.prior.model.unet.conv_out.bias.fill_(float("inf"))
+    result = actor(work.slice(0, 2))
+    assert result["_sd_pixels"].to_pylist() == [None, None]
+    assert result["_sd_stage"].to_pylist() == ["edit", "edit"]
+    assert result["_sd_error"][0].as_py() == (
+        "SDEdit gave NaN or infinite values for id 'a' at t0 0.3, which would be a black image "
+        "(dtype float32)")

@@ -461,3 +461,22 @@ def test_a_masked_edit_written_as_jpeg_notes_that_the_kept_region_is_not_exact(t
     plain = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--steps", "2",
                         "--out", str(tmp_path / "o2.jpg"))
     assert plain.exit_code == 0 and "lossy" not in plain.stderr  # no mask, no kept region
+
+
+def test_an_edit_that_overflows_to_nan_is_refused_not_written_black(tmp_path, saved_model):
+    """Finite weights whose activations overflow (float16 makes this easy): NaN became 0 in
+    the uint8 cast, and the black image was written with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    weights = saved_model / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] *= 1e36  # finite, but the activations overflow float32
+    save_file(tensors, weights)
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32))
+    out = tmp_path / "o.png"
+    result = sdedit_edit("--model", str(saved_model), "--guide", str(guide), "--steps", "2",
+                         "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert result.output.endswith(f"Error: SDEdit gave NaN or infinite values with model "
+                                  f"{saved_model}; nothing was written\n")
+    assert not out.exists()

@@ -392,7 +392,17 @@ def _bad_folders(tmp_path) -> dict:
     DDPMPipeline(unet=small_unet(), scheduler=DDPMScheduler()).save_pretrained(latent)
     _edit_json(latent / "model_index.json", _class_name="LDMPipeline",
                vqvae=["diffusers", "VQModel"])
+    class_labels = save_flat(tmp_path / "class-labels", small_unet(num_class_embeds=10),
+                             DDPMScheduler())
+    vp_fourier = save_flat(tmp_path / "vp-fourier", small_unet(time_embedding_type="fourier"),
+                           DDPMScheduler())
+    wide = save_flat(tmp_path / "wide", small_unet(), DDPMScheduler())
+    _edit_json(wide / "config.json", sample_size=[16, 32])
     return {tmp_path / "missing": "does not exist", pickled: "pickle",
+            class_labels: r"class-labels/config\.json describes a class-conditioned UNet "
+                          r"\(num_class_embeds=10\)",
+            vp_fourier: r"time_embedding_type='fourier' .* but the scheduler is DDPMScheduler",
+            wide: r"sample_size=\[16, 32\] \(height, width\); only square models",
             euler: "unsupported scheduler", v_pred: "epsilon",
             no_scheduler: "scheduler_config.json", cosine: "unsupported beta_schedule 'cosine'",
             ve_sigmas: "expected 0 < sigma_min < sigma_max",
@@ -402,6 +412,22 @@ def _bad_folders(tmp_path) -> dict:
             other_config: r"do not match \S*other-config/config\.json: conv_in\.weight",
             learned: r"learned/config\.json has in_channels=3 and out_channels=6",
             latent: r"model_index\.json describes a LDMPipeline with vqvae besides"}
+
+
+def test_weights_that_lack_tensors_of_the_model_are_refused(ddpm_folder):
+    """diffusers fills missing tensors with random values (and logs a line): the prior loaded
+    and edited differently on every load."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = ddpm_folder
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_out.weight"], tensors["time_embedding.linear_1.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match=(
+            r"the weights diffusion_pytorch_model\.safetensors lack 2 tensors the UNet of its "
+            r"config\.json has \(e\.g\. conv_out\.weight, time_embedding\.linear_1\.weight\)")):
+        sdedit.load(folder, device="cpu")
 
 
 def _edit_json(path, **changes) -> None:
