@@ -261,6 +261,9 @@ def probe_model(config: RunConfig) -> ModelInfo:
 
     info = describe(config.model, allow_pickle=config.allow_pickle,
                     storage_options=options_for(config.model, config.storage_options))
+    if info.channels != 3:  # the actors would fail on every batch
+        raise ConfigError(f"model {info.name} takes {info.channels}-channel images; sdedit run "
+                          "edits RGB guides with a 3-channel prior (sdedit edit takes others)")
     return ModelInfo(info.name, info.digest, info.resolution)
 
 

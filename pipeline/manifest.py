@@ -321,13 +321,20 @@ def check_columns(schema: pa.Schema, where: str) -> None:
     problems = []
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
-        problems.append(f"missing required column(s): {', '.join(missing)}")
+        cased = [other for name in missing for other in schema.names
+                 if other.lower() == name and other != name]
+        problems.append(f"missing required column(s): {', '.join(missing)}" + (
+            f" (found {', '.join(map(repr, cased))}: names are case-sensitive)" if cased else ""))
+    twice = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if twice:
+        problems.append(f"column(s) named more than once: {', '.join(twice)} (rename them)")
     clashing = clashing_columns(schema.names)
     if clashing:
         problems.append(f"column(s) named like output columns: {', '.join(clashing)} "
                         "(rename them)")
     for name, (accepts, expected) in COLUMN_TYPES.items():
-        if name in schema.names and not accepts(kind := schema.field(name).type):
+        if name in schema.names and name not in twice and not accepts(
+                kind := schema.field(name).type):
             problems.append(f"column {name!r} is {kind}; expected {expected} (cast it)")
     if problems:
         raise ManifestError(f"manifest {where}: " + "; ".join(problems) +
@@ -364,7 +371,7 @@ def conform(table: pa.Table) -> pa.Table:
     float64 (from single numbers, large or fixed-size lists: Polars writes large lists)."""
     for name in ("id", "guide", "mask", "task"):
         if name in table.column_names and table.schema.field(name).type not in (
-                pa.string(), pa.large_string(), pa.null()):
+                pa.string(), pa.large_string()):  # all-null columns (Arrow's null type) too
             table = _replace(table, name, table[name].cast(pa.string()))
     if "t0" in table.column_names:
         kind = table.schema.field("t0").type

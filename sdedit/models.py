@@ -88,7 +88,18 @@ class Prior:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def edit(self, guide: torch.Tensor, **options) -> torch.Tensor:
-        """Shorthand for `sdedit.edit(self.model, self.schedule, guide, **options)`."""
+        """Shorthand for `sdedit.edit(self.model, self.schedule, guide, **options)`, which
+        first checks that `guide` is a batch this prior takes: [B, channels, resolution,
+        resolution] on its device."""
         from sdedit.editing import edit
 
+        expected = (self.channels, self.resolution, self.resolution)
+        if isinstance(guide, torch.Tensor):  # anything else: `edit` names what it takes
+            if guide.dim() != 4 or tuple(guide.shape[1:]) != expected:
+                raise ValueError(f"guide must have shape [B, {', '.join(map(str, expected))}] "
+                                 f"for prior {self.name}, got {list(guide.shape)} (resize "
+                                 "guides to the prior's resolution first)")
+            if guide.device.type != self.device.type:
+                raise ValueError(f"guide is on {guide.device} but prior {self.name} is on "
+                                 f"{self.device}; move it with guide.to(prior.device)")
         return edit(self.model, self.schedule, guide, **options)

@@ -52,6 +52,10 @@ class SampleNoise:
             self._on_cpu = all(stream.device.type == "cpu" for stream in streams)
             self._shared = None
         else:
+            if not (generator is None or isinstance(generator, torch.Generator)):
+                raise TypeError(f"generator must be a torch.Generator, a list of them (one per "
+                                f"sample) or None, got {type(generator).__name__}; for seeds, "
+                                "pass sdedit.generators(seeds)")
             self._per_sample = None
             self._on_cpu = False
             self._shared = generator

@@ -351,7 +351,8 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
         if width * height > max_pixels:
             raise InputError("decode", f"{uri} is {width}x{height} = {width * height} pixels, "
                              f"over the limit of {max_pixels} (decompression-bomb guard; "
-                             "raise --max-pixels to allow it)")
+                             "raise --max-pixels to allow it, and for a rerun of sdedit run "
+                             "add --retry-errors decode)")
         if draft_to and image.format == "JPEG":
             scale = draft_to / min(width, height)
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -480,3 +484,32 @@ def test_an_edit_that_overflows_to_nan_is_refused_not_written_black(tmp_path, sa
     assert result.output.endswith(f"Error: SDEdit gave NaN or infinite values with model "
                                   f"{saved_model}; nothing was written\n")
     assert not out.exists()
+
+
+def test_run_refuses_a_prior_that_is_not_rgb_before_any_work(tmp_path, saved_model):
+    """`sdedit run` decodes guides to RGB: with a 1-channel prior every actor batch raised a
+    convolution RuntimeError, and the job died with its traceback."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((saved_model / "config.json").read_text())
+    (saved_model / "config.json").write_text(json.dumps({**config, "in_channels": 1,
+                                                         "out_channels": 1}))
+    weights = saved_model / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:, :1].contiguous()
+    tensors["conv_out.weight"] = tensors["conv_out.weight"][:1].contiguous()
+    tensors["conv_out.bias"] = tensors["conv_out.bias"][:1].contiguous()
+    save_file(tensors, weights)
+    guide = write_png(tmp_path / "g.png", noise_pixels(32, 32))
+    edited = sdedit_edit("--model", str(saved_model), "--guide", str(guide), "--steps", "2",
+                         "--out", str(tmp_path / "o.png"))
+    assert edited.exit_code == 0, edited.output  # the prior itself is fine
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "guide": [str(guide)]}), manifest)
+    result = CliRunner().invoke(main, ["run", str(manifest), str(tmp_path / "out"),
+                                       "--model", str(saved_model), "--dry-run"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: model {saved_model} takes 1-channel images; sdedit run "
+                             "edits RGB guides with a 3-channel prior (sdedit edit takes "
+                             "others)\n")
+    assert not (tmp_path / "out").exists()

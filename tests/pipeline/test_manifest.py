@@ -26,6 +26,7 @@ from pipeline.manifest import (
     find_files,
     key_table,
     keys_table,
+    read_plan_columns,
     resolve_uri,
     row_work,
     shared_key_errors,
@@ -44,6 +45,32 @@ def test_missing_columns_are_listed_before_any_work(tmp_path):
     message = str(error.value)
     assert "missing required column(s): id, guide" in message
     assert "image" in message  # clashes with an output column
+
+
+def test_a_column_named_twice_or_in_other_case_is_a_manifest_error(tmp_path):
+    """Two `id` columns were a KeyError traceback; `ID` and `Guide` were reported missing
+    without a word about case."""
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["x.png"]), pa.array(["b"])],
+                                        names=["id", "guide", "id"]), twice)
+    with pytest.raises(ManifestError, match=r"column\(s\) named more than once: id \(rename"):
+        find_files(str(twice), {})
+    cased = write_manifest(tmp_path / "cased.parquet", {"ID": ["a"], "Guide": ["x.png"]})
+    with pytest.raises(ManifestError, match=r"missing required column\(s\): id, guide \(found "
+                                            r"'ID', 'Guide': names are case-sensitive\)"):
+        find_files(str(cased), {})
+
+
+def test_an_id_column_of_only_nulls_gives_error_rows(tmp_path):
+    """pandas writes an all-None column as Arrow's null type: counting the work raised
+    ArrowTypeError (string vs null) before any row was validated."""
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": pa.nulls(2), "guide": ["a.png", "b.png"]}), path)
+    manifest = find_files(str(path), {})
+    columns = read_plan_columns(manifest, {})
+    assert columns.schema.field("id").type == pa.string()
+    plan = Plan(base=str(tmp_path), seed=0, t0=(0.5,))
+    assert count_work(columns, plan, keys_table([])) == (2, 0)  # the driver writes their errors
 
 
 def test_missing_manifest_is_named(tmp_path):
