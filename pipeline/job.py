@@ -280,7 +280,8 @@ def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
         raise ConfigError(f"unknown task {config.task!r}; known tasks: {', '.join(task_names())}")
     return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
                 repeats=config.repeats, task=config.task, presets=presets, untasked=untasked,
-                duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None)
+                duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None,
+                member_names=config.format == "webdataset")
 
 
 def task_note(config: RunConfig, plan_columns: pa.Table) -> str | None:

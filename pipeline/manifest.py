@@ -89,6 +89,7 @@ class Plan:
     # batches share them) or as expanded: each row's t0 x samples rows side by side, so a
     # source image is read once per block (`--steps` runs, where every t0 calls as often).
     order_by_t0: bool = True
+    member_names: bool = False  # ids name WebDataset tar members (`id_stem`), which must fit
 
 
 @dataclass(frozen=True)
@@ -403,7 +404,8 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
 
     t0s, samples, repeats, problem = _row_settings(row, plan)
     row_id = row.get("id")
-    problem = problem or _id_problem(row_id, plan.duplicates) or _guide_problem(row)
+    problem = (problem or _id_problem(row_id, plan.duplicates, plan.member_names)
+               or _guide_problem(row))
     for t0 in t0s:
         key_t0 = _round_t0(t0)
         error = problem or _t0_problem(key_t0, row_id)
@@ -706,10 +708,10 @@ def _round_t0(t0: float | None) -> float:
     return float("nan") if t0 is None else round(float(t0), T0_DECIMALS)
 
 
-def _id_problem(row_id: str | None, duplicates: Set[str]) -> str | None:
+def _id_problem(row_id: str | None, duplicates: Set[str], member_names: bool) -> str | None:
     if row_id is None:
         return "id is missing (null)"
-    reason = unsafe_id_reason(row_id)
+    reason = unsafe_id_reason(row_id, member_names)
     if reason:
         return f"id {row_id!r} is unsafe as a file name: {reason}"
     if row_id in duplicates:
@@ -718,12 +720,29 @@ def _id_problem(row_id: str | None, duplicates: Set[str]) -> str | None:
     return None
 
 
-def unsafe_id_reason(row_id: str) -> str | None:
-    """Why an id cannot be used in file and shard names, or None when it is safe."""
+# A WebDataset member is named `{quoted id}-t{t0}-s{sample}.{ext}`; a name over 255 bytes
+# cannot be extracted on common file systems (GNU tar: "File name too long").
+MAX_QUOTED_ID = 255 - len("-t0500000-s0000.json")
+
+
+def id_stem(row_id: str) -> str:
+    """The id as it starts a WebDataset member's name: percent-quoted, without dots
+    (WebDataset splits names at the first dot)."""
+    from urllib.parse import quote
+
+    return quote(row_id, safe="-_").replace(".", "%2E")
+
+
+def unsafe_id_reason(row_id: str, member_names: bool = False) -> str | None:
+    """Why an id cannot be used in file and shard names (with `member_names`, in WebDataset
+    member names too), or None when it is safe."""
     if not row_id.strip():
         return "it is empty"
     if len(row_id) > MAX_ID_LENGTH:
         return f"it is longer than {MAX_ID_LENGTH} characters"
+    if member_names and len(stem := id_stem(row_id)) > MAX_QUOTED_ID:
+        return (f"a WebDataset member's name starts with it percent-quoted, {len(stem)} bytes, "
+                f"over {MAX_QUOTED_ID} (tar cannot extract a name over 255 bytes)")
     if "/" in row_id or "\\" in row_id:
         return "it contains a path separator"
     if _CONTROL.search(row_id):

@@ -17,11 +17,10 @@ import tarfile
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import IO, Protocol
-from urllib.parse import quote
 
 import pyarrow as pa
 
-from pipeline.manifest import KEY_SCHEMA
+from pipeline.manifest import KEY_SCHEMA, id_stem
 from tasks.images import with_backoff
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
@@ -163,7 +162,7 @@ def json_value(value):
 
 def webdataset_key(row_id: str, t0: float, sample: int) -> str:
     """A tar member stem without dots (WebDataset splits names at the first dot)."""
-    return f"{quote(row_id, safe='-_')}-t{round(t0 * 1e6):07d}-s{sample:04d}".replace(".", "%2E")
+    return f"{id_stem(row_id)}-t{round(t0 * 1e6):07d}-s{sample:04d}"
 
 
 def webdataset_rows(stream: IO[bytes], images: bool = True) -> Iterator[dict]:

@@ -73,6 +73,23 @@ def test_an_id_column_of_only_nulls_gives_error_rows(tmp_path):
     assert count_work(columns, plan, keys_table([])) == (2, 0)  # the driver writes their errors
 
 
+def test_webdataset_refuses_ids_whose_member_names_tar_cannot_extract():
+    """200 characters of 猫 quote to 1,800 bytes: GNU tar failed on those members ("File name
+    too long"). Parquet names nothing after ids, so there they are fine."""
+    long_id, short_id = "猫" * 27, "猫" * 26  # quoted: 243 and 234 bytes
+    for member_names, refused in ((True, [long_id]), (False, [])):
+        plan = Plan(base="/b", seed=0, t0=(0.5,), member_names=member_names)
+        errors = {row_id: work.error for row_id in (long_id, short_id)
+                  for work in row_work({"id": row_id, "guide": "g.png"}, plan)}
+        assert [row_id for row_id, error in errors.items() if error] == refused
+    assert errors[short_id] is None
+    plan = Plan(base="/b", seed=0, t0=(0.5,), member_names=True)
+    error, = (work.error for work in row_work({"id": long_id, "guide": "g.png"}, plan))
+    assert error.endswith("is unsafe as a file name: a WebDataset member's name starts with it "
+                          "percent-quoted, 243 bytes, over 235 (tar cannot extract a name over "
+                          "255 bytes) (guide g.png)")
+
+
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         find_files(str(tmp_path / "nope.parquet"), {})
