@@ -153,7 +153,7 @@ def evaluate(folder: OutputFolder) -> dict:
 
 def format_report(report: dict) -> str:
     """The report as a plain-text table, one line per t0."""
-    header = f"{'t0':>6} {'outputs':>8} {'L2 to guide':>12} {'reported':>10} {'masked':>7} "
+    header = f"{'t0':>6} {'outputs':>8} {'MSE to guide':>12} {'reported':>10} {'masked':>7} "
     header += f"{'L2 outside':>11} {'max change':>11}"
     lines = [f"faithfulness of {report['output']}", header, "-" * len(header)]
     for group in report["by_t0"]:

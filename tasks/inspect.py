@@ -122,7 +122,7 @@ def faithfulness_lines(rows: list[dict]) -> list[str]:
     if not by_t0:
         return ["faithfulness      n/a (no l2_to_guide values)"]
     lines = [
-        "faithfulness (L2 to guide, [-1,1] units)",
+        "faithfulness (l2_to_guide: mean squared error, [-1,1] units)",
         f"{'t0':>8} {'outputs':>8} {'mean':>9} {'min':>9} {'max':>9}",
     ]
     for t0 in sorted(by_t0):

@@ -148,7 +148,8 @@ def test_inspect_summary_numbers_are_identical_for_both_formats(both_formats):
     assert "written           12  (3 ids, 2 t0 values, 2 samples)" in numbers
     assert "expected          16" in numbers
     assert any(line.startswith("errors            4  (") for line in numbers)
-    table = numbers[numbers.index("faithfulness (L2 to guide, [-1,1] units)") + 2:]
+    heading = "faithfulness (l2_to_guide: mean squared error, [-1,1] units)"
+    table = numbers[numbers.index(heading) + 2:]
     assert [line.split()[:2] for line in table] == [["0.300", "6"], ["0.600", "6"]]
     means = [float(line.split()[2]) for line in table]
     assert 0 < means[0] < means[1]  # larger t0 strays further from the guide
