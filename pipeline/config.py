@@ -86,12 +86,14 @@ class RunConfig:
                       _check_rates, _check_retry):
             check(self)
 
-    def output_record(self, model_digest: str) -> dict:
+    def output_record(self, model_digest: str, config_digest: str | None = None) -> dict:
         """The fields that decide the outputs, as stored in OUTPUT/_run_config.json."""
         record = {name: _plain(getattr(self, name)) for name in OUTPUT_FIELDS}
         record["model"] = redact(self.model)
         record.update({name: True for name in OUTPUT_SWITCHES if getattr(self, name)})
         record["model_digest"] = model_digest
+        if config_digest:
+            record["model_config_digest"] = config_digest
         return record
 
     def public_dict(self) -> dict:

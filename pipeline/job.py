@@ -95,6 +95,7 @@ class ModelInfo:
     name: str
     digest: str
     resolution: int
+    config_digest: str | None = None
 
 
 def run(config: RunConfig, report: Report = quiet) -> dict:
@@ -186,8 +187,8 @@ def preview(config: RunConfig) -> dict:
         if config.overwrite:
             committed, retried = Committed(), 0
         else:  # refused as `run` would refuse it, then read as `run` would find it
-            recorded(config.output, config.output_record(model.digest), config.storage_options,
-                     defaults_in_play(plan), undeciding(plan))
+            recorded(config.output, config.output_record(model.digest, model.config_digest),
+                     config.storage_options, defaults_in_play(plan), undeciding(plan))
             typed_as_output(config, manifest)
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
@@ -223,8 +224,9 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan,
     pass-through columns as OUTPUT's shards hold them, turn committed failures of the
     --retry-errors stages back into work; (manifest, failures retried, committed keys)."""
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
-        claim_output(config.output, config.output_record(model.digest), config.overwrite,
-                     config.storage_options, defaults_in_play(plan), undeciding(plan))
+        claim_output(config.output, config.output_record(model.digest, model.config_digest),
+                     config.overwrite, config.storage_options, defaults_in_play(plan),
+                     undeciding(plan))
         record_manifest(config.output, config.manifest, config.storage_options)
         clean_temporaries(config.output, config.storage_options)
         manifest = typed_as_output(config, manifest)
@@ -264,7 +266,7 @@ def probe_model(config: RunConfig) -> ModelInfo:
     if info.channels != 3:  # the actors would fail on every batch
         raise ConfigError(f"model {info.name} takes {info.channels}-channel images; sdedit run "
                           "edits RGB guides with a 3-channel prior (sdedit edit takes others)")
-    return ModelInfo(info.name, info.digest, info.resolution)
+    return ModelInfo(info.name, info.digest, info.resolution, info.config_digest)
 
 
 def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:

@@ -324,7 +324,12 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     if overwrite:
         _remove_run(fs, root)
     elif recorded(output, record, storage_options, defaults, ignored):
-        return
+        stored = json.loads(fs.cat_file(f"{root}/{RUN_CONFIG}"))
+        gained = {name: record[name] for name in LATER_FIELDS
+                  if name in record and name not in stored}
+        if not gained:
+            return
+        record = {**stored, **gained}  # what an earlier version's record lacks, added
     commit(output, RUN_CONFIG, json.dumps(record, indent=2, sort_keys=True).encode(),
            storage_options)  # whole or not at all: a torn record would refuse every rerun
 
@@ -343,6 +348,10 @@ def recorded_manifest(output: str, storage_options: Mapping) -> str | None:
     except FileNotFoundError:
         return None
 
+
+# Fields records gained in later versions: a record without one (an OUTPUT an earlier version
+# made) matches any value, and the next run records it.
+LATER_FIELDS = ("model_config_digest",)
 
 # Recorded as None when the run leaves them to the rows' task presets (or built-in values).
 PRESET_FIELDS = ("t0", "samples", "repeats")
@@ -390,6 +399,7 @@ def recorded(output: str, record: dict, storage_options: Mapping,
             f"{output.rstrip('/')}/{RUN_CONFIG} does not hold a run's configuration ({error}); "
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
             "replace it") from error
+    ignored = {*ignored, *(name for name in LATER_FIELDS if name not in stored)}
     changed = sorted(k for k in set(stored) | set(record)
                      if k not in ignored and _differs(k, stored.get(k), record.get(k), defaults))
     if changed:

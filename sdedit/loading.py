@@ -141,6 +141,7 @@ class PriorInfo:
     digest: str
     resolution: int
     channels: int
+    config_digest: str | None = None  # of the UNet and scheduler configs; None for builtins
 
 
 def describe(
@@ -158,7 +159,8 @@ def describe(
     parts = _folder_parts(_local_folder(uri, storage_options or {}, allow_pickle), redact(uri),
                           allow_pickle)
     return PriorInfo(redact(uri), _file_digest(parts.weights), int(_resolution(parts.unet_config)),
-                     int(parts.unet_config.get("in_channels", 3)))
+                     int(parts.unet_config.get("in_channels", 3)),
+                     config_digest(parts.unet_config, parts.scheduler_config))
 
 
 def _resolution(config) -> int:
@@ -597,6 +599,26 @@ def schedule_from_config(config: dict, uri: str = "<config>") -> Schedule:
         return VPSchedule(DDPMScheduler.from_config(config).betas)
     sigma_min, sigma_max = config.get("sigma_min", 0.01), config.get("sigma_max", 1348.0)
     return VESchedule(float(sigma_min), float(sigma_max))
+
+
+# What a scheduler config decides for this package's samplers (VP: the betas, which
+# DDPMScheduler computes from these; VE: the sigma range), with diffusers' defaults.
+SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                     "beta_schedule": "linear", "trained_betas": None,
+                     "sigma_min": 0.01, "sigma_max": 1348.0}
+
+
+def config_digest(unet_config: dict, scheduler_config: dict) -> str:
+    """A digest of what a prior's configs decide beyond its weights: the schedule (VP or VE and
+    the settings that make its betas or sigmas) and the resolution. The same weights under an
+    edited scheduler config edit differently; a config re-saved by another diffusers version,
+    or naming a default it left out before, has the same digest."""
+    kind = "VE" if scheduler_config.get("_class_name") in VE_SCHEDULERS else "VP"
+    decided = {"schedule": kind, "sample_size": unet_config.get("sample_size"),
+               **{name: scheduler_config.get(name, default)
+                  for name, default in SCHEDULE_DEFAULTS.items()}}
+    text = json.dumps(decided, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _file_digest(path: Path) -> str:

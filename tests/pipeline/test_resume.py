@@ -173,6 +173,22 @@ def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path)
                      storage_options={})
 
 
+def test_a_prior_whose_configs_changed_under_the_same_weights_is_another_configuration(
+        tmp_path):
+    """The record named the weights' digest only: a scheduler config edited in place (other
+    betas, DDIM for DDPM) made other images into the same OUTPUT. A record an earlier version
+    wrote, without the configs' digest, takes the first run's and refuses a change after it."""
+    earlier = {"model": "/models/church", "model_digest": "sha256:w", "steps": 2}
+    (tmp_path / "_run_config.json").write_text(json.dumps(earlier))
+    now = {**earlier, "model_config_digest": "sha256:c1"}
+    claim_output(str(tmp_path), now, False, {})
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == now
+    claim_output(str(tmp_path), now, False, {})
+    with pytest.raises(ConfigMismatchError,
+                       match=r"\(model_config_digest: 'sha256:c1' -> 'sha256:c2'\)"):
+        claim_output(str(tmp_path), {**now, "model_config_digest": "sha256:c2"}, False, {})
+
+
 def test_an_output_folder_of_the_users_own_files_is_refused_and_overwrite_deletes_none(tmp_path):
     """`sdedit run proj/data/manifest.parquet proj --overwrite` deleted proj/data (the manifest,
     its guides, a README) recursively, then failed on the manifest it had deleted; without

@@ -430,6 +430,21 @@ def test_weights_that_lack_tensors_of_the_model_are_refused(ddpm_folder):
         sdedit.load(folder, device="cpu")
 
 
+def test_the_config_digest_follows_the_schedule_and_not_how_its_file_is_written(ddpm_folder):
+    """The record held the weights' digest only: an edited scheduler config (other betas)
+    made other images into the same OUTPUT."""
+    folder, _ = ddpm_folder
+    first = describe(folder)
+    _edit_json(folder / "scheduler_config.json", _diffusers_version="9.9.9", beta_end=0.02,
+               _class_name="DDIMScheduler", trained_betas=None, clip_sample=False)
+    assert describe(folder) == first  # the same betas: this package samples them alike
+    _edit_json(folder / "scheduler_config.json", beta_end=0.03)
+    changed = describe(folder)
+    assert changed.digest == first.digest and changed.config_digest != first.config_digest
+    assert first.config_digest.startswith("sha256:")
+    assert describe("builtin:tiny").config_digest is None
+
+
 def _edit_json(path, **changes) -> None:
     """Rewrite a JSON config with `changes` (None removes the key)."""
     values = {**json.loads(path.read_text()), **changes}
