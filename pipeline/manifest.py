@@ -408,7 +408,7 @@ def row_work(row: Mapping, plan: Plan) -> Iterator[Work]:
                or _guide_problem(row))
     for t0 in t0s:
         key_t0 = _round_t0(t0)
-        error = problem or _t0_problem(key_t0, row_id)
+        error = problem or _t0_problem(key_t0, t0, row_id)
         if error and row.get("guide"):
             error = f"{error} (guide {redact(str(row['guide']))})"  # which row, beside the id
         for sample in range(samples):
@@ -758,9 +758,14 @@ def _guide_problem(row: Mapping) -> str | None:
     return None
 
 
-def _t0_problem(t0: float, row_id: str | None) -> str | None:
-    if not 0.0 < t0 <= 1.0:  # also catches NaN
-        return f"t0 {t0} for id {row_id!r} is outside (0, 1]"
+def _t0_problem(key_t0: float, t0: float | None, row_id: str | None) -> str | None:
+    """Why a t0 (`key_t0`: as keys round it) makes no output; the message shows it as given."""
+    if t0 is None:
+        return f"t0 is missing (a null in the t0 list of id {row_id!r})"
+    if not 0.0 < key_t0 <= 1.0:  # also catches NaN
+        rounded = (f" (it rounds to {key_t0}: t0 values keep {T0_DECIMALS} decimals)"
+                   if 0.0 < t0 <= 1.0 else "")
+        return f"t0 {t0} for id {row_id!r} is outside (0, 1]{rounded}"
     return None
 
 

@@ -87,6 +87,12 @@ class Prior:
     digest: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def __repr__(self) -> str:  # not the dataclass's: the whole network and every beta
+        kind = type(self.schedule).__name__
+        return (f"Prior(name={self.name!r}, schedule={kind}, resolution={self.resolution}, "
+                f"channels={self.channels}, device={str(self.device)!r}, "
+                f"digest={self.digest[:19]}...)")
+
     def edit(self, guide: torch.Tensor, **options) -> torch.Tensor:
         """Shorthand for `sdedit.edit(self.model, self.schedule, guide, **options)`, which
         first checks that `guide` is a batch this prior takes: [B, channels, resolution,

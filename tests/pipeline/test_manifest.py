@@ -90,6 +90,18 @@ def test_webdataset_refuses_ids_whose_member_names_tar_cannot_extract():
                           "255 bytes) (guide g.png)")
 
 
+def test_a_bad_t0_is_named_as_the_manifest_gives_it():
+    """1e-9 was reported as "t0 0.0" (the key's rounding) and a null in a t0 list as "t0 nan"."""
+    plan = Plan(base="/b", seed=0, t0=(0.5,))
+    errors = [work.error for work in row_work(
+        {"id": "x", "guide": "g.png", "t0": [1e-9, None, 1.5, 0.3]}, plan)]
+    assert errors == [
+        "t0 1e-09 for id 'x' is outside (0, 1] (it rounds to 0.0: t0 values keep 6 decimals) "
+        "(guide g.png)",
+        "t0 is missing (a null in the t0 list of id 'x') (guide g.png)",
+        "t0 1.5 for id 'x' is outside (0, 1] (guide g.png)", None]
+
+
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         find_files(str(tmp_path / "nope.parquet"), {})

@@ -702,3 +702,10 @@ def test_redact_masks_what_uris_carry_as_credentials(text, shown):
     from sdedit.loading import redact
 
     assert redact(text) == shown
+
+
+def test_a_priors_repr_is_one_line_not_its_network():
+    """The dataclass repr printed the whole UNet twice and all 1000 betas."""
+    prior = sdedit.load("builtin:tiny", device="cpu")
+    assert repr(prior) == (f"Prior(name='builtin:tiny', schedule=VPSchedule, resolution=64, "
+                           f"channels=3, device='cpu', digest={prior.digest[:19]}...)")
