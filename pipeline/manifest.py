@@ -153,6 +153,9 @@ def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
     return schema
 
 
+PANDAS_INDEX = re.compile(r"__index_level_\d+__")  # a pandas index that to_parquet kept
+
+
 def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
                     own: Collection[str]) -> pa.Schema:
     """The manifest's schema with each pass-through column (one not in `own`) typed as OUTPUT's
@@ -163,6 +166,21 @@ def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
     string: Arrow's null type takes no later value. Values that would not cast unchanged to the
     shards' type stop the job before any work."""
     held, shard = shards if shards is not None else (pa.schema([]), "")
+    if shards is not None:
+        mine, theirs = (
+            {name for name in names if name not in own and not PANDAS_INDEX.fullmatch(name)}
+            for names in (schema.names, held.names))
+        if mine != theirs:
+            differ = "; ".join(part for part in (
+                f"new in the manifest: {', '.join(sorted(mine - theirs))}" if mine - theirs
+                else "", f"missing from it: {', '.join(sorted(theirs - mine))}"
+                if theirs - mine else "") if part)
+            raise ManifestError(
+                f"the manifest's pass-through columns are not those OUTPUT's shards hold "
+                f"({differ}; {shard}); the shards of one dataset must have the same columns, "
+                "or readers that take one shard's schema for all drop the others: give the "
+                "manifest the same columns, or write to another OUTPUT (or rerun with "
+                "--overwrite)")
     fields = []
     for column in schema:
         kind = column.type

@@ -83,7 +83,8 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     assert failed[("../escape", 0.5)]["error"] == ("id '../escape' is unsafe as a file name: it "
                                                    "contains a path separator (guide img0.png)")
     blank = [r for r in errors.to_pylist() if r["id"] == "blank"]
-    assert len(blank) == 1 and math.isnan(blank[0]["t0"]) and "outside (0, 1]" in blank[0]["error"]
+    assert len(blank) == 1 and math.isnan(blank[0]["t0"]) and blank[0]["error"].startswith(
+        "t0 is missing (a null in the t0 list of id 'blank')")
     assert "nowhere.png" in failed[("missing", 0.5)]["error"]
     assert "over the limit of 100000" in failed[("bomb", 0.5)]["error"]
     assert "is 20x20 but guide" in failed[("badmask", 0.5)]["error"]

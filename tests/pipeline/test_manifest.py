@@ -400,17 +400,23 @@ MANIFEST_WITH_PASSTHROUGH = pa.schema([
 OWN = ("id", "t0", "seed")  # columns the pipeline writes itself (writers.DATA_COLUMNS)
 
 
+def held(**kinds) -> pa.Schema:
+    """A data shard's schema holding the pass-through columns of MANIFEST_WITH_PASSTHROUGH, of
+    these types where given."""
+    passed = {"guide": pa.string(), "caption": pa.string(), "score": pa.int64(),
+              "note": pa.string(), **kinds}
+    return pa.schema([("id", pa.string()), ("t0", pa.float64()), *passed.items()])
+
+
 def test_pass_through_columns_take_the_types_output_already_holds():
-    shards = pa.schema([("id", pa.string()), ("t0", pa.float64()), ("guide", pa.string()),
-                        ("caption", pa.string()), ("score", pa.int64()), ("note", pa.string())])
-    typed = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "s3://b/out/data/part-1.parquet"),
+    typed = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (held(), "s3://b/out/data/part-1.parquet"),
                             OWN)
     assert typed == pa.schema([
         ("id", pa.string()), ("guide", pa.string()),
         ("t0", pa.list_(pa.float64())),  # the pipeline's own: a list in, a float out
         ("caption", pa.string()), ("score", pa.int64()), ("note", pa.string())])
     categorical = pa.dictionary(pa.int8(), pa.string())  # as pandas writes a category column
-    shards = pa.schema([("note", categorical)])
+    shards = held(note=categorical)
     assert typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "x"), OWN).field("note").type == (
         pa.dictionary(pa.int32(), pa.string()))  # room for more than 128 categories
 
@@ -419,12 +425,13 @@ def test_a_column_of_only_nulls_is_written_as_string_until_a_shard_types_it():
     alone = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, None, OWN)
     assert alone.field("caption").type == pa.string()  # never Arrow's null type
     assert alone.field("score").type == pa.int16() and alone.field("note").type == pa.large_string()
-    untyped = pa.schema([("caption", pa.null()), ("score", pa.null())])  # an older version's
+    untyped = held(guide=pa.null(), caption=pa.null(), score=pa.null(),  # an older version's
+                   note=pa.null())
     assert typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (untyped, "x"), OWN) == alone
 
 
 def test_a_pass_through_type_the_shards_cannot_hold_unchanged_is_refused_by_name():
-    shards = pa.schema([("score", pa.int8())])
+    shards = held(score=pa.int8())
     with pytest.raises(ManifestError) as error:
         typed_as_shards(MANIFEST_WITH_PASSTHROUGH, (shards, "file:///out/data/part-9.parquet"),
                         OWN)
@@ -437,6 +444,25 @@ def test_a_pass_through_type_the_shards_cannot_hold_unchanged_is_refused_by_name
                                             "double"):
         typed_as_shards(pa.schema([("caption", pa.string())]),
                         (pa.schema([("caption", pa.float64())]), "x"), OWN)
+
+
+def test_pass_through_columns_other_than_the_shards_are_refused_by_name():
+    """A column added on a later run was only in its shards: pyarrow.dataset and pandas read
+    OUTPUT/data without it, whichever shard came first. A pandas index is no column."""
+    index = MANIFEST_WITH_PASSTHROUGH.append(pa.field("__index_level_0__", pa.int64()))
+    assert typed_as_shards(index, (held(), "x"), OWN).names == index.names
+    with pytest.raises(ManifestError) as error:
+        typed_as_shards(MANIFEST_WITH_PASSTHROUGH.append(pa.field("label", pa.string())),
+                        (held().remove(held().get_field_index("note")), "s3://b/data/part-1"),
+                        OWN)
+    assert str(error.value) == (
+        "the manifest's pass-through columns are not those OUTPUT's shards hold (new in the "
+        "manifest: label, note; s3://b/data/part-1); the shards of one dataset must have the "
+        "same columns, or readers that take one shard's schema for all drop the others: give "
+        "the manifest the same columns, or write to another OUTPUT (or rerun with --overwrite)")
+    with pytest.raises(ManifestError, match=r"\(missing from it: caption, score; x\)"):
+        typed_as_shards(pa.schema([("id", pa.string()), ("guide", pa.string()),
+                                   ("note", pa.string())]), (held(), "x"), OWN)
 
 
 def test_manifest_files_whose_types_do_not_widen_without_loss_are_refused_by_name(tmp_path):
