@@ -29,6 +29,7 @@ import io
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
@@ -346,7 +347,9 @@ def open_image(data: bytes, uri: str, max_pixels: int, draft_to: int | None = No
     # first); Pillow still refuses twice the limit before reading any pixel.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow's warning about a size the guard below refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
             raise InputError("decode", f"{uri} is {width}x{height} = {width * height} pixels, "

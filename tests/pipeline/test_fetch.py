@@ -308,3 +308,21 @@ def test_a_decode_error_says_the_same_on_every_run(tmp_path):
     assert str(error.value) == (
         f"cannot decode {tmp_path}/text.png as an image (UnidentifiedImageError: cannot identify "
         "image file); expected a complete PNG, JPEG, WebP or other Pillow format")
+
+
+def test_an_image_over_the_limit_is_an_error_row_without_pillows_warning(monkeypatch):
+    """Pillow's DecompressionBombWarning reached the console from fetch workers for images the
+    --max-pixels guard refuses anyway."""
+    import warnings
+
+    from tasks.images import open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above it
+    encoded = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(encoded, "PNG")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"x\.png is 40x40 = 1600 pixels, over the limit "
+                                             r"of 1000"):
+            open_image(encoded.getvalue(), "x.png", 1000)
+    assert [w.category.__name__ for w in caught] == []
