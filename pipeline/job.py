@@ -35,6 +35,7 @@ from pipeline.manifest import (
     duplicate_ids,
     find_files,
     in_manifest,
+    own_t0,
     read_plan_columns,
     shared_key_errors,
     shared_key_guides,
@@ -283,7 +284,7 @@ def make_plan(config: RunConfig, manifest: ManifestFiles, plan_columns) -> Plan:
     return Plan(base=manifest.base, seed=config.seed, t0=config.t0, samples=config.samples,
                 repeats=config.repeats, task=config.task, presets=presets, untasked=untasked,
                 duplicates=duplicate_ids(plan_columns["id"]), order_by_t0=config.steps is None,
-                member_names=config.format == "webdataset")
+                member_names=config.format == "webdataset", own_t0=own_t0(plan_columns))
 
 
 def task_note(config: RunConfig, plan_columns: pa.Table) -> str | None:

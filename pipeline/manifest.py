@@ -90,6 +90,7 @@ class Plan:
     # source image is read once per block (`--steps` runs, where every t0 calls as often).
     order_by_t0: bool = True
     member_names: bool = False  # ids name WebDataset tar members (`id_stem`), which must fit
+    own_t0: bool = False  # every row gives its own t0 list, which wins over --t0
 
 
 @dataclass(frozen=True)
@@ -703,8 +704,18 @@ def defaults_in_play(plan: Plan) -> list[TaskDefaults]:
 
 def undeciding(plan: Plan) -> tuple[str, ...]:
     """Run options that decide none of this plan's outputs: --task when every row names its own
-    task (a row's task wins over it)."""
-    return () if plan.untasked else ("task",)
+    task, --t0 when every row gives its own t0 list (a row's own wins over either)."""
+    return (*(() if plan.untasked else ("task",)), *(("t0",) if plan.own_t0 else ()))
+
+
+def own_t0(plan_columns: pa.Table) -> bool:
+    """Whether every row of the manifest gives its own (non-empty) t0 list."""
+    import pyarrow.compute as pc
+
+    if "t0" not in plan_columns.column_names or not plan_columns.num_rows:
+        return False
+    lengths = pc.list_value_length(plan_columns["t0"])  # conformed: lists
+    return bool(pc.all(pc.fill_null(pc.greater(lengths, 0), False)).as_py())
 
 
 def distinct_t0(t0s: Sequence[float | None]) -> tuple:

@@ -20,6 +20,7 @@ from pipeline.manifest import (
     TaskDefaults,
     check_columns,
     committed_mask,
+    conform,
     count_work,
     duplicate_ids,
     expand_table,
@@ -664,3 +665,22 @@ def test_the_task_option_decides_no_output_when_every_row_names_its_task():
     mixed = pa.table({"id": ["a", "b"], "task": ["synthesis", None]})
     assert undeciding(make_plan(config, manifest, mixed)) == ()
     assert undeciding(make_plan(config, manifest, pa.table({"id": ["a"]}))) == ()
+
+
+def test_the_t0_option_decides_no_output_when_every_row_gives_its_t0_list():
+    """`--t0 0.7` added to a job whose rows all carry their own t0 lists (which win) was
+    refused as a different configuration, while `--task` in the same case was not."""
+    from pipeline.config import RunConfig
+    from pipeline.job import make_plan
+    from pipeline.manifest import ManifestFiles, undeciding
+
+    manifest = ManifestFiles(("m.parquet",), "/base", pa.schema([]))
+    config = RunConfig(manifest="m.parquet", output="o", t0=(0.7,))
+
+    def plan(t0s):
+        return make_plan(config, manifest, conform(pa.table({"id": ["a", "b"], "t0": t0s})))
+
+    assert undeciding(plan([[0.3], [0.5, 0.6]])) == ("t0",)
+    assert undeciding(plan([0.3, 0.4])) == ("t0",)  # single numbers are lists of one
+    assert undeciding(plan([[0.3], None])) == ()  # b takes --t0
+    assert undeciding(plan([[0.3], []])) == ()
