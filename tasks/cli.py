@@ -251,7 +251,7 @@ def composites(
 
 @click.command()
 @click.argument("source")
-@click.argument("output")
+@click.argument("output", callback=lambda ctx, param, value: parquet_name(value))
 @click.option(
     "--task",
     default="augmentation",
@@ -275,6 +275,14 @@ def manifest(source, output, task, masks, labels, storage_options) -> None:
             source, output, task, masks, labels, parse_storage_options(storage_options)
         )
     click.echo(f"wrote {count} rows to {output} (task {task})")
+
+
+def parquet_name(output: str) -> str:
+    """A manifest's file name: Parquet, so `.parquet` (a `.csv` name held Parquet before)."""
+    if not output.lower().endswith(".parquet"):
+        raise click.BadParameter(f"{output!r}: expected a .parquet file name (manifests are "
+                                 "Parquet)", param_hint="OUTPUT")
+    return output
 
 
 def output_folder(output: str, storage_options: tuple[str, ...], manifest_uri: str | None):

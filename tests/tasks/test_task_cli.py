@@ -184,6 +184,15 @@ def test_guides_refuse_source_columns_that_sdedit_run_reserves(ray_never_starts,
     assert not (tmp_path / "out").exists()
 
 
+def test_manifest_refuses_an_output_name_that_is_not_parquet(tmp_path):
+    """`sdedit manifest FOLDER out.csv` wrote Parquet under a CSV name."""
+    result = CliRunner().invoke(main, ["manifest", str(tmp_path), str(tmp_path / "out.csv")])
+    assert result.exit_code == 2
+    assert (f"Invalid value for OUTPUT: '{tmp_path / 'out.csv'}': expected a .parquet file name "
+            "(manifests are Parquet)") in result.output
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_manifest_refuses_a_missing_source_and_a_manifest_for_one(tmp_path):
     missing, output = tmp_path / "nonexist.png", tmp_path / "out.parquet"
     result = CliRunner().invoke(main, ["manifest", str(missing), str(output)])
