@@ -65,7 +65,7 @@ class TrainConfig:
                              f"2^(levels - 1) = {2 ** (len(self.channels) - 1)}")
         if any(width % self.norm_groups for width in self.channels):
             raise ValueError(f"every channel width in {self.channels} must be divisible by "
-                             f"norm_groups={self.norm_groups}")
+                             f"{self.norm_groups}, the UNet's group-norm groups (norm_groups)")
         for name in ("steps", "batch_size", "layers_per_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
