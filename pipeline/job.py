@@ -35,6 +35,7 @@ from pipeline.manifest import (
     duplicate_ids,
     find_files,
     in_manifest,
+    new_columns,
     own_t0,
     read_plan_columns,
     shared_key_errors,
@@ -106,7 +107,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
-        manifest, retried, committed = open_output(config, manifest, plan, model)
+        manifest, retried, committed = open_output(config, manifest, plan, model, report)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
             plan_columns, plan, committed.written, committed.failed))))
@@ -219,8 +220,8 @@ def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInf
     return manifest, plan_columns, plan, model
 
 
-def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan,
-                model: ModelInfo) -> tuple[ManifestFiles, int, Committed]:
+def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan, model: ModelInfo,
+                report: Report = quiet) -> tuple[ManifestFiles, int, Committed]:
     """Claim OUTPUT for this configuration, remove what killed runs left, type the manifest's
     pass-through columns as OUTPUT's shards hold them, turn committed failures of the
     --retry-errors stages back into work; (manifest, failures retried, committed keys)."""
@@ -230,15 +231,22 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan,
                      undeciding(plan))
         record_manifest(config.output, config.manifest, config.storage_options)
         clean_temporaries(config.output, config.storage_options)
-        manifest = typed_as_output(config, manifest)
+        manifest = typed_as_output(config, manifest, report)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
         return (manifest, retried,
                 read_committed(config.output, config.format, config.storage_options))
 
 
-def typed_as_output(config: RunConfig, manifest: ManifestFiles) -> ManifestFiles:
-    """The manifest with the column types OUTPUT's shards already have (`typed_as_shards`)."""
+def typed_as_output(config: RunConfig, manifest: ManifestFiles,
+                    report: Report = quiet) -> ManifestFiles:
+    """The manifest with the columns and types OUTPUT's shards already have (`typed_as_shards`);
+    `report` gets a note naming columns only this run's shards will have."""
     held = shard_schema(config.output, config.format, config.storage_options)
+    if new := new_columns(manifest.schema, held, DATA_COLUMNS):
+        report(f"note: column(s) {', '.join(new)} are new to {config.output}: only this run's "
+               "shards will have them, and readers that take one shard's schema for all "
+               "(pandas, pyarrow.dataset) may not show them; read OUTPUT/data with the schemas "
+               "unified (README)")
     return replace(manifest, schema=typed_as_shards(manifest.schema, held, DATA_COLUMNS))
 
 

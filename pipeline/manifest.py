@@ -165,23 +165,9 @@ def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
     fail on the first shard that differs. `shards` is (a shard's schema, its URI), or None when
     OUTPUT holds none. A column that is only nulls, and that no shard types yet, is written as
     string: Arrow's null type takes no later value. Values that would not cast unchanged to the
-    shards' type stop the job before any work."""
+    shards' type stop the job before any work. Columns the shards hold and the manifest lacks
+    are added (the run writes them as nulls), so that every shard has them."""
     held, shard = shards if shards is not None else (pa.schema([]), "")
-    if shards is not None:
-        mine, theirs = (
-            {name for name in names if name not in own and not PANDAS_INDEX.fullmatch(name)}
-            for names in (schema.names, held.names))
-        if mine != theirs:
-            differ = "; ".join(part for part in (
-                f"new in the manifest: {', '.join(sorted(mine - theirs))}" if mine - theirs
-                else "", f"missing from it: {', '.join(sorted(theirs - mine))}"
-                if theirs - mine else "") if part)
-            raise ManifestError(
-                f"the manifest's pass-through columns are not those OUTPUT's shards hold "
-                f"({differ}; {shard}); the shards of one dataset must have the same columns, "
-                "or readers that take one shard's schema for all drop the others: give the "
-                "manifest the same columns, or write to another OUTPUT (or rerun with "
-                "--overwrite)")
     fields = []
     for column in schema:
         kind = column.type
@@ -198,7 +184,19 @@ def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
             elif pa.types.is_null(kind):
                 kind = pa.string()
         fields.append(column.with_type(kind))
+    fields += [field for field in held if field.name not in own and field.name not in
+               schema.names and not PANDAS_INDEX.fullmatch(field.name)]  # written as nulls
     return pa.schema(fields, metadata=schema.metadata)
+
+
+def new_columns(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
+                own: Collection[str]) -> list[str]:
+    """The manifest's pass-through columns that OUTPUT's committed shards lack (none when it
+    holds no shard): only this run's shards will have them."""
+    if shards is None:
+        return []
+    return sorted(name for name in schema.names if name not in own and name not in
+                  shards[0].names and not PANDAS_INDEX.fullmatch(name))
 
 
 def _room_for_any_categories(kind: pa.DataType) -> pa.DataType:

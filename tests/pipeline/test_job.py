@@ -120,6 +120,29 @@ def test_appended_rows_take_the_column_types_output_holds_so_readers_see_one_sch
     assert shard_state(output) == before
 
 
+def test_a_dropped_column_is_written_as_nulls_and_a_new_one_is_noted(tmp_path):
+    """Shards of a rerun whose manifest dropped a column lacked it, so readers taking such a
+    shard's schema for all lost it everywhere; a column new in a rerun was only in its shards,
+    without a word."""
+    names = write_images(tmp_path / "inputs", 3)
+    manifest = tmp_path / "inputs" / "m.parquet"
+    write_manifest(manifest, {"id": ["a"], "guide": names[:1],
+                              "label": pa.array([7], pa.int32())})
+    output = tmp_path / "out"
+    run(config(manifest, output))
+    write_manifest(manifest, {"id": ["a", "b", "c"], "guide": names, "caption": ["x", "y", "z"]})
+    lines = []
+    assert run(config(manifest, output), report=lines.append)["this_run"]["todo"] == 2
+    assert (f"note: column(s) caption are new to {output}: only this run's shards will have "
+            "them") in "\n".join(lines)
+    shards = sorted((output / "data").glob("part-*.parquet"), key=lambda s: s.stat().st_mtime)
+    assert pq.read_schema(shards[-1]).field("label").type == pa.int32()
+    unified = pa.unify_schemas([pq.read_schema(shard) for shard in shards])
+    table = pyarrow.dataset.dataset(output / "data", schema=unified, format="parquet").to_table()
+    assert sorted(zip(*(table[c].to_pylist() for c in ("id", "label", "caption")),
+                      strict=True)) == [("a", 7, None), ("b", None, "y"), ("c", None, "z")]
+
+
 def test_a_changed_configuration_is_refused_unless_overwrite(small_manifest, tmp_path):
     output = tmp_path / "out"
     run(config(small_manifest, output))

@@ -27,6 +27,7 @@ from pipeline.manifest import (
     find_files,
     key_table,
     keys_table,
+    new_columns,
     read_plan_columns,
     resolve_uri,
     row_work,
@@ -447,23 +448,23 @@ def test_a_pass_through_type_the_shards_cannot_hold_unchanged_is_refused_by_name
                         (pa.schema([("caption", pa.float64())]), "x"), OWN)
 
 
-def test_pass_through_columns_other_than_the_shards_are_refused_by_name():
-    """A column added on a later run was only in its shards: pyarrow.dataset and pandas read
-    OUTPUT/data without it, whichever shard came first. A pandas index is no column."""
+def test_columns_the_shards_hold_and_the_manifest_lacks_are_written_as_nulls():
+    """A column the manifest dropped was missing from the new shards: readers that took such a
+    shard's schema for all dropped it from every row. A pandas index is no column."""
+    shards = (held(label=pa.int32()), "x")
+    typed = typed_as_shards(MANIFEST_WITH_PASSTHROUGH, shards, OWN)
+    assert typed.names == [*MANIFEST_WITH_PASSTHROUGH.names, "label"]
+    assert typed.field("label").type == pa.int32()
+    assert new_columns(MANIFEST_WITH_PASSTHROUGH, shards, OWN) == []
     index = MANIFEST_WITH_PASSTHROUGH.append(pa.field("__index_level_0__", pa.int64()))
     assert typed_as_shards(index, (held(), "x"), OWN).names == index.names
-    with pytest.raises(ManifestError) as error:
-        typed_as_shards(MANIFEST_WITH_PASSTHROUGH.append(pa.field("label", pa.string())),
-                        (held().remove(held().get_field_index("note")), "s3://b/data/part-1"),
-                        OWN)
-    assert str(error.value) == (
-        "the manifest's pass-through columns are not those OUTPUT's shards hold (new in the "
-        "manifest: label, note; s3://b/data/part-1); the shards of one dataset must have the "
-        "same columns, or readers that take one shard's schema for all drop the others: give "
-        "the manifest the same columns, or write to another OUTPUT (or rerun with --overwrite)")
-    with pytest.raises(ManifestError, match=r"\(missing from it: caption, score; x\)"):
-        typed_as_shards(pa.schema([("id", pa.string()), ("guide", pa.string()),
-                                   ("note", pa.string())]), (held(), "x"), OWN)
+    assert new_columns(index, (held(), "x"), OWN) == []
+
+
+def test_columns_new_to_the_shards_are_named_for_the_runs_note():
+    added = MANIFEST_WITH_PASSTHROUGH.append(pa.field("label", pa.string()))
+    assert new_columns(added, (held(), "x"), OWN) == ["label"]
+    assert new_columns(added, None, OWN) == []  # a first run: every shard has them
 
 
 def test_manifest_files_whose_types_do_not_widen_without_loss_are_refused_by_name(tmp_path):
