@@ -323,8 +323,7 @@ def claim_output(output: str, record: dict, overwrite: bool, storage_options: Ma
     refuse_foreign_files(output, storage_options)
     if overwrite:
         _remove_run(fs, root)
-    elif recorded(output, record, storage_options, defaults, ignored):
-        stored = json.loads(fs.cat_file(f"{root}/{RUN_CONFIG}"))
+    elif (stored := recorded(output, record, storage_options, defaults, ignored)) is not None:
         gained = {name: record[name] for name in LATER_FIELDS
                   if name in record and name not in stored}
         if not gained:
@@ -382,16 +381,16 @@ def _shown(value, other):
 
 
 def recorded(output: str, record: dict, storage_options: Mapping,
-             defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> bool:
-    """Whether OUTPUT records this configuration (False: it records none); a different one
-    raises ConfigMismatchError naming what changed. `defaults` are where this run's rows take
-    unset t0, samples and repeats from (`manifest.defaults_in_play`); without them, unset and
-    set values always differ. `ignored` fields decide none of this manifest's outputs
-    (`manifest.undeciding`)."""
+             defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> dict | None:
+    """The record OUTPUT holds when it is of this configuration (None: it holds none); a
+    different one raises ConfigMismatchError naming what changed. `defaults` are where this
+    run's rows take unset t0, samples and repeats from (`manifest.defaults_in_play`); without
+    them, unset and set values always differ. `ignored` fields decide none of this
+    manifest's outputs (`manifest.undeciding`)."""
     fs, root = output_fs(output, storage_options)
     path = f"{root}/{RUN_CONFIG}"
     if not fs.exists(path):
-        return False
+        return None
     try:
         stored = json.loads(fs.cat_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -408,4 +407,4 @@ def recorded(output: str, record: dict, storage_options: Mapping,
         raise ConfigMismatchError(
             f"{output} holds a run with a different configuration ({details}). Use the "
             "same options to resume, another OUTPUT, or --overwrite to replace it")
-    return True
+    return stored
