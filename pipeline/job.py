@@ -242,12 +242,13 @@ def typed_as_output(config: RunConfig, manifest: ManifestFiles,
     """The manifest with the columns and types OUTPUT's shards already have (`typed_as_shards`);
     `report` gets a note naming columns only this run's shards will have."""
     held = shard_schema(config.output, config.format, config.storage_options)
+    typed = typed_as_shards(manifest.schema, held, DATA_COLUMNS)  # or refused: then no note
     if new := new_columns(manifest.schema, held, DATA_COLUMNS):
         report(f"note: column(s) {', '.join(new)} are new to {config.output}: only this run's "
                "shards will have them, and readers that take one shard's schema for all "
                "(pandas, pyarrow.dataset) may not show them; read OUTPUT/data with the schemas "
                "unified (README)")
-    return replace(manifest, schema=typed_as_shards(manifest.schema, held, DATA_COLUMNS))
+    return replace(manifest, schema=typed)
 
 
 def close_output(config: RunConfig, model: ModelInfo, counts: tuple[int, int, int],

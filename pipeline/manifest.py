@@ -184,8 +184,8 @@ def typed_as_shards(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
             elif pa.types.is_null(kind):
                 kind = pa.string()
         fields.append(column.with_type(kind))
-    fields += [field for field in held if field.name not in own and field.name not in
-               schema.names and not PANDAS_INDEX.fullmatch(field.name)]  # written as nulls
+    fields += [field for field in held if field.name not in schema.names
+               and _shared_column(field.name, own)]  # written as nulls
     return pa.schema(fields, metadata=schema.metadata)
 
 
@@ -195,8 +195,14 @@ def new_columns(schema: pa.Schema, shards: tuple[pa.Schema, str] | None,
     holds no shard): only this run's shards will have them."""
     if shards is None:
         return []
-    return sorted(name for name in schema.names if name not in own and name not in
-                  shards[0].names and not PANDAS_INDEX.fullmatch(name))
+    return sorted(name for name in schema.names
+                  if name not in shards[0].names and _shared_column(name, own))
+
+
+def _shared_column(name: str, own: Collection[str]) -> bool:
+    """Whether every shard of OUTPUT should hold column `name`: a pass-through column (not one
+    of `own`, which the pipeline writes itself), not a pandas index."""
+    return name not in own and not PANDAS_INDEX.fullmatch(name)
 
 
 def _room_for_any_categories(kind: pa.DataType) -> pa.DataType:
