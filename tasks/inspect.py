@@ -60,6 +60,12 @@ class SheetRow:
     mask: Image.Image | None
     outputs: dict[float, Output | None]  # by t0
     failed: frozenset[float] = frozenset()  # t0 values with an error row (else: not requested)
+    unread: tuple[str, ...] = ()  # "guide: why" for a guide or mask named but not read
+
+    def empty_label(self, name: str) -> str:
+        """Why the guide or mask cell (`name`) is empty: none named, or named but not read."""
+        unread = any(problem.startswith(f"{name}: ") for problem in self.unread)
+        return f"{name} unreadable" if unread else f"no {name}"
 
     def missing_label(self, t0: float) -> str:
         """Why a cell has no output: an error row, or a t0 this id was not run at."""
@@ -159,16 +165,18 @@ def sheet_rows(
     summary = read_summary(folder)
     base, limit = manifest_base(folder, summary), pixel_limit(summary)
     failed = {(row["id"], float(row["t0"])) for row in failures}
-    return [
-        SheetRow(
-            id=row_id,
-            guide=_optional_image(first.get(row_id, {}).get("guide"), base, folder, "RGB", limit),
-            mask=_optional_image(first.get(row_id, {}).get("mask"), base, folder, "L", limit),
+    sheet = []
+    for row_id in chosen:
+        named = first.get(row_id, {})
+        guide, guide_problem = _optional_image("guide", named.get("guide"), base, folder, limit)
+        mask, mask_problem = _optional_image("mask", named.get("mask"), base, folder, limit)
+        sheet.append(SheetRow(
+            id=row_id, guide=guide, mask=mask,
             outputs={t0: outputs.get((row_id, t0)) for t0 in t0s},
             failed=frozenset(t0 for t0 in t0s if (row_id, t0) in failed),
-        )
-        for row_id in chosen
-    ], t0s
+            unread=tuple(p for p in (guide_problem, mask_problem) if p),
+        ))
+    return sheet, t0s
 
 
 def check_choice(folder: OutputFolder, known: list[str], ids: list[str] | None,
@@ -201,15 +209,30 @@ def chosen_outputs(
     return outputs
 
 
-def _optional_image(uri: str | None, base: str | None, folder: OutputFolder, mode: str,
-                    max_pixels: int):
+def _optional_image(name: str, uri: str | None, base: str | None, folder: OutputFolder,
+                    max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """A row's guide or mask (`name`) and, when it names one that cannot be read, why: the
+    sheet shows an empty cell and the summary says so (a wrong --manifest drew "no guide")."""
+    if not uri:
+        return None, None
     resolved = resolve_guide(uri, base)
     if resolved is None:
-        return None
+        return None, f"{name}: {uri} is a relative path and no manifest is known to resolve it"
     try:
-        return load_image(resolved, folder.storage_options, mode, max_pixels)
-    except InputError:  # missing or not an image: the sheet shows an empty cell
-        return None
+        return load_image(resolved, folder.storage_options, "L" if name == "mask" else "RGB",
+                          max_pixels), None
+    except InputError as error:  # missing or not an image
+        return None, f"{name}: {error}"  # the error names the URI
+
+
+def unread_note(rows: list[SheetRow]) -> list[str]:
+    """A summary line for the guides and masks the sheet names but could not read."""
+    unread = [problem for row in rows for problem in row.unread]
+    if not unread:
+        return []
+    return [f"{len(unread)} guide/mask file(s) on the sheet could not be read, e.g. "
+            f"{unread[0]} (relative paths resolve against the run's manifest's folder: pass "
+            "--manifest MANIFEST if that is not where they are)"]
 
 
 # -- the PNG sheet ----------------------------------------------------------------------------
@@ -261,8 +284,8 @@ def render_sheet(rows: list[SheetRow], t0s: list[float], cell: int = 128) -> Ima
 
 def _cells(row: SheetRow, t0s: list[float], cell: int) -> list[Image.Image]:
     cells = [
-        fit_cell(row.guide, cell) if row.guide else placeholder("no guide", cell),
-        fit_cell(row.mask, cell) if row.mask else placeholder("no mask", cell),
+        fit_cell(row.guide, cell) if row.guide else placeholder(row.empty_label("guide"), cell),
+        fit_cell(row.mask, cell) if row.mask else placeholder(row.empty_label("mask"), cell),
     ]
     for t0 in t0s:
         output = row.outputs.get(t0)
@@ -299,8 +322,9 @@ def render_html(rows: list[SheetRow], t0s: list[float], summary: list[str]) -> s
 
 def _html_row(row: SheetRow, t0s: list[float]) -> str:
     cells = [f"<td class='id'>{html.escape(row.id)}</td>"]
-    for image, name in ((row.guide, "no guide"), (row.mask, "no mask")):
-        cells.append(f"<td><img src='{png_uri(image)}'></td>" if image else _empty(name))
+    for image, name in ((row.guide, "guide"), (row.mask, "mask")):
+        cells.append(f"<td><img src='{png_uri(image)}'></td>" if image
+                     else _empty(row.empty_label(name)))
     for t0 in t0s:
         output = row.outputs.get(t0)
         if output is None:
@@ -357,7 +381,7 @@ def write_contact_sheet(
     import fsspec
 
     rows, t0s = sheet_rows(folder, count, ids, sample)
-    summary = summary_lines(folder)
+    summary = summary_lines(folder) + unread_note(rows)
     png, page = (
         f"{destination.rstrip('/')}/contact_sheet.png",
         f"{destination.rstrip('/')}/contact_sheet.html",

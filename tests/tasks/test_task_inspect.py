@@ -217,6 +217,29 @@ def test_a_manifest_that_does_not_exist_is_refused(run_output, tmp_path):
     assert not (run_output / "inspect").exists()
 
 
+def test_guides_a_wrong_manifest_cannot_resolve_are_named_not_drawn_as_absent(run_output,
+                                                                              tmp_path):
+    """A manifest elsewhere (it exists, so it is accepted) resolved every guide to a file that
+    is not there, and the sheet said "no guide" with no word of why."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pq.write_table(pa.table({"id": ["id0"], "guide": ["guides/id0.png"]}),
+                   elsewhere / "manifest.parquet")
+    result = CliRunner().invoke(inspect_command, [str(run_output), "-n", "2", "--manifest",
+                                                  str(elsewhere / "manifest.parquet")])
+    assert result.exit_code == 0, result.output
+    note = next(line for line in result.output.splitlines() if "could not be read" in line)
+    assert note.startswith(f"3 guide/mask file(s) on the sheet could not be read, e.g. guide: "
+                           f"cannot read {elsewhere}/guides/id0.png: FileNotFoundError")
+    assert note.endswith("pass --manifest MANIFEST if that is not where they are)")
+    html = (run_output / "inspect" / "contact_sheet.html").read_text(encoding="utf-8")
+    assert html.count("guide unreadable") == 2 and html.count("mask unreadable") == 1
+    assert "could not be read" in html and "no guide" not in html
+    rows, _ = sheet_rows(OutputFolder(str(run_output)), count=2)  # the run's own manifest
+    assert [row.unread for row in rows] == [(), ()]
+    assert rows[1].empty_label("mask") == "no mask"
+
+
 def test_an_unreadable_shard_is_named(run_output):
     shard = run_output / "data" / "part-2.parquet"
     shard.write_bytes(shard.read_bytes()[:100])
