@@ -220,7 +220,8 @@ def read_bytes(uri: str, storage_options: Mapping, attempts: int = READ_ATTEMPTS
                 if not is_outage(error) or attempt == attempts - 1:
                     raise
             elif not may_pass:
-                raise InputError("read", f"cannot read {uri}: {_reason(error, fs)}") from error
+                raise InputError("read", f"cannot read {shown(uri)}: {_reason(error, fs)}"
+                                 f"{_space_hint(uri)}") from error
             last = error
         else:
             if len(data) > max_bytes:
@@ -319,6 +320,20 @@ def _may_pass(error: Exception) -> bool | None:
     if isinstance(error, OSError) or type(error).__module__.split(".")[0] == "aiohttp":
         return True  # network and object-store hiccups, dropped connections
     return None
+
+
+def shown(uri: str) -> str:
+    """A URI as messages name it: quoted when whitespace or a control character would be
+    invisible in it (a manifest made from a text file may keep a line's newline)."""
+    visible = uri == uri.strip() and uri.isprintable()
+    return uri if visible else repr(uri)
+
+
+def _space_hint(uri: str) -> str:
+    if uri == uri.strip():
+        return ""
+    return ("; the URI begins or ends with whitespace, which is kept as part of the name: "
+            "strip it in the manifest if the file is named without it")
 
 
 def _reason(error: BaseException, fs=None) -> str:

@@ -116,6 +116,20 @@ def test_missing_file_is_a_read_error(tmp_path):
     assert error.value.stage == "read" and "missing.png" in str(error.value)
 
 
+def test_a_uri_with_whitespace_around_it_is_quoted_and_the_whitespace_named(tmp_path):
+    """A manifest made from a text file kept each line's newline: the error showed the URI with
+    the newline invisible (and broke the message's line)."""
+    save(Image.new("RGB", (8, 8)), tmp_path / "g.png")
+    uri = f"{tmp_path}/g.png\n"
+    with pytest.raises(InputError) as failed:
+        load_guide(uri, {}, LIMIT)
+    assert failed.value.stage == "read" and "\n" not in str(failed.value)
+    assert str(failed.value).startswith(f"cannot read {uri!r}: FileNotFoundError")
+    assert str(failed.value).endswith("; the URI begins or ends with whitespace, which is kept "
+                                      "as part of the name: strip it in the manifest if the "
+                                      "file is named without it")
+
+
 def test_not_an_image_is_a_decode_error(tmp_path):
     (tmp_path / "t.png").write_text("hello")
     with pytest.raises(InputError) as error:
