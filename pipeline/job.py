@@ -640,7 +640,9 @@ def build_summary(config: RunConfig, model: ModelInfo, rows: int, expected: int,
             "written": run_written,
             "errors": int(stats.get("failed", 0)),
             "pipeline_seconds": round(seconds, 3),
-            "images_per_second": round(run_written / seconds, 3) if seconds > 0 else None,
+            # None when nothing was to do: 0.0 read as a stalled run
+            "images_per_second": round(run_written / seconds, 3) if todo and seconds > 0
+            else None,
             "actor_edit_seconds": round(float(stats.get("edit_seconds", 0.0)), 3),
             "actors": list(stats["actors"]) if stats.get("actors") else None,
             "ray": stats.get("ray"),

@@ -380,6 +380,14 @@ def _shown(value, other):
     return False if value is None and isinstance(other, bool) else value
 
 
+def _same_model_elsewhere(stored: dict, record: dict) -> bool:
+    """Whether two records name one prior under two URIs: the same weights' digest and the same
+    digest of what its configs decide (records without the latter, of builtins or of earlier
+    versions, are told apart by the URI alone)."""
+    return all(stored.get(name) is not None and stored.get(name) == record.get(name)
+               for name in ("model_digest", "model_config_digest"))
+
+
 def recorded(output: str, record: dict, storage_options: Mapping,
              defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> dict | None:
     """The record OUTPUT holds when it is of this configuration (None: it holds none); a
@@ -399,6 +407,8 @@ def recorded(output: str, record: dict, storage_options: Mapping,
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
             "replace it") from error
     ignored = {*ignored, *(name for name in LATER_FIELDS if name not in stored)}
+    if _same_model_elsewhere(stored, record):
+        ignored.add("model")  # the prior moved (another bucket, a copied folder)
     changed = sorted(k for k in set(stored) | set(record)
                      if k not in ignored and _differs(k, stored.get(k), record.get(k), defaults))
     if changed:

@@ -73,6 +73,7 @@ def test_rerun_does_nothing_and_append_does_only_new_rows(tmp_path):
     before = shard_state(output)
     again = run(config(manifest, output, batch_size=2))  # execution knobs may change
     assert again["this_run"]["todo"] == 0 and shard_state(output) == before
+    assert again["this_run"]["images_per_second"] is None  # not 0.0, which reads as stalled
     write_manifest(manifest, {"id": ["a", "b", "c", "d", "e", "f"], "guide": names})
     planned = preview(config(manifest, output))  # a dry run: counts, nothing changes
     assert (planned["expected_outputs"], planned["todo"], planned["already_committed"]) == (6, 2, 4)

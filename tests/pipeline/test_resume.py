@@ -189,6 +189,29 @@ def test_a_prior_whose_configs_changed_under_the_same_weights_is_another_configu
         claim_output(str(tmp_path), {**now, "model_config_digest": "sha256:c2"}, False, {})
 
 
+def test_the_same_prior_under_another_uri_is_the_same_configuration(tmp_path):
+    """A prior copied to another bucket or folder (same weights, same configs) was refused as
+    another configuration, so a scheduled job could only go on with --overwrite, which redid
+    every output. Other weights, other configs, or a record without the configs' digest (it
+    cannot tell the configs apart) still need the same URI."""
+    record = {"model": "s3://old/church", "model_digest": "sha256:w",
+              "model_config_digest": "sha256:c", "steps": 2}
+    claim_output(str(tmp_path), record, False, {})
+    claim_output(str(tmp_path), {**record, "model": "/copies/church"}, False, {})
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == record
+    for changed, shown in (({"model_digest": "sha256:v"}, "model_digest"),
+                           ({"model_config_digest": "sha256:d"}, "model_config_digest")):
+        with pytest.raises(ConfigMismatchError,
+                           match=rf"\(model: 's3://old/church' -> '/copies/church'; {shown}: "):
+            claim_output(str(tmp_path), {**record, "model": "/copies/church", **changed},
+                         False, {})
+    (tmp_path / "_run_config.json").unlink()
+    earlier = {"model": "s3://old/church", "model_digest": "sha256:w", "steps": 2}
+    claim_output(str(tmp_path), earlier, False, {})
+    with pytest.raises(ConfigMismatchError, match=r"\(model: 's3://old/church' -> '/copies/"):
+        claim_output(str(tmp_path), {**record, "model": "/copies/church"}, False, {})
+
+
 def test_an_output_folder_of_the_users_own_files_is_refused_and_overwrite_deletes_none(tmp_path):
     """`sdedit run proj/data/manifest.parquet proj --overwrite` deleted proj/data (the manifest,
     its guides, a README) recursively, then failed on the manifest it had deleted; without
