@@ -4,31 +4,26 @@
 
 For runs of the same manifest and configuration on two machines (a GPU run against a CPU run,
 say): how many keys both hold, how many images are pixel-identical, the largest and mean
-absolute difference in 8-bit levels, and the PSNR over all shared keys. Parquet outputs.
+absolute difference in 8-bit levels, and the PSNR over all shared keys. Parquet or
+WebDataset outputs.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
-from PIL import Image
 
-from pipeline.resume import visible_shards
+from tasks.outputs import OutputFolder, decode_output, iter_shards, row_label
 
 
 def images(output: str) -> dict[tuple, np.ndarray]:
-    """(id, t0, sample) -> decoded RGB pixels, from every committed Parquet shard."""
+    """(id, t0, sample) -> decoded RGB pixels, from every committed shard (either format)."""
     found = {}
-    fs, root = fsspec.core.url_to_fs(output)
-    for shard in visible_shards(fs, f"{root}/data", ".parquet"):
-        table = pq.read_table(shard, columns=["id", "t0", "sample", "image"], filesystem=fs)
+    for shard, table in iter_shards(OutputFolder(output), ["id", "t0", "sample", "image"]):
         for row in table.to_pylist():
-            pixels = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+            pixels = np.asarray(decode_output(row["image"], row_label(row, shard)))
             found[(row["id"], row["t0"], row["sample"])] = pixels
     return found
 
