@@ -304,7 +304,8 @@ def load_config_file(path: str) -> dict:
     try:
         data = parse(text)
     except errors as error:
-        raise ConfigError(f"config file {path} is not valid {kind}: {error}") from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {_parse_reason(error)}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of option names to values")
     if names := [key for key in data if not isinstance(key, str)]:
@@ -318,6 +319,21 @@ def load_config_file(path: str) -> dict:
                               f"{spelled[0]} and {spelled[1]}; keep one")
         options[name] = value
     return options
+
+
+def _parse_reason(error: Exception) -> str:
+    """What is wrong with a config file and where, without the file's text: PyYAML quotes the
+    line it stopped at, which may be a storage option's secret (TOML's errors name only the
+    line and column)."""
+    problem = getattr(error, "problem", None)
+    if problem is None:  # TOML, or a YAMLError without a position
+        return str(error) if not hasattr(error, "problem_mark") else type(error).__name__
+    def at(mark) -> str:
+        return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+    context = (f"{error.context}{at(error.context_mark)}: "
+               if getattr(error, "context", None) else "")
+    return f"{context}{problem}{at(error.problem_mark)}"
 
 
 def load_yaml(text: str):

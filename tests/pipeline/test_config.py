@@ -231,6 +231,27 @@ def test_an_option_given_twice_in_a_config_file_is_refused(tmp_path, name, text,
         load_config_file(str(path))
 
 
+@pytest.mark.parametrize("text, message", [
+    ('storage_options:\n  endpoint_url: x\n  secret: "S3CRET\n',
+     "while scanning a quoted scalar (line 3, column 11): found unexpected end of stream "
+     "(line 4, column 1)"),
+    ("storage_options:\n  secret: [S3CRET\n",
+     "while parsing a flow sequence (line 2, column 11): expected ',' or ']', but got "
+     "'<stream end>' (line 3, column 1)"),
+    ("storage_options:\n  secret: S3CRET\n  secret: S3CRET2\n",
+     "while reading a mapping (line 2, column 3): found key 'secret' again (first on line 2) "
+     "(line 3, column 3)"),
+])
+def test_a_yaml_error_names_the_line_but_does_not_quote_it(tmp_path, text, message):
+    """PyYAML's message quotes the line it stopped at: a storage option's secret reached the
+    console."""
+    path = tmp_path / "nightly.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config_file(str(path))
+    assert str(refused.value) == f"config file {path} is not valid YAML: {message}"
+
+
 def test_yaml_merge_keys_and_repeated_values_are_not_duplicates(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("base: &base {region_name: eu}\nstorage_options:\n  client_kwargs:\n"
