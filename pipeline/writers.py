@@ -227,6 +227,9 @@ def data_rows(table: pa.Table) -> pa.Table:
     passthrough = [c for c in table.column_names
                    if c not in DATA_COLUMNS and not c.startswith("_sd_")]
     table = table.select([*DATA_COLUMNS, *passthrough])
+    for index, (name, kind) in enumerate(DATA_TYPES.items()):  # every run's shards alike: a
+        if table.schema.field(name).type != kind:  # large_string id (pandas) was kept as is
+            table = table.set_column(index, name, table[name].cast(kind))
     for name in URI_COLUMNS:
         if name in table.column_names:
             uris = table[name]
@@ -243,7 +246,7 @@ def error_rows(table: pa.Table) -> pa.Table:
 
     messages = [None if m is None else redact(m) for m in table["_sd_error"].to_pylist()]
     return pa.table({
-        "id": table["id"], "t0": table["t0"], "sample": table["sample"],
+        "id": table["id"].cast(pa.string()), "t0": table["t0"], "sample": table["sample"],
         "stage": table["_sd_stage"], "error": pa.array(messages, pa.string()),
     })
 

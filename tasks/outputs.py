@@ -142,7 +142,8 @@ def read_table(
     except FileNotFoundError:  # no data shard: every output failed, or none committed yet
         return None
     tables = [table for _, table in read_shards(folder, shards, columns, ids)]
-    return pa.concat_tables(tables, promote_options="default") if tables else None
+    # permissive: shards of earlier versions may type a column apart (string and large_string)
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def committed_shards(folder: OutputFolder, sub: str = "data") -> tuple[Format, list[str]]:

@@ -69,6 +69,18 @@ def test_webdataset_shards_read_back_as_the_parquet_table(tmp_path):
     assert webdataset["l2_to_guide"].null_count == 2
 
 
+def test_shards_that_type_the_id_apart_are_read_together(tmp_path):
+    """Earlier versions wrote a manifest's large_string ids (pandas) as they were, beside
+    other runs' string ids: `sdedit inspect` stopped with Arrow's "Unable to merge"."""
+    folder = write_shards(tmp_path / "out", data_table(4), "parquet")
+    shard = sorted((tmp_path / "out" / "data").glob("part-*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(0, "id", table["id"].cast(pa.large_string())), shard)
+    read = read_table(folder, "data")
+    assert read.num_rows == 8 and sorted(set(read["id"].to_pylist())) == [
+        f"id{index}" for index in range(4)]
+
+
 def test_columns_and_ids_select_the_same_rows_in_both_formats(tmp_path):
     table = data_table(4)
     folders = {name: write_shards(tmp_path / name, table, name) for name in FORMATS}
