@@ -37,6 +37,7 @@ RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model
                     "model_digest", "steps", "repeats", "l2_to_guide", "stage", "error")
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
 RUN_CONFIG = "_run_config.json"  # marks an OUTPUT folder (`pipeline.resume`)
+OUTPUT_SHARD_FOLDERS = ("data", "errors")  # its shards (`pipeline.writers.DATA_DIR`...)
 T0_DECIMALS = 6
 COUNT_CHUNK_ROWS = 500_000  # manifest rows whose keys the driver counts at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -271,11 +272,16 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
 def _outside_outputs(fs, files: list[str], root: str) -> list[str]:
     """`files`, sorted, less those under an OUTPUT of `sdedit run` below `root` (a folder
     holding its `_run_config.json`): `sdedit run gout gout/edits` read its own shards as
-    manifest files on every rerun. One existence check per folder between."""
+    manifest files on every rerun. When `root` itself is an OUTPUT (`sdedit run gout gout`),
+    its shard folders are left out and the files beside them kept. One existence check per
+    folder between."""
+    top = root.rstrip("/")
     marked: dict[str, bool] = {}
+    if fs.exists(f"{top}/{RUN_CONFIG}"):
+        marked.update({f"{top}/{sub}": True for sub in OUTPUT_SHARD_FOLDERS})
 
     def in_output(file: str) -> bool:
-        top, folder = root.rstrip("/"), posixpath.dirname(file)
+        folder = posixpath.dirname(file)
         while folder.startswith(f"{top}/") and folder != top:
             if folder not in marked:
                 marked[folder] = fs.exists(f"{folder}/{RUN_CONFIG}")

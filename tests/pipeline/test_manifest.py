@@ -550,6 +550,27 @@ def test_a_folder_manifest_leaves_out_the_run_outputs_inside_it(tmp_path):
     assert len(find_files(str(tmp_path / "gout"), {}).files) == 2  # a folder that is no OUTPUT
 
 
+def test_a_folder_manifest_that_is_its_own_output_leaves_out_the_shards_only(tmp_path):
+    """`sdedit run s3://b/m4 s3://b/m4`: the first run worked, then every rerun (a killed run's
+    resume too) read OUTPUT's own shards as manifest files and stopped on their columns."""
+    from pipeline.resume import claim_output
+    from pipeline.writers import WRITERS
+
+    folder = tmp_path / "m4"
+    write_manifest(folder / "manifest.parquet", {"id": ["a"], "guide": ["a.png"]})
+    write_manifest(folder / "more" / "m.parquet", {"id": ["b"], "guide": ["b.png"]})
+    first = find_files(str(folder), {}).files
+    claim_output(str(folder), {"steps": 2}, False, {})
+    for sub in ("data", "errors"):
+        writer = WRITERS["parquet"](str(folder / sub), {})
+        writer.write(pa.table({"id": ["a"], "t0": [0.5], "sample": [0], "image": [b"png"]}))
+        writer.close()
+    assert len(list(folder.glob("*/part-*.parquet"))) == 2
+    assert find_files(str(folder), {}).files == first == (
+        f"file://{folder}/manifest.parquet", f"file://{folder}/more/m.parquet")
+    assert find_files(str(folder / "**" / "*.parquet"), {}).files == first
+
+
 def test_columns_of_the_wrong_type_stop_the_run_before_any_work_naming_each():
     """A binary guide (Spark's strings without their UTF-8 mark) crashed the run mid-way
     with a traceback; a string t0 or a binary id stopped it with a line naming nothing."""
