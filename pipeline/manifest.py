@@ -27,6 +27,7 @@ from tasks.images import options_for
 from tasks.sources import (  # ids that `sdedit manifest` makes fit MAX_ID_LENGTH too
     MAX_ID_LENGTH,
     in_store,
+    is_absolute,
 )
 
 REQUIRED_COLUMNS = ("id", "guide")
@@ -374,10 +375,12 @@ def check_columns(schema: pa.Schema, where: str) -> None:
 
 def resolve_uri(uri: str, base: str) -> str:
     """An absolute URI: relative paths resolve against the manifest's folder, on an object
-    store with their `..` and `.` segments resolved too (`tasks.sources.in_store`)."""
-    if "://" in uri or uri.startswith("/"):
+    store with their `..` and `.` segments resolved too (`tasks.sources.in_store`); of a
+    chained URI, its last target (`zip://a.png::../a.zip`: the archive beside the manifest)."""
+    if is_absolute(uri):
         return uri
-    return in_store(base.rstrip("/") + "/" + uri)
+    chain, separator, target = uri.rpartition("::")
+    return chain + separator + in_store(base.rstrip("/") + "/" + target)
 
 
 def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:

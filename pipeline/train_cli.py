@@ -76,9 +76,11 @@ def _manifest_uris(fs, root: str, source: str) -> list[str]:
     if column is None:
         raise click.BadParameter(f"manifest {source} has no {' or '.join(MANIFEST_COLUMNS)} "
                                  f"column (columns: {table.column_names})", param_hint="IMAGES")
+    from pipeline.manifest import resolve_uri  # as `sdedit run` resolves the manifest's paths
+
     _check_uri_column(table.schema.field(column).type, column, source)
     base = source.rsplit("/", 1)[0] if "/" in source else "."
-    uris = [_resolve(uri, base) for uri in table.column(column).to_pylist() if uri]
+    uris = [resolve_uri(uri, base) for uri in table.column(column).to_pylist() if uri]
     if not uris:
         raise click.BadParameter(f"manifest {source} names no images: its {column!r} column "
                                  f"has no URI in {table.num_rows} row(s)", param_hint="IMAGES")
@@ -97,12 +99,6 @@ def _check_uri_column(kind, column: str, source: str) -> None:
              if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else "")
     raise click.BadParameter(f"manifest {source}: column {column!r} holds {kind}, expected "
                              f"image URIs (strings){shard}", param_hint="IMAGES")
-
-
-def _resolve(uri: str, base: str) -> str:
-    if "://" in uri or PurePosixPath(uri).is_absolute():
-        return uri
-    return f"{base}/{uri}"
 
 
 def decode_image(payload: bytes, resolution: int, uri: str = "<bytes>",

@@ -27,7 +27,7 @@ from tasks.images import (
     options_for,
     read_image,
 )
-from tasks.sources import is_remote, resolve
+from tasks.sources import is_absolute, is_remote, resolve
 
 # data shard name endings by format, as pipeline.writers.WRITERS writes them
 SHARD_SUFFIXES: dict[Format, str] = {"parquet": ".parquet", "webdataset": ".tar"}
@@ -250,7 +250,7 @@ def resolve_guide(uri: str | None, base: str | None) -> str | None:
     """A guide or mask URI made readable: absolute as is, relative against `base`."""
     if not uri:
         return None
-    if "://" in uri or uri.startswith("/"):
+    if is_absolute(uri):
         return uri
     return resolve(uri, base) if base else None
 

@@ -43,13 +43,22 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
+def is_absolute(uri: str) -> bool:
+    """Whether a URI names its file without a folder to resolve against; of a chained URI
+    (fsspec's `zip://a.png::s3://b/a.zip`), whether its last target, the file itself, does."""
+    target = uri.rpartition("::")[2]
+    return "://" in target or target.startswith("/")
+
+
 def resolve(uri: str, base: str) -> str:
-    """`uri` made absolute against the folder `base` (relative manifest paths resolve there)."""
-    if "://" in uri or uri.startswith("/"):
+    """`uri` made absolute against the folder `base` (relative manifest paths resolve there);
+    of a chained URI, its last target (`zip://a.png::../a.zip`)."""
+    if is_absolute(uri):
         return uri
+    chain, separator, target = uri.rpartition("::")
     if is_remote(base):
-        return in_store(posixpath.join(base.rstrip("/"), uri))
-    return str(Path(local_path(base), uri))
+        return chain + separator + in_store(posixpath.join(base.rstrip("/"), target))
+    return chain + separator + str(Path(local_path(base), target))
 
 
 def in_store(uri: str) -> str:

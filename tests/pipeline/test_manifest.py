@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import re
 import threading
 from collections import Counter
@@ -12,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from run_helpers import write_manifest
 
 from pipeline.manifest import (
@@ -528,6 +530,31 @@ def test_relative_uris_resolve_their_dot_segments_on_object_stores_only():
     assert resolve_uri("../g.png", "file:///data/m") == "file:///data/m/../g.png"
     assert resolve_uri("../g.png", "/data/m") == "/data/m/../g.png"
     assert resolve_uri("g.png", "s3://b/m/") == "s3://b/m/g.png"
+
+
+def test_a_chained_uris_relative_archive_resolves_against_the_manifest_like_any_path(
+        tmp_path):
+    """`zip://a.png::../arch.zip` in a manifest on S3 was read from the driver's working
+    directory; every resolver (run, inspect and evaluate, guides, train) takes the archive
+    beside the manifest now, and leaves the member's path inside it alone."""
+    import zipfile
+
+    from pipeline.fetch import load_guide
+    from tasks.outputs import resolve_guide
+    from tasks.sources import resolve
+
+    for resolver in (resolve_uri, resolve, resolve_guide):
+        assert resolver("zip://x/a.png::../arch.zip", "s3://b/runs/m") == (
+            "zip://x/a.png::s3://b/runs/arch.zip")
+        assert resolver("zip://a.png::s3://c/a.zip", "s3://b/m") == "zip://a.png::s3://c/a.zip"
+        assert resolver("tar://a.png::/d/a.tar", "s3://b/m") == "tar://a.png::/d/a.tar"
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 80, 200)).save(buffer, format="PNG")
+    with zipfile.ZipFile(tmp_path / "arch.zip", "w") as archive:
+        archive.writestr("x/a.png", buffer.getvalue())
+    uri = resolve_uri("zip://x/a.png::arch.zip", str(tmp_path))
+    assert uri == f"zip://x/a.png::{tmp_path}/arch.zip"
+    assert load_guide(uri, {}, 10_000).getpixel((0, 0)) == (9, 80, 200)
 
 
 def test_a_folder_manifest_leaves_out_the_run_outputs_inside_it(tmp_path):
