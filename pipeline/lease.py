@@ -145,6 +145,9 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     """Take OUTPUT's lease for this process: (the new lease, the stale one it replaced).
     While another run holds a live one, wait up to `wait_seconds` (saying so once through
     `report`) for it to be released or expire, then OutputInUseError."""
+    from pipeline.resume import refuse_a_file
+
+    refuse_a_file(output, storage_options)  # an object store would write a lease beside it
     deadline = time.time() + wait_seconds
     waiting = False
     while (holder := read_lease(output, storage_options)) and holder.is_live(now := time.time()):

@@ -148,11 +148,21 @@ class ForeignFilesError(RuntimeError):
     """OUTPUT's data/ or errors/ holds files no run wrote."""
 
 
+def refuse_a_file(output: str, storage_options: Mapping) -> None:
+    """NotADirectoryError when OUTPUT names a file: an object store, which has no folders, took
+    one for a folder and wrote beside it (`s3://b/report.txt/data/...`)."""
+    fs, root = output_fs(output, storage_options)
+    if fs.isfile(root):
+        raise NotADirectoryError(f"{output} is a file, not a folder (OUTPUT is the folder the "
+                                 "run writes its shards and records in)")
+
+
 def refuse_foreign_files(output: str, storage_options: Mapping) -> None:
     """ForeignFilesError when OUTPUT's data/ or errors/ holds anything but shards and hidden
     names (a cut write's temporary files, a desktop's .DS_Store): a folder of the user's own
     files given as OUTPUT. --overwrite would delete them, and readers cannot take them for
-    shards."""
+    shards. NotADirectoryError when OUTPUT is a file (`refuse_a_file`)."""
+    refuse_a_file(output, storage_options)
     fs, root = output_fs(output, storage_options)
     for folder in (DATA_DIR, ERRORS_DIR):
         foreign = sorted(name for name in _entries(fs, f"{root}/{folder}")

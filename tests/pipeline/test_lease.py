@@ -166,6 +166,37 @@ def test_the_lease_works_on_an_object_store(s3_server):
     assert read_lease(output, options) is None
 
 
+def test_an_output_that_names_an_object_is_refused_and_nothing_written_beside_it(
+        s3_server, tmp_path):
+    """S3 has no folders: `s3://b/report.txt` as OUTPUT, an object already, was taken for a
+    folder and the run wrote report.txt/data/... beside it (a disk refused it, with a
+    NotADirectoryError about the lease file)."""
+    import fsspec
+
+    from tasks.images import StorageError
+
+    bucket, options = s3_server.new_bucket(), s3_server.storage_options
+    fs = fsspec.filesystem("s3", **options)
+    fs.pipe_file(f"{bucket}/report.txt", b"the user's")
+    names = write_images(tmp_path / "inputs", 1)
+    manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a"], "guide": names})
+    (tmp_path / "report.txt").write_text("the user's")
+    for output in (f"{bucket}/report.txt", str(tmp_path / "report.txt")):
+        config = RunConfig(manifest=str(manifest), output=output, model="builtin:tiny",
+                           steps=2, t0=(0.5,), storage_options=options)
+        message = (f"{output} is a file, not a folder (OUTPUT is the folder the run writes "
+                   "its shards and records in)")
+        with pytest.raises(StorageError, match=re.escape(f"cannot read OUTPUT {output}: "
+                                                         f"NotADirectoryError: {message}")):
+            preview(config)
+        with pytest.raises(StorageError, match=re.escape(f"cannot prepare OUTPUT {output}: "
+                                                         f"NotADirectoryError: {message}")):
+            run(config)
+    fs.invalidate_cache()
+    assert fs.find(bucket) == [f"{bucket.removeprefix('s3://')}/report.txt"]
+    assert (tmp_path / "report.txt").read_text() == "the user's" and not ray.is_initialized()
+
+
 def test_run_refuses_an_output_in_use_and_touches_nothing(tmp_path):
     names = write_images(tmp_path / "inputs", 2)
     manifest = write_manifest(tmp_path / "inputs" / "m.parquet", {"id": ["a", "b"],
