@@ -464,30 +464,33 @@ def row_seed(value: object) -> object:
 
 def key_table(plan_columns: pa.Table, plan: Plan) -> pa.Table:
     """Every work key (id, t0, sample) that `row_work` gives the rows, and the `row` it comes
-    from, built column-wise per distinct (t0 list, task): keys only, no seeds or errors, so
-    millions of rows are counted and matched in seconds. Keys come grouped by layout."""
+    from: keys only, no seeds or errors, so millions of rows are counted and matched in
+    seconds. Built as flat columns in one pass, whether rows share a few t0 lists or each gives
+    its own (one table per distinct list made a million rows of random t0 take minutes)."""
     table = conform(plan_columns)
-    t0_lists, tasks = _column(table, "t0"), _column(table, "task")
-    groups = defaultdict(list)
-    for index, (row_t0, task) in enumerate(zip(t0_lists, tasks, strict=True)):
-        groups[(tuple(row_t0) if row_t0 else None, task or plan.task)].append(index)
-    parts = [_layout_keys(table["id"], rows, *_layout(row_t0, task, plan)[:2])
-             for (row_t0, task), rows in groups.items()]
-    return pa.concat_tables(parts) if parts else _layout_keys(table["id"], [], (), 0)
+    shared: dict = {}  # the keys of a layout without a row's own t0 list: the run's or a task's
+    t0s, samples, counts = [], [], []
+    for row_t0, task in zip(_column(table, "t0"), _column(table, "task"), strict=True):
+        layout = (tuple(row_t0) if row_t0 else None, task or plan.task)
+        keys = shared.get(layout) or _layout_keys(*_layout(*layout, plan)[:2])
+        if layout[0] is None:
+            shared[layout] = keys
+        t0s += keys[0]
+        samples += keys[1]
+        counts.append(len(keys[0]))
+    row = np.repeat(np.arange(table.num_rows, dtype=np.int64), counts)
+    return pa.table({"id": table["id"].take(row).cast(pa.string()),
+                     "t0": np.array(t0s, np.float64), "sample": np.array(samples, np.int64),
+                     "row": row}, schema=KEY_SCHEMA.append(pa.field("row", pa.int64())))
 
 
 def _column(table: pa.Table, name: str) -> list:
     return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
-def _layout_keys(ids: pa.ChunkedArray, rows: list[int], t0s: tuple, samples: int) -> pa.Table:
-    """The keys of `rows` that share one t0 list and sample count."""
-    t0 = np.array([_round_t0(t0) for t0 in t0s for _ in range(samples)], np.float64)
-    sample = np.tile(np.arange(samples, dtype=np.int64), len(t0s))
-    row = np.repeat(np.array(rows, np.int64), len(t0))
-    return pa.table({"id": ids.take(row).cast(pa.string()), "t0": np.tile(t0, len(rows)),
-                     "sample": np.tile(sample, len(rows)), "row": row},
-                    schema=KEY_SCHEMA.append(pa.field("row", pa.int64())))
+def _layout_keys(t0s: tuple, samples: int) -> tuple[list[float], list[int]]:
+    """The (t0, sample) halves of the keys of a row with these t0 values and sample count."""
+    return [_round_t0(t0) for t0 in t0s for _ in range(samples)], list(range(samples)) * len(t0s)
 
 
 def count_work(plan_columns: pa.Table, plan: Plan, committed: pa.Table,

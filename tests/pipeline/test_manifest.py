@@ -271,6 +271,8 @@ def test_key_table_gives_the_keys_row_work_gives():
     keys = key_table(rows, plan)
     assert keys.num_rows == len(expected) == 15
     assert _key_list(keys) == sorted(map(repr, expected))
+    assert Counter(keys["row"].to_pylist()) == {  # each key names the row it comes from
+        index: len(list(row_work(row, plan))) for index, row in enumerate(rows.to_pylist())}
     flags = Plan(base="/b", seed=0, t0=(0.25, 0.75), samples=3, presets=presets)
     expected = [w.key for row in rows.to_pylist() for w in row_work(row, flags)]
     assert _key_list(key_table(rows, flags)) == sorted(map(repr, expected))
