@@ -378,6 +378,21 @@ def test_rows_that_share_keys_are_the_drivers_error_rows():
     assert count_work(table, plan, keys_table([])) == (10, 2)
 
 
+def test_a_read_task_expands_a_bounded_part_of_a_row_group_at_a_time(tmp_path):
+    """pyarrow and pandas write up to a million rows to one row group, which a read task
+    expanded whole: its first block came after 20 s and a GiB (1M rows)."""
+    from pipeline.manifest import read_and_expand
+
+    write_manifest(tmp_path / "m.parquet", {"id": list("abcde"), "guide": ["a.png"] * 5})
+    assert pq.ParquetFile(tmp_path / "m.parquet").num_row_groups == 1
+    files = find_files(str(tmp_path / "m.parquet"), {})
+    plan = Plan(base=str(tmp_path), seed=0, t0=(0.3, 0.6))
+    blocks = list(read_and_expand({"file": list(files.files)}, plan, files.schema,
+                                  keys_table([]), {}, read_rows=2))
+    assert [sorted(block["id"].to_pylist()) for block in blocks] == [
+        ["a", "a", "b", "b"], ["c", "c", "d", "d"], ["e", "e"]]
+
+
 def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path):
     """A file appended with float32 t0 lists beside float64 ones (and one without t0): pyarrow
     refused to unify the schemas, a traceback before any work."""
@@ -392,12 +407,13 @@ def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path
     files = find_files(str(tmp_path), {})
     assert files.schema.field("t0").type == pa.list_(pa.float64())
     plan = Plan(base=str(tmp_path), seed=0, t0=(0.75,))
-    blocks = list(read_and_expand({"file": list(files.files)}, plan, files.schema,
-                                  keys_table([]), {}))
-    keys = sorted(zip(*(pa.concat_tables(blocks).column(c).to_pylist() for c in ("id", "t0")),
-                      strict=True))
-    assert keys == [("double", 0.25), ("double", 0.5), ("float", 0.25), ("float", 0.5),
-                    ("plain", 0.75)]
+    for read_rows in (1, 8192):  # a bounded part of a file at a time gives the same rows
+        blocks = list(read_and_expand({"file": list(files.files)}, plan, files.schema,
+                                      keys_table([]), {}, read_rows=read_rows))
+        keys = sorted(zip(*(pa.concat_tables(blocks).column(c).to_pylist()
+                            for c in ("id", "t0")), strict=True))
+        assert keys == [("double", 0.25), ("double", 0.5), ("float", 0.25), ("float", 0.5),
+                        ("plain", 0.75)]
 
 
 MANIFEST_WITH_PASSTHROUGH = pa.schema([
