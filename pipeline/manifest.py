@@ -16,6 +16,7 @@ import posixpath
 import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -39,6 +40,8 @@ RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
 RUN_CONFIG = "_run_config.json"  # marks an OUTPUT folder (`pipeline.resume`)
 OUTPUT_SHARD_FOLDERS = ("data", "errors")  # its shards (`pipeline.writers.DATA_DIR`...)
+READ_ROWS = 8192  # manifest rows a read task expands at a time
+READ_THREADS = 16  # files the driver opens at once (manifests, shards): a store's latency
 T0_DECIMALS = 6
 COUNT_CHUNK_ROWS = 500_000  # manifest rows whose keys the driver counts at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -112,8 +115,8 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
 
     fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     files, base = list_parquet(fs, path, uri)
-    schemas = []
-    for file in files:
+
+    def schema_of(file: str) -> pa.Schema:
         with fs.open(file, "rb") as stream:
             try:
                 schema = pq.ParquetFile(stream).schema_arrow
@@ -121,7 +124,10 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
                 raise ManifestError(f"manifest file {fs.unstrip_protocol(file)} is not a "
                                     f"readable Parquet file: {error}") from error
         check_columns(schema, fs.unstrip_protocol(file))
-        schemas.append(schema)
+        return schema
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # a store answers in parallel
+        schemas = list(pool.map(schema_of, files))  # the first bad file in order is raised
     names = [fs.unstrip_protocol(f) for f in files]
     return ManifestFiles(tuple(names), fs.unstrip_protocol(base), unified(schemas, names))
 
@@ -409,14 +415,16 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
     import fsspec
     import pyarrow.parquet as pq
 
-    tables = []
-    for file in manifest.files:
+    def columns_of(file: str) -> pa.Table:
         fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
         with fs.open(path, "rb") as stream:
             parquet = pq.ParquetFile(stream)
             columns = [c for c in KEY_DECIDING_COLUMNS if c in parquet.schema_arrow.names]
-            tables.append(conform(parquet.read(columns=columns)))
-    return pa.concat_tables(tables, promote_options="permissive")
+            return conform(parquet.read(columns=columns))
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # in order, several at a time
+        return pa.concat_tables(list(pool.map(columns_of, manifest.files)),
+                                promote_options="permissive")
 
 
 def conform(table: pa.Table) -> pa.Table:
@@ -636,7 +644,6 @@ def _loose_keys(keys: pa.Table) -> list[tuple]:
     return list(zip(ids, t0s, keys["sample"].to_pylist(), strict=True))
 
 
-READ_ROWS = 8192  # manifest rows a read task expands at a time
 SHOWN_GUIDES = 3  # guides an error row of a shared key names
 
 

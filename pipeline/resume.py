@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline.manifest import KEY_SCHEMA, RUN_CONFIG, TaskDefaults, keys_table
+from pipeline.manifest import KEY_SCHEMA, READ_THREADS, RUN_CONFIG, TaskDefaults, keys_table
 from pipeline.writers import (
     DATA_DIR,
     ERRORS_DIR,
@@ -43,7 +43,6 @@ RUN_MANIFEST = "_run_manifest.json"
 EVALUATION = "evaluation.json"  # `sdedit evaluate`'s report by default
 INSPECT_DIR, INSPECT_FILES = "inspect", ("contact_sheet.png", "contact_sheet.html")  # inspect's
 INDEXES = {DATA_DIR: "_committed_data.parquet", ERRORS_DIR: "_committed_errors.parquet"}
-READ_THREADS = 16  # shards whose keys are read at once
 SHARD = pa.field("shard", pa.dictionary(pa.int32(), pa.string()))  # file name under data/errors
 ERROR_KEY_SCHEMA = KEY_SCHEMA.append(pa.field("stage", pa.string()))  # key columns of errors/
 WRITTEN_SCHEMA = KEY_SCHEMA.append(SHARD)
