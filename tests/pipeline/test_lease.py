@@ -154,6 +154,38 @@ def test_a_lease_no_run_could_have_written_is_replaced(tmp_path):
     assert replaced is None and read_lease(str(output), {}) == lease
 
 
+RACER = """
+import sys, time
+from pipeline.lease import OutputInUseError, acquire
+root, start, trials = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+for trial in range(trials):
+    while time.time() < start + 0.3 * trial:
+        pass  # both processes reach acquire at the same instant
+    try:
+        acquire(f"{root}/o{trial}", {})
+        print("held", flush=True)
+    except OutputInUseError:
+        print("refused", flush=True)
+"""
+
+
+def test_two_runs_that_reach_a_local_output_at_once_do_not_both_take_it(tmp_path):
+    """Both read the lease (none, or a stale one), both wrote theirs, and each read its own
+    back: both went on, in 17 of 40 tries (two retried jobs waiting on one stale lease wake at
+    the same moment). On a local disk the read, the write and the read-back are one process
+    at a time now: the second finds the first's live lease."""
+    trials = 12
+    for trial in range(0, trials, 2):  # half of them replace a stale lease
+        put_lease(tmp_path / f"o{trial}", "node-7", 4242, renewed_ago=EXPIRE_SECONDS + 1)
+    start = time.time() + 3.0  # both started and imported by then
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start),
+                                str(trials)], stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    results = [racer.communicate(timeout=120)[0].split() for racer in racers]
+    assert all(len(result) == trials for result in results), results
+    assert [sorted(pair) for pair in zip(*results, strict=True)] == [["held", "refused"]] * trials
+
+
 @pytest.mark.slow
 def test_the_lease_works_on_an_object_store(s3_server):
     output = f"{s3_server.new_bucket()}/out"
