@@ -15,7 +15,6 @@ from sdedit.loading import redact
 from tasks.images import without_ray_retry_note
 
 EXIT_ERROR_RATE = 3
-EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
 
 
 @click.command()
@@ -107,13 +106,13 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
         if dry_run:
             click.echo(json.dumps(preview(config), indent=2))
             return
-        with stopping_on_sigterm():
+        with stopping_on_signals():
             summary = run_job(config, report=_reporter(config.progress_interval))
-    except Terminated:
-        click.echo(f"sdedit: stopped by SIGTERM; what was committed stays in "
+    except Terminated as stopped:
+        click.echo(f"sdedit: stopped by {stopped.name}; what was committed stays in "
                    f"{redact(config.output)}, "
                    "rerun to resume", err=True)
-        sys.exit(EXIT_TERMINATED)
+        sys.exit(128 + stopped.signum)  # as a shell reports a process the signal ended
     except ErrorRateExceeded as error:  # the counts on stdout as after any run, for schedulers
         click.echo(json.dumps(_headline(error.summary, config.output), indent=2))
         click.echo(f"error: {redact(str(error))}", err=True)
@@ -124,24 +123,40 @@ def run(config_file: str | None, storage_options: tuple[str, ...], t0: tuple[flo
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (`ray job stop`, a stopped pod whose main process this is): unwind like
-    Ctrl-C. (A Ray job's driver whose head pod stops is not sent SIGTERM: Ray's job supervisor
-    kills it, and its lease expires.)"""
+    """A signal to stop arrived: Ctrl-C, SIGTERM (`ray job stop`, a stopped pod whose main
+    process this is) or SIGHUP (the terminal closed). The run unwinds. (A Ray job's driver
+    whose head pod stops is not sent SIGTERM: Ray's job supervisor kills it, and its lease
+    expires.)"""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def stopping_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` for the block, so a stopped run unwinds: Ray is shut down
-    and OUTPUT's lease released (the next run need not wait for it to expire), while committed
-    shards stay for the rerun. Without it Python dies on SIGTERM without running any of that."""
-    def stop(signum, frame):
-        raise Terminated
+def stopping_on_signals() -> Iterator[None]:
+    """Turn the first of `STOP_SIGNALS` into `Terminated` for the block, so a stopped run
+    unwinds: Ray is shut down and OUTPUT's lease released (the next run need not wait for it to
+    expire), while committed shards stay for the rerun. Later ones are ignored while it does:
+    a second Ctrl-C cut Ray's shutdown short (a traceback, Ray processes left running, once
+    the lease left behind). Without it Python dies on SIGTERM or SIGHUP without any of that."""
+    stopping: list[int] = []
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    def stop(signum, frame):
+        if not stopping:  # once: the unwinding itself is not interrupted
+            stopping.append(signum)
+            raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _reporter(interval: float):

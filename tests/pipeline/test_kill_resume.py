@@ -97,13 +97,23 @@ def test_killed_run_resumes_to_exactly_once(tmp_path):
     assert not list((output / "data").glob(".tmp-*"))
 
 
-def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
-    """SIGTERM (a pod stopped, `ray job stop`): Ray shut down and the lease released, so a run
-    from another host need not wait for it to expire; committed shards stay, and are whole."""
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGHUP,),
+                                     (signal.SIGINT, signal.SIGINT)],
+                         ids=["sigterm", "sighup", "ctrl-c-twice"])
+def test_a_terminated_run_unwinds_and_releases_output(tmp_path, signals):
+    """SIGTERM (a pod stopped, `ray job stop`), SIGHUP (the terminal closed) or Ctrl-C: Ray
+    shut down and the lease released, so a run from another host need not wait for it to
+    expire; committed shards stay, and are whole. SIGHUP killed the driver with nothing of
+    that; Ctrl-C exited 1 with "Aborted!", and a second one during Ray's shutdown gave a
+    traceback and left Ray's processes running."""
     run, _, output = start_run(tmp_path, "run.log")
-    run.send_signal(signal.SIGTERM)
+    for index, signum in enumerate(signals):
+        if index:
+            time.sleep(1.0)  # the second while the first unwinds
+        run.send_signal(signum)
+    name = signal.Signals(signals[0]).name + (" (Ctrl-C)" if signals[0] == signal.SIGINT else "")
     try:
-        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+        assert run.wait(timeout=120) == 128 + signals[0]
         deadline = time.monotonic() + 30
         while session_processes(run.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -112,7 +122,8 @@ def test_a_terminated_run_unwinds_and_releases_output(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
     log = (tmp_path / "run.log").read_text()
-    assert f"sdedit: stopped by SIGTERM; what was committed stays in {output}, rerun" in log
+    assert f"sdedit: stopped by {name}; what was committed stays in {output}, rerun" in log
+    assert "Traceback" not in log and "Aborted!" not in log
     assert not (output / LEASE).exists()
     shards = list((output / "data").glob("part-*.parquet"))
     assert shards and all(pq.read_table(shard).num_rows >= 1 for shard in shards)  # whole
@@ -203,10 +214,10 @@ def test_sigterm_while_ray_starts_unwinds_as_any_other_sigterm(tmp_path):
     script.write_text(
         "import os, signal, sys, threading, time\n"
         "from pipeline.job import init_ray\n"
-        "from pipeline.run_cli import Terminated, stopping_on_sigterm\n"
+        "from pipeline.run_cli import Terminated, stopping_on_signals\n"
         "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
         "try:\n"
-        "    with stopping_on_sigterm():\n"
+        "    with stopping_on_signals():\n"
         "        init_ray(None)\n"
         "        time.sleep(60)\n"
         "except Terminated:\n"
