@@ -70,13 +70,17 @@ def commit(folder: str, name: str, payload: bytes, storage_options: Mapping) -> 
     fs, root = fsspec.core.url_to_fs(folder, **options_for(folder, storage_options))
     path = f"{root.rstrip('/')}/{name}"
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(root, exist_ok=True)
-        temporary = f"{root.rstrip('/')}/{TEMP_PREFIX}{name}.{uuid.uuid4().hex}"
-        with open(temporary, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        try:
+            os.makedirs(root, exist_ok=True)
+            temporary = f"{root.rstrip('/')}/{TEMP_PREFIX}{name}.{uuid.uuid4().hex}"
+            with open(temporary, "wb") as stream:
+                stream.write(payload)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except OSError as error:  # one text argument: Ray Data appends its retry advice to the
+            # first, and took the file name's place in (errno, strerror, filename)
+            raise type(error)(f"cannot write {path}: {error}") from error
     else:
         _upload(fs, path, payload)
     return fs.unstrip_protocol(path)

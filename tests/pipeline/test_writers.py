@@ -53,6 +53,27 @@ def test_commit_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-x.parquet"]
 
 
+def test_a_failed_local_write_names_its_file_under_ray_datas_retry_advice(tmp_path):
+    """A full disk or a read-only OUTPUT in a write task read "PermissionError: [Errno 1]
+    Operation not permitted: 'Failed to apply UDF transform after 1/1 attempts ...'": Ray Data
+    appends its advice to an error's arguments, and an OSError's third is its file's name."""
+    from ray.data._internal.util import _annotate_exception_with_retry_context
+
+    from tasks.images import without_ray_retry_note
+
+    (tmp_path / "part-x.parquet").mkdir()  # what the rename must replace: a folder
+    (tmp_path / "part-x.parquet" / "inside").write_bytes(b"")
+    with pytest.raises(OSError) as failed:
+        commit(str(tmp_path), "part-x.parquet", b"abc", {})
+    annotated = _annotate_exception_with_retry_context(
+        failed.value, description="apply UDF transform", attempts=1, max_attempts=1,
+        total_backoff_s=0.0, exception_str=str(failed.value))
+    message = without_ray_retry_note(str(annotated))
+    assert message.startswith(f"cannot write {tmp_path}/part-x.parquet: [Errno 21] Is a "
+                              f"directory: '{tmp_path}/.tmp-part-x.parquet.")
+    assert "Failed to" not in message and "DataContext" not in message
+
+
 def test_webdataset_shard_holds_image_and_json_per_sample(tmp_path):
     writer = WRITERS["webdataset"](str(tmp_path), {})
     writer.write(rows(["img.01", "b"]))
