@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageOps
 
+from pipeline.manifest import READ_THREADS
 from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
@@ -75,13 +76,22 @@ class SheetRow:
 # -- terminal summary -------------------------------------------------------------------------
 
 
-def summary_lines(folder: OutputFolder) -> list[str]:
-    """Counts, errors by stage, throughput and faithfulness by t0, as table lines."""
+def read_rows(folder: OutputFolder) -> tuple[list[dict], list[dict]]:
+    """OUTPUT's data rows (`META_COLUMNS`, no images) and error rows (id, t0, stage), read once
+    for both the summary and the sheet (each read every shard before)."""
+    meta = read_table(folder, "data", META_COLUMNS)
+    errors = read_table(folder, "errors", ["id", "t0", "stage"])
+    return (meta.to_pylist() if meta is not None else [],
+            errors.to_pylist() if errors is not None else [])
+
+
+def summary_lines(folder: OutputFolder, rows: tuple[list[dict], list[dict]] | None = None
+                  ) -> list[str]:
+    """Counts, errors by stage, throughput and faithfulness by t0, as table lines (`rows` as
+    `read_rows` gives them, else read here)."""
     summary = read_summary(folder)
-    meta = read_table(folder, "data", ["id", "t0", "sample", "l2_to_guide"])
-    errors = read_table(folder, "errors", ["stage"])
-    rows = meta.to_pylist() if meta is not None else []
-    stages = Counter(row["stage"] for row in errors.to_pylist()) if errors is not None else {}
+    rows, errors = rows or read_rows(folder)
+    stages = Counter(row["stage"] for row in errors)
     expected = find_value(summary, ("expected_outputs", "expected"))
     lines = [
         f"output            {folder.uri}",
@@ -144,14 +154,14 @@ def faithfulness_lines(rows: list[dict]) -> list[str]:
 
 
 def sheet_rows(
-    folder: OutputFolder, count: int = 8, ids: list[str] | None = None, sample: int = 0
+    folder: OutputFolder, count: int = 8, ids: list[str] | None = None, sample: int = 0,
+    read: tuple[list[dict], list[dict]] | None = None,
 ) -> tuple[list[SheetRow], list[float]]:
     """The first `count` ids (sorted; those with outputs first, then those whose every output
-    failed) or the given `ids`, and the sorted t0 values of the run, failed ones included."""
-    meta = read_table(folder, "data", META_COLUMNS)
-    errors = read_table(folder, "errors", ["id", "t0"])
-    rows = meta.to_pylist() if meta is not None else []
-    failures = [row for row in (errors.to_pylist() if errors is not None else [])
+    failed) or the given `ids`, and the sorted t0 values of the run, failed ones included
+    (`read`: OUTPUT's rows as `read_rows` gives them, else read here)."""
+    rows, errors = read or read_rows(folder)
+    failures = [row for row in errors
                 if row["id"] is not None and row["t0"] is not None and 0 < row["t0"] <= 1]
     if not rows and not failures:
         raise FileNotFoundError(f"no output shards and no error rows under {folder.uri}")
@@ -200,7 +210,7 @@ def chosen_outputs(
     """(id, t0) -> the Output of sample `sample`, reading only those ids."""
     columns = ["id", "t0", "sample", "image", "image_format", "l2_to_guide"]
     outputs = {}
-    for shard, table in iter_shards(folder, columns, ids):
+    for shard, table in iter_shards(folder, columns, ids, READ_THREADS):  # few rows each
         for row in table.to_pylist():
             if row["sample"] == sample:
                 outputs[(row["id"], float(row["t0"]))] = Output(
@@ -380,8 +390,9 @@ def write_contact_sheet(
     """
     import fsspec
 
-    rows, t0s = sheet_rows(folder, count, ids, sample)
-    summary = summary_lines(folder) + unread_note(rows)
+    read = read_rows(folder)
+    rows, t0s = sheet_rows(folder, count, ids, sample, read)
+    summary = summary_lines(folder, read) + unread_note(rows)
     png, page = (
         f"{destination.rstrip('/')}/contact_sheet.png",
         f"{destination.rstrip('/')}/contact_sheet.html",
