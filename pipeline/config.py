@@ -328,12 +328,14 @@ def _parse_reason(error: Exception) -> str:
     problem = getattr(error, "problem", None)
     if problem is None:  # TOML, or a YAMLError without a position
         return str(error) if not hasattr(error, "problem_mark") else type(error).__name__
-    def at(mark) -> str:
-        return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-
-    context = (f"{error.context}{at(error.context_mark)}: "
+    context = (f"{error.context}{_at(error.context_mark)}: "
                if getattr(error, "context", None) else "")
-    return f"{context}{problem}{at(error.problem_mark)}"
+    return f"{context}{problem}{_at(error.problem_mark)}"
+
+
+def _at(mark) -> str:
+    """Where a YAML mark points, as people count lines and columns."""
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
 
 
 def load_yaml(text: str):
