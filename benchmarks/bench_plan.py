@@ -1,6 +1,6 @@
 """Planning cost of a large manifest: what the driver and each read task spend on work keys.
 
-    python benchmarks/bench_plan.py [--rows 1000000] [--t0 3] [--committed 0.5]
+    python benchmarks/bench_plan.py [--rows 1000000] [--t0 3] [--own-t0] [--committed 0.5]
         [--chunk-rows 500000] [--row-group 100000] [--workdir DIR]
 
 Writes a manifest of `--rows` rows (ids and guide paths only; no images are needed to plan),
@@ -9,8 +9,9 @@ ids, presets), then `count_work`: every work key, `--chunk-rows` manifest rows a
 anti-joined against the committed keys of a `--committed` fraction of the rows (the resume
 case; `--chunk-rows` at least `--rows` counts all keys at once, as runs did before). Last, one
 read task's `expand_table` of one row group (per-sample seeds included) against the same
-committed keys. Prints seconds, the driver's memory before counting and its peak while
-counting (Linux: /proc/self/status).
+committed keys. With `--own-t0` every row gives its own list of `--t0` values (drawn per row, as
+augmentation jobs do) instead of the run's `--t0`. Prints seconds, the driver's memory before
+counting and its peak while counting (Linux: /proc/self/status).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -40,6 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--t0", type=int, default=3, help="t0 values per row")
+    parser.add_argument("--own-t0", action="store_true",
+                        help="each row gives its own t0 list (distinct values per row)")
     parser.add_argument("--committed", type=float, default=0.5,
                         help="fraction of the rows whose keys are already committed")
     parser.add_argument("--chunk-rows", type=int, default=COUNT_CHUNK_ROWS,
@@ -48,19 +52,24 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the manifest here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdedit-plan-") as scratch:
-        manifest = write_manifest(Path(args.workdir or scratch), args.rows, args.row_group)
+        manifest = write_manifest(Path(args.workdir or scratch), args.rows, args.row_group,
+                                  args.t0 if args.own_t0 else 0)
         print(json.dumps(measure(manifest, args), indent=2))
 
 
-def write_manifest(folder: Path, rows: int, row_group: int) -> Path:
-    """A manifest of `rows` ids and relative guide paths, plus a pass-through label."""
+def write_manifest(folder: Path, rows: int, row_group: int, own_t0: int = 0) -> Path:
+    """A manifest of `rows` ids and relative guide paths, plus a pass-through label and, with
+    `own_t0`, a t0 list of that many values per row, different on every row."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"manifest-{rows}.parquet"
+    path = folder / f"manifest-{rows}{f'-own{own_t0}' if own_t0 else ''}.parquet"
     if not path.exists():
-        table = pa.table({"id": [f"img-{i:09d}" for i in range(rows)],
-                          "guide": [f"guides/{i:09d}.png" for i in range(rows)],
-                          "label": [i % 10 for i in range(rows)]})
-        pq.write_table(table, path, row_group_size=row_group)
+        columns = {"id": [f"img-{i:09d}" for i in range(rows)],
+                   "guide": [f"guides/{i:09d}.png" for i in range(rows)],
+                   "label": [i % 10 for i in range(rows)]}
+        if own_t0:
+            values = np.random.default_rng(0).uniform(0.05, 0.95, (rows, own_t0)).round(6)
+            columns["t0"] = values.tolist()
+        pq.write_table(pa.table(columns), path, row_group_size=row_group)
     return path
 
 
