@@ -29,6 +29,7 @@ from tasks.sources import (  # ids that `sdedit manifest` makes fit MAX_ID_LENGT
     MAX_ID_LENGTH,
     in_store,
     is_absolute,
+    last_target,
 )
 
 REQUIRED_COLUMNS = ("id", "guide")
@@ -406,8 +407,8 @@ def resolve_uri(uri: str, base: str) -> str:
     chained URI, its last target (`zip://a.png::../a.zip`: the archive beside the manifest)."""
     if is_absolute(uri):
         return uri
-    chain, separator, target = uri.rpartition("::")
-    return chain + separator + in_store(base.rstrip("/") + "/" + target)
+    chain, target = last_target(uri)
+    return chain + in_store(base.rstrip("/") + "/" + target)
 
 
 def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.Table:

@@ -85,12 +85,12 @@ def read_rows(folder: OutputFolder) -> tuple[list[dict], list[dict]]:
             errors.to_pylist() if errors is not None else [])
 
 
-def summary_lines(folder: OutputFolder, rows: tuple[list[dict], list[dict]] | None = None
+def summary_lines(folder: OutputFolder, read: tuple[list[dict], list[dict]] | None = None
                   ) -> list[str]:
-    """Counts, errors by stage, throughput and faithfulness by t0, as table lines (`rows` as
-    `read_rows` gives them, else read here)."""
+    """Counts, errors by stage, throughput and faithfulness by t0, as table lines (`read`:
+    OUTPUT's rows as `read_rows` gives them, else read here)."""
     summary = read_summary(folder)
-    rows, errors = rows or read_rows(folder)
+    rows, errors = read or read_rows(folder)
     stages = Counter(row["stage"] for row in errors)
     expected = find_value(summary, ("expected_outputs", "expected"))
     lines = [

@@ -43,10 +43,17 @@ def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
+def last_target(uri: str) -> tuple[str, str]:
+    """A URI split before its last target: ("zip://a.png::", "../a.zip") for fsspec's chained
+    `zip://a.png::../a.zip`, ("", uri) for any other. The target is what resolves."""
+    chain, separator, target = uri.rpartition("::")
+    return chain + separator, target
+
+
 def is_absolute(uri: str) -> bool:
     """Whether a URI names its file without a folder to resolve against; of a chained URI
     (fsspec's `zip://a.png::s3://b/a.zip`), whether its last target, the file itself, does."""
-    target = uri.rpartition("::")[2]
+    target = last_target(uri)[1]
     return "://" in target or target.startswith("/")
 
 
@@ -55,10 +62,10 @@ def resolve(uri: str, base: str) -> str:
     of a chained URI, its last target (`zip://a.png::../a.zip`)."""
     if is_absolute(uri):
         return uri
-    chain, separator, target = uri.rpartition("::")
+    chain, target = last_target(uri)
     if is_remote(base):
-        return chain + separator + in_store(posixpath.join(base.rstrip("/"), target))
-    return chain + separator + str(Path(local_path(base), target))
+        return chain + in_store(posixpath.join(base.rstrip("/"), target))
+    return chain + str(Path(local_path(base), target))
 
 
 def in_store(uri: str) -> str:
