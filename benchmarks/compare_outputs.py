@@ -4,7 +4,7 @@
 
 For runs of the same manifest and configuration on two machines (a GPU run against a CPU run,
 say): how many keys both hold, how many images are pixel-identical, the largest and mean
-absolute difference in 8-bit levels, and the PSNR over all shared keys. Parquet outputs.
+absolute difference in 8-bit levels, and the PSNR over all shared keys. Either format.
 """
 
 from __future__ import annotations
@@ -13,20 +13,16 @@ import io
 import json
 import sys
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.resume import visible_shards
+from tasks.outputs import OutputFolder, iter_shards
 
 
 def images(output: str) -> dict[tuple, np.ndarray]:
-    """(id, t0, sample) -> decoded RGB pixels, from every committed Parquet shard."""
+    """(id, t0, sample) -> decoded RGB pixels, from every committed shard."""
     found = {}
-    fs, root = fsspec.core.url_to_fs(output)
-    for shard in visible_shards(fs, f"{root}/data", ".parquet"):
-        table = pq.read_table(shard, columns=["id", "t0", "sample", "image"], filesystem=fs)
+    for _, table in iter_shards(OutputFolder(output), ["id", "t0", "sample", "image"]):
         for row in table.to_pylist():
             pixels = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
             found[(row["id"], row["t0"], row["sample"])] = pixels

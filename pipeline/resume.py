@@ -31,6 +31,7 @@ from pipeline.writers import (
     ParquetShardWriter,
     commit,
     is_shard,
+    read_parquet,
     webdataset_rows,
 )
 from sdedit.loading import redact
@@ -225,13 +226,11 @@ def _folder_keys(fs, root: str, folder: str, suffix: str, read, schema: pa.Schem
 
 def _read_index(fs, path: str, schema: pa.Schema) -> pa.Table:
     """The index at `path`, or an empty table when there is none or it cannot be used."""
-    import pyarrow.parquet as pq
-
     if not fs.exists(path):
         return schema.empty_table()
     try:
         with fs.open(path, "rb") as stream:
-            return pq.read_table(stream, columns=schema.names).cast(schema)
+            return read_parquet(stream, schema.names).cast(schema)
     except (pa.ArrowInvalid, KeyError, ValueError):  # written by another version, or damaged
         return schema.empty_table()
 
@@ -244,10 +243,8 @@ def _with_shard(keys: pa.Table, path: str) -> pa.Table:
 
 def _parquet_keys(fs, path: str, schema: pa.Schema = KEY_SCHEMA) -> pa.Table:
     """Only the columns of `schema` from a Parquet shard."""
-    import pyarrow.parquet as pq
-
     with fs.open(path, "rb") as stream:
-        return pq.read_table(stream, columns=schema.names).cast(schema)
+        return read_parquet(stream, schema.names).cast(schema)
 
 
 def _tar_keys(fs, path: str) -> pa.Table:
@@ -274,7 +271,6 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
     work too (done again on the next run), never into duplicates. The errors index goes first:
     a redone key that fails again can land in a shard of the same name with another stage."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if not stages:
         return 0
@@ -284,7 +280,7 @@ def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping
     forgotten = 0
     for path in visible_shards(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
         with fs.open(path, "rb") as stream:
-            rows = pq.read_table(stream)
+            rows = read_parquet(stream)
         retry = in_stages(rows["stage"], stages)
         count = pc.sum(retry).as_py() or 0
         if count:

@@ -68,10 +68,10 @@ def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
 
 
 def _manifest_uris(fs, root: str, source: str) -> list[str]:
-    import pyarrow.parquet as pq
+    from pipeline.writers import read_parquet
 
     with fs.open(root, "rb") as stream:
-        table = pq.read_table(stream)
+        table = read_parquet(stream)
     column = next((name for name in MANIFEST_COLUMNS if name in table.column_names), None)
     if column is None:
         raise click.BadParameter(f"manifest {source} has no {' or '.join(MANIFEST_COLUMNS)} "

@@ -103,13 +103,9 @@ def read_shard(
 
 
 def _read_parquet(file, columns: list[str] | None, ids: list[str] | None):
-    import pyarrow.parquet as pq
+    from pipeline.writers import read_parquet
 
-    names = pq.read_schema(file).names
-    file.seek(0)
-    wanted = [c for c in columns if c in names] if columns else None
-    filters = [("id", "in", ids)] if ids is not None else None
-    return pq.read_table(file, columns=wanted, filters=filters)
+    return read_parquet(file, columns, ids)
 
 
 def _read_webdataset(file, columns: list[str] | None, ids: list[str] | None):

@@ -292,10 +292,11 @@ def manifest_rows(location: str, storage_options: dict | None = None) -> list[di
     row by row.
     """
     import fsspec
-    import pyarrow.parquet as pq
+
+    from pipeline.writers import read_parquet
 
     with fsspec.open(location, "rb", **options_for(location, storage_options or {})) as file:
-        table = pq.read_table(file)
+        table = read_parquet(file)
     image_column = "source" if "source" in table.column_names else "guide"
     if "id" not in table.column_names or image_column not in table.column_names:
         raise ValueError(f"manifest {location} needs columns 'id' and 'source' or 'guide'")

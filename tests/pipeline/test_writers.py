@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import pyarrow as pa
@@ -15,6 +18,7 @@ from pipeline.writers import (
     commit,
     error_rows,
     keys_digest,
+    read_parquet,
     read_webdataset_shard,
     webdataset_key,
     webdataset_rows,
@@ -112,6 +116,63 @@ def test_a_webdataset_shard_read_for_its_keys_leaves_the_images_unread(tmp_path)
     assert keys["id"].to_pylist() == whole["id"].to_pylist() == ["a", "b"]
     assert keys["image"].to_pylist() == [None, None]
     assert whole["image"].to_pylist() == [b"png-bytes", b"png-bytes"]
+
+
+class CountingStream(io.BytesIO):
+    """A file that tallies the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        count = super().readinto(buffer)
+        self.read_bytes += count
+        return count
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_reading_some_ids_reads_only_the_row_groups_that_may_hold_them(statistics):
+    """`sdedit inspect` reads a few ids' images out of every shard: the row groups whose id
+    statistics rule those ids out must stay unread (without statistics, all are read)."""
+    ids = [f"id{i:02d}" for i in range(100)]  # 10 row groups of 10 rows, 200 KB each
+    table = rows(ids).set_column(3, "image", pa.array([bytes(20_000) + i.encode() for i in ids]))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=10, compression="none",
+                   write_statistics=statistics)
+    stream = CountingStream(buffer.getvalue())
+    chosen = read_parquet(stream, ["id", "image", "absent"], ["id12", "id17", "zz"])
+    assert chosen.column_names == ["id", "image"]
+    assert chosen["id"].to_pylist() == ["id12", "id17"]
+    assert chosen["image"].to_pylist() == [bytes(20_000) + b"id12", bytes(20_000) + b"id17"]
+    size = len(buffer.getvalue())
+    assert (stream.read_bytes < 0.2 * size) if statistics else (stream.read_bytes > 0.9 * size)
+    stream.seek(0)
+    assert read_parquet(stream, ["id"]).column_names == ["id"]
+
+
+READ_THEN_EXIT = """
+import sys
+from tasks.outputs import OutputFolder, iter_shards
+print(sum(table.num_rows for _, table in iter_shards(OutputFolder(sys.argv[1]))))
+"""
+
+
+def test_a_script_that_reads_shards_and_exits_exits_cleanly(tmp_path):
+    """`pq.read_table` on a Python stream could free it on an Arrow thread during the
+    interpreter's exit: such a script aborted ("terminate called without an active
+    exception", exit 134) about half the time."""
+    for start in range(0, 12, 3):
+        writer = WRITERS["parquet"](str(tmp_path / "data"), {})
+        writer.write(rows([f"id{i}" for i in range(start, start + 3)]))
+        writer.close()
+    for _ in range(8):
+        done = subprocess.run([sys.executable, "-c", READ_THEN_EXIT, str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "12\n", "")
 
 
 def test_error_rows_mask_the_credentials_of_the_uris_they_name():
