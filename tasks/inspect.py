@@ -20,14 +20,14 @@ from pipeline.manifest import READ_THREADS
 from tasks.images import InputError, options_for
 from tasks.outputs import (
     OutputFolder,
+    committed_shards,
     decode_output,
     find_value,
-    iter_shards,
     load_image,
     manifest_base,
     pixel_limit,
+    read_shards,
     read_summary,
-    read_table,
     resolve_guide,
     row_label,
 )
@@ -39,6 +39,7 @@ BACKGROUND = (24, 24, 27)
 PLACEHOLDER = (60, 60, 66)
 TEXT = (230, 230, 230)
 META_COLUMNS = ["id", "t0", "sample", "l2_to_guide", "guide", "mask"]
+SHARD = "_shard"  # the shard path `read_rows` adds to each data row (not among META_COLUMNS)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -78,11 +79,24 @@ class SheetRow:
 
 def read_rows(folder: OutputFolder) -> tuple[list[dict], list[dict]]:
     """OUTPUT's data rows (`META_COLUMNS`, no images) and error rows (id, t0, stage), read once
-    for both the summary and the sheet (each read every shard before)."""
-    meta = read_table(folder, "data", META_COLUMNS)
-    errors = read_table(folder, "errors", ["id", "t0", "stage"])
-    return (meta.to_pylist() if meta is not None else [],
-            errors.to_pylist() if errors is not None else [])
+    for both the summary and the sheet (each read every shard before). Each data row names
+    its shard under `SHARD`, so the sheet reads images from the shards of its ids alone."""
+    return _shard_rows(folder, "data", META_COLUMNS), _shard_rows(folder, "errors",
+                                                                   ["id", "t0", "stage"])
+
+
+def _shard_rows(folder: OutputFolder, sub: str, columns: list[str]) -> list[dict]:
+    try:
+        shards = committed_shards(folder, sub)
+    except FileNotFoundError:  # no data shard: every output failed, or none committed yet
+        return []
+    rows = []
+    tables = read_shards(folder, shards, columns, threads=READ_THREADS)
+    for path, (_, table) in zip(shards[1], tables, strict=True):
+        for row in table.to_pylist():
+            row[SHARD] = path
+            rows.append(row)
+    return rows
 
 
 def summary_lines(folder: OutputFolder, read: tuple[list[dict], list[dict]] | None = None
@@ -170,7 +184,9 @@ def sheet_rows(
     only_failed = sorted({row["id"] for row in failures} - set(written))
     check_choice(folder, written + only_failed, ids, {row["sample"] for row in rows}, sample)
     chosen = ids or (written + only_failed)[:count]
-    outputs = chosen_outputs(folder, chosen, sample) if rows else {}
+    wanted = set(chosen)
+    holding = {row[SHARD] for row in rows if row["id"] in wanted and row["sample"] == sample}
+    outputs = chosen_outputs(folder, chosen, sample, holding) if holding else {}
     first = {row["id"]: row for row in rows}
     summary = read_summary(folder)
     base, limit = manifest_base(folder, summary), pixel_limit(summary)
@@ -205,12 +221,16 @@ def check_choice(folder: OutputFolder, known: list[str], ids: list[str] | None,
 
 
 def chosen_outputs(
-    folder: OutputFolder, ids: list[str], sample: int
+    folder: OutputFolder, ids: list[str], sample: int, shards: set[str] | None = None
 ) -> dict[tuple[str, float], Output]:
-    """(id, t0) -> the Output of sample `sample`, reading only those ids."""
+    """(id, t0) -> the Output of sample `sample`, reading only those ids, and only from
+    `shards` (paths as `read_rows` names them) when given: ids spread over every shard made
+    each shard's images read (Parquet statistics cannot rule an id out then; tars never can)."""
     columns = ["id", "t0", "sample", "image", "image_format", "l2_to_guide"]
+    data_format, paths = committed_shards(folder)
+    paths = [path for path in paths if shards is None or path in shards]
     outputs = {}
-    for shard, table in iter_shards(folder, columns, ids, READ_THREADS):  # few rows each
+    for shard, table in read_shards(folder, (data_format, paths), columns, ids, READ_THREADS):
         for row in table.to_pylist():
             if row["sample"] == sample:
                 outputs[(row["id"], float(row["t0"]))] = Output(

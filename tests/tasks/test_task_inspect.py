@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,15 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from task_fixtures import flat, write_output
+from task_fixtures import flat, png_bytes, write_output
 
+from pipeline.writers import DATA_TYPES, WRITERS
 from tasks.cli import inspect as inspect_command
 from tasks.inspect import (
     HEADER,
     LABEL,
     PAD,
     PLACEHOLDER,
+    SHARD,
     cell_origin,
+    read_rows,
     render_sheet,
     sheet_rows,
     sheet_size,
@@ -265,3 +269,30 @@ def test_an_output_image_that_cannot_be_decoded_is_named(run_output):
         f"Error: output id 'id0', t0 0.25, sample 0 in {shard}: its image cannot be decoded: "
         "not an image Pillow can identify\n")
     assert not (run_output / "inspect").exists()
+
+
+@pytest.mark.parametrize("data_format", ["parquet", "webdataset"])
+def test_the_sheet_reads_images_only_from_the_shards_of_its_ids(tmp_path, data_format):
+    """Ids spread over every shard: Parquet statistics could not rule a shard out, and a tar
+    never can, so the sheet read every shard's images. Now the shards that do not hold its
+    ids stay unread: damaging them after the rows are read changes nothing."""
+    order = [5, 0, 9, 3, 11, 1, 7, 2, 10, 4, 8, 6]  # four shards of three, each spanning ids
+    rows = [{"id": f"id{i:02d}", "t0": 0.5, "sample": 0, "image": png_bytes(flat((20 * i, 0, 0))),
+             "image_format": "png"} for i in order]
+    schema = pa.schema([(name, DATA_TYPES[name]) for name in rows[0]])
+    for start in range(0, len(rows), 3):
+        writer = WRITERS[data_format](str(tmp_path / "data"), {})
+        writer.write(pa.Table.from_pylist(rows[start:start + 3], schema))
+        writer.close()
+    folder = OutputFolder(str(tmp_path))
+    read = read_rows(folder)
+    chosen = ["id03", "id09"]
+    holding = {Path(row[SHARD]) for row in read[0] if row["id"] in chosen}
+    others = [path for path in (tmp_path / "data").iterdir() if path not in holding]
+    assert (len(holding), len(others)) == (2, 2)
+    for path in others:
+        path.write_bytes(b"damaged after the rows were read")
+    sheet, t0s = sheet_rows(folder, ids=chosen, read=read)
+    assert t0s == [0.5] and [row.id for row in sheet] == chosen
+    assert [Image.open(io.BytesIO(row.outputs[0.5].data)).getpixel((0, 0)) for row in sheet] == [
+        (60, 0, 0), (180, 0, 0)]
