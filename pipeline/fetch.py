@@ -17,8 +17,10 @@ from PIL import Image
 from pipeline.manifest import INTERNAL
 from tasks.images import (
     InputError,
+    drafted_box,
     file_limit,
     fit,
+    in_srgb,
     open_image,
     oriented_size,
     read_bytes,
@@ -58,13 +60,16 @@ def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapp
     guide's full size, and both are cropped and resized to the resolution on their own."""
     draft_to = resolution if fast_decode else None
     data = read_bytes(guide_uri, options, max_bytes=file_limit(max_pixels))
-    guide = decode_guide(data, guide_uri, max_pixels, draft_to)
+    decoded = open_image(data, guide_uri, max_pixels, draft_to)
+    guide = to_rgb(decoded, guide_uri, deferred=True)  # to sRGB at the model's size, below
+    box = drafted_box(data, guide.size) if draft_to else None
     mask = None
     if mask_uri:  # the guide's size at full scale, EXIF orientation applied
         full_size = oriented_size(data) if draft_to else guide.size
         mask = load_mask(mask_uri, guide_uri, full_size, options, max_pixels)
         mask = fit(mask, resolution, Image.Resampling.BILINEAR).tobytes()
-    return fit(guide, resolution, Image.Resampling.BICUBIC).tobytes(), mask
+    guide = fit(guide, resolution, Image.Resampling.BICUBIC, box)
+    return in_srgb(guide, decoded.info.get("icc_profile")).tobytes(), mask
 
 
 def fetch_batch(table: pa.Table, resolution: int, storage_options: Mapping,

@@ -84,6 +84,61 @@ def test_a_png_transparency_key_colour_is_composited_over_white(tmp_path, mode, 
     assert pixels[0, 0].tolist() == seen
 
 
+def test_premultiplied_grayscale_alpha_is_composited_over_white():
+    """A TIFF with associated alpha opens as mode La, which Pillow cannot convert to RGBA: the
+    ValueError escaped the row and stopped the whole job."""
+    from tasks.images import to_mask, to_rgb
+
+    image = Image.new("La", (4, 4), (100, 200))  # 100 = 128 premultiplied by alpha 200
+    assert np.asarray(to_rgb(image, "la.tif"))[0, 0].tolist() == [155, 155, 155]
+    assert np.asarray(to_mask(image, "la.tif"))[0, 0] == 127  # unpremultiplied, truncated
+
+
+def swapped_primaries_profile() -> bytes:
+    """An RGB ICC profile with sRGB's red and green primaries exchanged: stored red is green."""
+    import struct
+
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    count = struct.unpack(">I", srgb[128:132])[0]
+    at = {srgb[132 + 12 * i:136 + 12 * i]: 132 + 12 * i for i in range(count)}
+    data = bytearray(srgb)
+    red, green = at[b"rXYZ"], at[b"gXYZ"]  # swap the two tags' (offset, size)
+    data[red + 4:red + 12], data[green + 4:green + 12] = (srgb[green + 4:green + 12],
+                                                          srgb[red + 4:red + 12])
+    return bytes(data)
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_an_embedded_colour_profile_is_converted_to_srgb(tmp_path, suffix):
+    """Display P3 and Adobe RGB photos were read as if sRGB (up to 60 levels off a channel)."""
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 4, 8))
+    options = {"quality": 100, "subsampling": 0} if suffix == "jpg" else {}
+    uri = save(image, tmp_path / f"swapped.{suffix}", icc_profile=swapped_primaries_profile(),
+               **options)
+    pixels = np.asarray(load_guide(uri, {}, LIMIT))
+    assert np.abs(pixels[0, 7].astype(int) - [0, 255, 0]).max() <= 2  # stored red: green
+    assert np.abs(pixels[0, 0].astype(int) - [0, 0, 255]).max() <= 2  # blue stays blue
+    guide, mask = prepare(uri, uri, 4, {}, LIMIT)
+    assert np.abs(np.frombuffer(guide, np.uint8).reshape(4, 4, 3)[0, 3] - [0, 255, 0]).max() <= 2
+    plain = np.asarray(load_mask(save(image, tmp_path / f"plain.{suffix}", **options), uri,
+                                 (8, 8), {}, LIMIT))
+    assert np.frombuffer(mask, np.uint8).tolist() == np.asarray(
+        Image.fromarray(plain).resize((4, 4), Image.Resampling.BILINEAR)).ravel().tolist()
+
+
+@pytest.mark.parametrize("profile", ["damaged", "LAB"])
+def test_a_profile_that_cannot_serve_leaves_the_values_as_stored(tmp_path, profile):
+    from PIL import ImageCms
+
+    data = (b"not an ICC profile" if profile == "damaged"
+            else ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes())
+    uri = save(Image.new("RGB", (4, 4), (200, 100, 50)), tmp_path / "p.png", icc_profile=data)
+    assert np.asarray(load_guide(uri, {}, LIMIT))[0, 0].tolist() == [200, 100, 50]
+
+
 def test_exif_pillow_cannot_rewrite_still_turns_the_image(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
@@ -222,6 +277,21 @@ def test_fast_decode_masks_match_the_guide_as_its_exif_orientation_turns_it(tmp_
     full_guide, full_mask = prepare(guide, mask, 128, {}, LIMIT)
     fast_guide, fast_mask = prepare(guide, mask, 128, {}, LIMIT, fast_decode=True)
     assert fast_mask == full_mask and _grey_levels(full_guide, fast_guide).mean() < 1.0
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_decode_keeps_the_guide_where_a_full_decode_has_it_when_the_scale_does_not_divide(
+        tmp_path, orientation):
+    """A 1/8 decode of 777 pixels is 98 wide, its last column mostly past the image: cropping
+    as if all 98 were the image moved and stretched the guide (9.6 levels apart on average
+    from a full decode, against 1.5 here), off its full-size mask."""
+    photo = _photo(777, 777)
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    guide = save(photo, tmp_path / "odd.jpg", quality=95, exif=exif.tobytes())
+    full, _ = prepare(guide, None, 64, {}, LIMIT)
+    fast, _ = prepare(guide, None, 64, {}, LIMIT, fast_decode=True)
+    assert _grey_levels(full, fast).mean() < 1.0
 
 
 def test_a_file_larger_than_any_image_within_the_pixel_limit_is_refused_unread(tmp_path):
