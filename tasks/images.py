@@ -18,11 +18,10 @@ is ignored); other modes (32-bit float, LAB, HSV) are decode errors. Masks becom
 grayscale read as [0, 1] (white = synthesize, black = keep): colour masks use their luminance,
 16-bit masks are scaled like guides, alpha and colour profiles are ignored. Images larger
 than `max_pixels` (width x height, default `MAX_PIXELS`) are rejected before their pixels are
-decoded (decompression-bomb guard). Every
-failure is an `InputError` whose `stage` says where it failed and whose message names the URI.
-Storage failures that are not one row's become a `StorageError` naming what could not be used
-(`storage_step`). Pillow, NumPy and fsspec are imported inside the functions, so importing this
-module is cheap.
+decoded (decompression-bomb guard). Every failure is an `InputError` whose `stage` says where
+it failed and whose message names the URI. Storage failures that are not one row's become a
+`StorageError` naming what could not be used (`storage_step`). Pillow, NumPy and fsspec are
+imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -446,8 +445,10 @@ def drafted_box(data: bytes, drafted: tuple[int, int]) -> tuple[float, ...] | No
     (width, height), orientation = _header(data)
     if drafted == (width, height):
         return None
-    scale = next(s for s in (2, 4, 8)
-                 if (math.ceil(width / s), math.ceil(height / s)) == drafted)
+    scale = next((s for s in (2, 4, 8)
+                  if (math.ceil(width / s), math.ceil(height / s)) == drafted), None)
+    if scale is None:  # not a size libjpeg's scaling gives: take the decode as the image
+        return None
     right, bottom = width / scale, height / scale
     left = drafted[0] - right if orientation in (2, 3, 6, 7) else 0.0  # stored right edge
     top = drafted[1] - bottom if orientation in (3, 4, 7, 8) else 0.0  # stored bottom edge
