@@ -461,14 +461,34 @@ def describe_runtime(runtime: Mapping) -> str:
 
 def check_listening(address: str, timeout: float = 10.0) -> None:
     """ConnectionError unless something accepts connections at a `host:port` (or `[v6]:port`)
-    address (Ray itself waits minutes for a cluster that is not there); "auto" and ray:// pass."""
+    address and does not answer as a web server (Ray waits minutes for a cluster that is not
+    there, and without end at the dashboard's port, which answers HTTP but is no GCS); "auto"
+    and ray:// pass."""
     host, _, port = address.rpartition(":")
     if not (host and port.isdigit()) or "://" in address:
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as error:
         raise ConnectionError(f"nothing accepts connections at {address}: {error}") from error
+    with connection:
+        answer = _first_answer(connection, b"GET / HTTP/1.0\r\n\r\n")
+    if answer.startswith(b"HTTP/"):
+        raise ConnectionError(
+            f"{address} answers HTTP, as Ray's dashboard does (port 8265 by default), not as "
+            "Ray's GCS: --address takes the address `ray start --head` prints (port 6379 by "
+            "default); the dashboard's is for `ray job submit`")
+
+
+def _first_answer(connection: socket.socket, request: bytes, wait: float = 2.0) -> bytes:
+    """The first bytes a server sends back to `request` (b"" when none come within `wait`
+    seconds). Ray's GCS speaks HTTP/2 and sends its settings frame at once."""
+    connection.settimeout(wait)
+    try:
+        connection.sendall(request)
+        return connection.recv(5)
+    except OSError:
+        return b""
 
 
 def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, committed: Committed,

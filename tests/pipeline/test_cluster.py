@@ -301,3 +301,24 @@ def test_the_address_check_sees_listeners_and_passes_what_it_cannot_probe(closed
     with pytest.raises(ConnectionError, match=f"^nothing accepts connections at 127.0.0.1:"
                                               f"{closed_port}: "):
         check_listening(f"127.0.0.1:{closed_port}")
+
+
+def test_an_address_that_answers_http_is_taken_for_the_dashboard_not_a_cluster():
+    """The dashboard's port (8265, what `ray job submit` takes) as --address: Ray logged
+    "Failed to get cluster ID from GCS server: TimedOut" for minutes (463 s until Ctrl-C)."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConnectionError) as error:
+            check_listening(address)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(error.value) == (
+        f"{address} answers HTTP, as Ray's dashboard does (port 8265 by default), not as Ray's "
+        "GCS: --address takes the address `ray start --head` prints (port 6379 by default); "
+        "the dashboard's is for `ray job submit`")
