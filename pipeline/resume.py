@@ -114,6 +114,12 @@ def visible_shards(fs, folder: str, suffix: str) -> list[str]:
                   if name.endswith(suffix) and is_shard(name))
 
 
+def holds_shards(fs, root: str) -> bool:
+    """Whether OUTPUT (`root` on `fs`) holds a committed data or error shard."""
+    return any(is_shard(name) for folder in (DATA_DIR, ERRORS_DIR)
+               for name in _entries(fs, f"{root}/{folder}"))
+
+
 def _entries(fs, path: str) -> dict[str, str]:
     """The names (-> paths) of what a folder holds; none for a folder that does not exist.
     An object store's folder marker (the empty `data/` object a console's "create folder"
@@ -395,11 +401,12 @@ def _same_model_elsewhere(stored: dict, record: dict) -> bool:
 
 def recorded(output: str, record: dict, storage_options: Mapping,
              defaults: Sequence[TaskDefaults] = (), ignored: Collection[str] = ()) -> dict | None:
-    """The record OUTPUT holds when it is of this configuration (None: it holds none); a
-    different one raises ConfigMismatchError naming what changed. `defaults` are where this
-    run's rows take unset t0, samples and repeats from (`manifest.defaults_in_play`); without
-    them, unset and set values always differ. `ignored` fields decide none of this
-    manifest's outputs (`manifest.undeciding`)."""
+    """The record OUTPUT holds when it is of this configuration (None: it holds none, or one
+    of a run that committed nothing, which failed to start or was stopped first: no output
+    can mix); a different one raises ConfigMismatchError naming what changed. `defaults` are
+    where this run's rows take unset t0, samples and repeats from
+    (`manifest.defaults_in_play`); without them, unset and set values always differ. `ignored`
+    fields decide none of this manifest's outputs (`manifest.undeciding`)."""
     fs, root = output_fs(output, storage_options)
     path = f"{root}/{RUN_CONFIG}"
     if not fs.exists(path):
@@ -407,6 +414,8 @@ def recorded(output: str, record: dict, storage_options: Mapping,
     try:
         stored = json.loads(fs.cat_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if not holds_shards(fs, root):
+            return None
         raise ConfigMismatchError(
             f"{output.rstrip('/')}/{RUN_CONFIG} does not hold a run's configuration ({error}); "
             "delete that file if OUTPUT's data is from this configuration, or --overwrite to "
@@ -416,6 +425,8 @@ def recorded(output: str, record: dict, storage_options: Mapping,
         ignored.add("model")  # the prior moved (another bucket, a copied folder)
     changed = sorted(k for k in set(stored) | set(record)
                      if k not in ignored and _differs(k, stored.get(k), record.get(k), defaults))
+    if changed and not holds_shards(fs, root):
+        return None
     if changed:
         details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
                             f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)

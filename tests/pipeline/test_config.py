@@ -129,6 +129,8 @@ def test_compile_channels_last_and_fast_decode_are_recorded_only_when_on(tmp_pat
     assert fast.output_record("d") == {**plain.output_record("d"), "compile": True,
                                        "channels_last": True, "fast_decode": True}
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "part-0.parquet").write_bytes(b"")  # a shard: outputs of the record
     claim_output(str(tmp_path), plain.output_record("d"), False, {})
     with pytest.raises(ConfigMismatchError, match=r"compile: False -> True"):
         claim_output(str(tmp_path), fast.output_record("d"), False, {})

@@ -108,6 +108,7 @@ def test_a_torn_run_record_is_named_and_leftovers_of_the_holders_files_are_remov
     claim_output(str(tmp_path), record, False, {})
     assert json.loads((tmp_path / "_run_config.json").read_text()) == record
     assert [p.name for p in tmp_path.iterdir()] == ["_run_config.json"]  # nothing left beside
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     (tmp_path / "_run_config.json").write_bytes(b'{"model": "buil')  # written in place, killed
     with pytest.raises(ConfigMismatchError) as error:  # was "Expecting ',' delimiter..."
         claim_output(str(tmp_path), record, False, {})
@@ -123,6 +124,23 @@ def test_a_torn_run_record_is_named_and_leftovers_of_the_holders_files_are_remov
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [".tmp-_run_lease.json.3c"]
 
 
+def test_a_record_whose_run_committed_nothing_gives_way_to_another_configuration(tmp_path):
+    """A run that failed before any work (a wrong --address, no GPUs) or was stopped before
+    its first commit left its record, and the corrected command was refused as a different
+    configuration: no output could mix. Once a shard is committed, a change is refused."""
+    record = {"model": "builtin:tiny", "steps": 2, "t0": [0.3]}
+    claim_output(str(tmp_path), record, False, {})
+    corrected = {**record, "steps": 3, "t0": [0.5]}
+    claim_output(str(tmp_path), corrected, False, {})
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == corrected
+    (tmp_path / "_run_config.json").write_bytes(b'{"model": "buil')  # torn, and nothing written
+    claim_output(str(tmp_path), record, False, {})
+    assert json.loads((tmp_path / "_run_config.json").read_text()) == record
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])
+    with pytest.raises(ConfigMismatchError, match=r"\(steps: 2 -> 3; t0: \[0.3\] -> \[0.5\]\)"):
+        claim_output(str(tmp_path), corrected, False, {})
+
+
 def test_an_unset_t0_samples_or_repeats_is_the_value_every_row_takes_by_default(tmp_path):
     """A nightly config that gains `samples: 1` (or `--t0 0.5`) makes the same outputs as the
     run that left them unset, unless a task preset in play gives its rows another value: it
@@ -135,6 +153,7 @@ def test_an_unset_t0_samples_or_repeats_is_the_value_every_row_takes_by_default(
                              in map(get_preset, ("augmentation", "editing")))
     unset = {"model": "builtin:tiny", "t0": None, "samples": None, "repeats": None}
     claim_output(str(tmp_path), unset, False, {}, [NO_TASK])
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     spelled = {**unset, "t0": [0.5], "samples": 1, "repeats": 1}
     claim_output(str(tmp_path), spelled, False, {}, [NO_TASK])
     assert json.loads((tmp_path / "_run_config.json").read_text()) == unset  # kept as it was
@@ -154,6 +173,7 @@ def test_a_task_option_that_no_row_takes_is_not_a_different_configuration(tmp_pa
     was refused as a different configuration (task: None -> 'synthesis')."""
     unset = {"model": "builtin:tiny", "task": None, "steps": 2}
     claim_output(str(tmp_path), unset, False, {})
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     claim_output(str(tmp_path), {**unset, "task": "synthesis"}, False, {}, ignored=("task",))
     assert json.loads((tmp_path / "_run_config.json").read_text()) == unset  # kept as it was
     with pytest.raises(ConfigMismatchError, match=r"\(task: None -> 'synthesis'\)"):
@@ -167,6 +187,7 @@ def test_the_t0_values_of_a_run_in_another_order_are_its_configuration(tmp_path)
     (keys and seeds are per t0 value): it was refused as a different configuration."""
     record = {"model": "builtin:tiny", "t0": [0.4, 0.8], "steps": 2, "samples": None}
     claim_output(str(tmp_path), record, overwrite=False, storage_options={})
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     claim_output(str(tmp_path), {**record, "t0": [0.8, 0.4]}, overwrite=False, storage_options={})
     with pytest.raises(ConfigMismatchError, match=r"t0: \[0.4, 0.8\] -> \[0.4, 0.7\]"):
         claim_output(str(tmp_path), {**record, "t0": [0.4, 0.7]}, overwrite=False,
@@ -182,6 +203,7 @@ def test_a_prior_whose_configs_changed_under_the_same_weights_is_another_configu
     (tmp_path / "_run_config.json").write_text(json.dumps(earlier))
     now = {**earlier, "model_config_digest": "sha256:c1"}
     claim_output(str(tmp_path), now, False, {})
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     assert json.loads((tmp_path / "_run_config.json").read_text()) == now
     claim_output(str(tmp_path), now, False, {})
     with pytest.raises(ConfigMismatchError,
@@ -197,6 +219,7 @@ def test_the_same_prior_under_another_uri_is_the_same_configuration(tmp_path):
     record = {"model": "s3://old/church", "model_digest": "sha256:w",
               "model_config_digest": "sha256:c", "steps": 2}
     claim_output(str(tmp_path), record, False, {})
+    commit_errors(tmp_path, [("x", 0.5, 0, "read")])  # OUTPUT holds a run's outputs
     claim_output(str(tmp_path), {**record, "model": "/copies/church"}, False, {})
     assert json.loads((tmp_path / "_run_config.json").read_text()) == record
     for changed, shown in (({"model_digest": "sha256:v"}, "model_digest"),
