@@ -170,12 +170,17 @@ def outside_manifest(plan_columns: pa.Table, plan: Plan, committed: Committed) -
 
 
 def check_error_rate(config: RunConfig, summary: Mapping) -> None:
-    """ErrorRateExceeded when more outputs failed than --max-error-rate allows."""
-    expected = summary["expected_outputs"]
-    if summary["errors"] > config.max_error_rate * max(expected, 1):
+    """ErrorRateExceeded when more of this run's outputs failed than --max-error-rate allows.
+    A run answers for the work it did: judged by all OUTPUT held, a nightly job passed a night
+    whose every output failed (earlier nights' outputs diluted it) and, after one bad night,
+    failed every night that had nothing to do."""
+    run = summary["this_run"]
+    todo, failed = run["todo"], run["errors"]
+    if todo and failed > config.max_error_rate * todo:
         raise ErrorRateExceeded(
-            f"{summary['errors']} of {expected} outputs failed (rate "
-            f"{summary['error_rate']:.3f} > --max-error-rate {config.max_error_rate}); see "
+            f"{failed} of the {todo} outputs this run made failed (rate {failed / todo:.3f} > "
+            f"--max-error-rate {config.max_error_rate}; OUTPUT holds {summary['errors']} "
+            f"failed of {summary['expected_outputs']}); see "
             f"{config.output.rstrip('/')}/errors/", summary)
 
 

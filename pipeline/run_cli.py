@@ -64,7 +64,9 @@ EXIT_ERROR_RATE = 3
                    "its actors. On CPU the thread count changes summation order (a rare pixel "
                    "by one level): give it for bit-identical outputs across --actors and nodes.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
-@click.option("--max-error-rate", type=float, help="Fail (exit 3) above this error fraction.")
+@click.option("--max-error-rate", type=float,
+              help="Fail (exit 3) when more than this fraction of the outputs this run made "
+                   "failed.")
 @click.option("--progress-interval", type=float, metavar="SECONDS",
               help="Seconds between progress lines on stderr (outputs done, rate, time left); "
                    "0 silences every `sdedit:` line but errors. Default 30.")
@@ -170,6 +172,8 @@ def _reporter(interval: float):
 def _headline(summary: dict, output: str) -> dict:
     keys = ("expected_outputs", "written", "errors", "errors_by_stage", "reconciled")
     headline = {key: summary[key] for key in keys}
-    headline["images_per_second"] = summary["this_run"]["images_per_second"]
+    run = summary["this_run"]
+    headline["this_run"] = {key: run[key] for key in ("todo", "written", "errors")}
+    headline["images_per_second"] = run["images_per_second"]
     headline["output"] = redact(output)
     return headline

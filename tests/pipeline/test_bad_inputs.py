@@ -153,12 +153,14 @@ def test_cli_exits_non_zero_above_max_error_rate_after_writing(tmp_path):
         str(manifest), str(output), "--model", "builtin:tiny", "--steps", "2", "--t0", "0.5",
         "--batch-size", "2", "--model-batch", "2", "--max-error-rate", "0.25"])
     assert result.exit_code == EXIT_ERROR_RATE, result.output
-    assert "1 of 2 outputs failed" in result.stderr
+    assert "1 of the 2 outputs this run made failed (rate 0.500 > --max-error-rate 0.25; " \
+           "OUTPUT holds 1 failed of 2)" in result.stderr
     # the counts still reach stdout, as after a run within the rate (a scheduler reads them)
     headline = json.loads(result.stdout)
     assert headline.pop("images_per_second") > 0
     assert headline == {"expected_outputs": 2, "written": 1, "errors": 1,
-                        "errors_by_stage": {"read": 1}, "reconciled": True, "output": str(output)}
+                        "errors_by_stage": {"read": 1}, "reconciled": True, "output": str(output),
+                        "this_run": {"todo": 2, "written": 1, "errors": 1}}
     # progress on stderr: the plan, the actors, the totals
     assert "sdedit: 2 manifest rows make 2 outputs: 2 to do, 0 already in " in result.stderr
     # the runtime of the tests' fixture, which the run joins

@@ -342,6 +342,28 @@ def test_actors_that_cannot_load_the_model_stop_the_run_with_one_clear_error(sma
     assert "Traceback" not in message
 
 
+def test_the_error_rate_limit_judges_the_outputs_this_run_made(tmp_path):
+    """--max-error-rate was judged over all OUTPUT held: a night whose every output failed
+    passed (earlier nights' outputs diluted it), and after it every night with nothing to do
+    exited 3."""
+    from pipeline.job import ErrorRateExceeded
+
+    names = write_images(tmp_path / "inputs", 8)
+    manifest = tmp_path / "inputs" / "m.parquet"
+    ids = [f"good{index}" for index in range(8)]
+    write_manifest(manifest, {"id": ids, "guide": names})
+    output = tmp_path / "out"
+    assert run(config(manifest, output, max_error_rate=0.05))["written"] == 8
+    write_manifest(manifest, {"id": [*ids, "bad"], "guide": [*names, "gone.png"]})
+    with pytest.raises(ErrorRateExceeded) as refused:  # 1 of 9 in OUTPUT, 1 of 1 tonight
+        run(config(manifest, output, max_error_rate=0.2))
+    assert str(refused.value).startswith(
+        "1 of the 1 outputs this run made failed (rate 1.000 > --max-error-rate 0.2; OUTPUT "
+        "holds 1 failed of 9); see ")
+    quiet = run(config(manifest, output, max_error_rate=0.05))  # nothing to do: it passes
+    assert quiet["this_run"]["todo"] == 0 and round(quiet["error_rate"], 3) == 0.111
+
+
 def test_outputs_of_keys_the_manifest_no_longer_makes_are_not_counted_as_its(tmp_path):
     """A row removed and a t0 value a row no longer lists: their output and error stay in
     OUTPUT, but summary.json counted them as the manifest's (reconciled false) and
