@@ -17,7 +17,8 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import NamedTuple
@@ -27,6 +28,7 @@ import pyarrow as pa
 from pipeline.config import ConfigError, RunConfig
 from pipeline.lease import fenced, holding, live_holder
 from pipeline.manifest import (
+    ManifestError,
     ManifestFiles,
     Plan,
     TaskDefaults,
@@ -60,7 +62,7 @@ from pipeline.resume import (
     write_index,
 )
 from pipeline.writers import DATA_COLUMNS
-from tasks.images import options_for, storage_step
+from tasks.images import options_for, storage_step, without_ray_retry_note
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
@@ -125,8 +127,9 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         pipeline_started = time.time()
         progress = Progress(todo + shared, report, config.progress_interval)
         progress.settle(shared)  # the driver's error rows, committed above
-        with storage_step(f"the run stopped when a task could not use storage (manifest "
-                          f"{config.manifest}, OUTPUT {config.output}); rerun to resume"), fenced():
+        stopped = (f"the run stopped when a task could not use storage (manifest "
+                   f"{config.manifest}, OUTPUT {config.output}); rerun to resume")
+        with storage_step(stopped), fenced(), as_raised(ManifestError):
             stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)
                         if todo else {}), "retried_errors": retried,
                      "written": progress.written, "failed": progress.failed}
@@ -136,6 +139,20 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
                                (outside, superseded), stats, (started, pipeline_started, finished))
     check_error_rate(config, summary)
     return summary
+
+
+@contextmanager
+def as_raised(*kinds: type[Exception]) -> Iterator[None]:
+    """Re-raise a Ray task's error of one of `kinds` as that error alone: its message, not
+    Ray's wrapper of it with the task's traceback (a damaged manifest file a read task meets
+    printed 36 lines)."""
+    try:
+        yield
+    except Exception as error:
+        cause = getattr(error, "cause", None)  # a Ray task's error wraps the original
+        if isinstance(cause, kinds):
+            raise type(cause)(without_ray_retry_note(str(cause))) from None
+        raise
 
 
 def add_shared_key_errors(config: RunConfig, manifest: ManifestFiles, plan_columns: pa.Table,

@@ -17,6 +17,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -109,6 +110,25 @@ class Work:
     error: str | None = None
 
 
+@contextmanager
+def decoding(file: str) -> Iterator[None]:
+    """Arrow's own errors reading a manifest file (a damaged footer or page, not a store that
+    failed) as a ManifestError naming the file. A damaged page raises a plain OSError, which
+    was taken for a storage failure: "rerun to resume", night after night, naming only the
+    folder. Errors of the store keep their types (fsspec's OSError subclasses, an errno, the
+    clients' own) and stay storage failures."""
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as error:
+        if isinstance(error, OSError) and (type(error) is not OSError or error.errno):
+            raise
+        reason = " ".join(str(error).split())  # Arrow's message runs over several lines
+        raise ManifestError(
+            f"manifest file {file} is not a readable Parquet file ({reason}): repair or "
+            "replace it, or move it out of the manifest; the run stops before or where it "
+            "reaches the file, and what was committed stays") from error
+
+
 def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     """List the manifest's Parquet files (a file, a folder or a glob) and check their columns."""
     import fsspec
@@ -118,12 +138,8 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     files, base = list_parquet(fs, path, uri)
 
     def schema_of(file: str) -> pa.Schema:
-        with fs.open(file, "rb") as stream:
-            try:
-                schema = pq.ParquetFile(stream).schema_arrow
-            except pa.ArrowInvalid as error:  # empty, cut short, or no Parquet file at all
-                raise ManifestError(f"manifest file {fs.unstrip_protocol(file)} is not a "
-                                    f"readable Parquet file: {error}") from error
+        with fs.open(file, "rb") as stream, decoding(fs.unstrip_protocol(file)):
+            schema = pq.ParquetFile(stream).schema_arrow  # empty, cut short, or not Parquet
         check_columns(schema, fs.unstrip_protocol(file))
         return schema
 
@@ -418,7 +434,7 @@ def read_plan_columns(manifest: ManifestFiles, storage_options: Mapping) -> pa.T
 
     def columns_of(file: str) -> pa.Table:
         fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
-        with fs.open(path, "rb") as stream:
+        with fs.open(path, "rb") as stream, decoding(file):
             parquet = pq.ParquetFile(stream)
             columns = [c for c in KEY_DECIDING_COLUMNS if c in parquet.schema_arrow.names]
             return conform(parquet.read(columns=columns))
@@ -858,7 +874,7 @@ def read_and_expand(
     for file in items["file"]:
         file = str(file)
         fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
-        with fs.open(path, "rb") as stream:
+        with fs.open(path, "rb") as stream, decoding(file):
             for batch in pq.ParquetFile(stream).iter_batches(batch_size=read_rows):
                 rows = align(pa.Table.from_batches([batch]), schema)
                 expanded = expand_table(rows, plan, committed)

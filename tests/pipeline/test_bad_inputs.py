@@ -135,6 +135,44 @@ def test_rows_sharing_keys_get_one_error_row_each_across_runs(tmp_path):
     assert read_errors(output).num_rows == 4
 
 
+def damage_page(path, column: str) -> None:
+    """Garble the first page of `column` in a Parquet file whose footer stays readable."""
+    data = bytearray(path.read_bytes())
+    group = pq.read_metadata(path).row_group(0)
+    chunk = next(group.column(i) for i in range(group.num_columns)
+                 if group.column(i).path_in_schema == column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start:start + 20] = bytes(byte ^ 0x5A for byte in data[start:start + 20])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("column", ["caption", "guide", "id"])
+def test_a_manifest_file_with_a_damaged_page_is_named_not_taken_for_a_storage_failure(
+        tmp_path, column):
+    """A damaged page (an upload cut or garbled mid-file) raised Arrow's plain OSError: the run
+    said a task could not use storage, "rerun to resume", naming only the folder, and every
+    rerun failed alike. A pass-through or guide column's page fails in a read task; an id
+    column's on the driver, before any work."""
+    names = write_images(tmp_path / "inputs", 2)
+    folder = tmp_path / "manifests"
+    write_manifest(folder / "night1.parquet", {"id": ["a"], "guide": [names[0]],
+                                               "caption": ["one"]})
+    write_manifest(folder / "night2.parquet", {"id": ["b"], "guide": [names[1]],
+                                               "caption": ["two " * 20]})
+    damage_page(folder / "night2.parquet", column)
+    result = CliRunner().invoke(run_command, [
+        str(folder), str(tmp_path / "out"), "--model", "builtin:tiny", "--steps", "2",
+        "--t0", "0.5"])
+    assert result.exit_code == 1, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: manifest file file://{folder}/night2.parquet is not a "
+                            "readable Parquet file ("), error
+    assert error.endswith("): repair or replace it, or move it out of the manifest; the run "
+                          "stops before or where it reaches the file, and what was committed "
+                          "stays"), error
+    assert "storage" not in error
+
+
 def test_missing_columns_stop_before_any_work(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", {"path": ["a.png"]})
     with pytest.raises(ManifestError, match="missing required column\\(s\\): id, guide"):

@@ -709,7 +709,7 @@ def test_a_glob_skips_hidden_files_and_an_unreadable_manifest_file_is_named(tmp_
     with pytest.raises(ManifestError) as error:
         find_files(str(tmp_path / "m" / "*"), {})
     assert str(error.value).startswith(f"manifest file file://{tmp_path}/m/part-1.parquet is not "
-                                       "a readable Parquet file: Parquet magic bytes not found")
+                                       "a readable Parquet file (Parquet magic bytes not found")
 
 
 def test_the_builtin_defaults_are_in_play_only_where_a_row_names_no_task():
