@@ -111,7 +111,7 @@ def summary_lines(folder: OutputFolder, read: tuple[list[dict], list[dict]] | No
         f"output            {folder.uri}",
         f"written           {len(rows)}  ({_count(rows, 'id', 'ids')}, "
         f"{_count(rows, 't0', 't0 values')}, {_count(rows, 'sample', 'samples')})",
-        f"expected          {_expected(expected, summary)}",
+        f"expected          {_expected(expected, summary)}{_reconciled(summary)}",
         f"errors            {sum(stages.values())}"
         + (
             "  (" + ", ".join(f"{s}: {n}" for s, n in sorted(stages.items())) + ")"
@@ -120,6 +120,8 @@ def summary_lines(folder: OutputFolder, read: tuple[list[dict], list[dict]] | No
         ),
         f"images/s          {_rate(summary)}",
     ]
+    if uncounted := _uncounted(summary):
+        lines.insert(4, f"not counted       {uncounted}")
     return lines + faithfulness_lines(rows)
 
 
@@ -132,6 +134,28 @@ def _expected(expected: object, summary: dict) -> str:
     if expected is not None:
         return str(expected)
     return "n/a" if summary else "n/a (no summary.json yet)"
+
+
+def _reconciled(summary: dict) -> str:
+    """How the last run's summary.json counts its manifest's outputs. The lines around it say
+    what OUTPUT holds, which need not add up to `expected`: error rows of keys written since,
+    and outputs of keys the manifest no longer makes, stay in OUTPUT (`_uncounted`)."""
+    written, errors = summary.get("written"), summary.get("errors")
+    if not (isinstance(written, int) and isinstance(errors, int)):
+        return ""
+    state = "reconciled" if summary.get("reconciled") else "not reconciled"
+    return f"  (the last run's manifest: {written} written + {errors} failed, {state})"
+
+
+def _uncounted(summary: dict) -> str:
+    outside = summary.get("outside_manifest") or {}
+    parts = []
+    if outside.get("written") or outside.get("errors"):
+        parts.append(f"{outside.get('written', 0)} outputs and {outside.get('errors', 0)} error "
+                     "rows of keys the last run's manifest no longer makes")
+    if superseded := summary.get("superseded_errors"):
+        parts.append(f"{superseded} error rows of keys written since")
+    return "; ".join(parts)
 
 
 def _rate(summary: dict) -> str:

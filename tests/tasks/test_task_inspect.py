@@ -127,6 +127,29 @@ def test_summary_counts_errors_throughput_and_faithfulness(run_output):
     assert "   0.500        6   0.20000   0.20000   0.20000" in text
 
 
+def test_the_summary_says_how_the_last_run_counted_what_output_holds(run_output):
+    """OUTPUT's rows need not add up to `expected`: error rows of keys written since and what
+    the manifest no longer makes stay. The summary showed 232 written + 104 errors against 312
+    expected where summary.json counted 80 errors, and did not say why."""
+    summary = json.loads((run_output / "summary.json").read_text())
+    summary.update({"expected_outputs": 17, "written": 15, "errors": 2, "reconciled": True,
+                    "outside_manifest": {"written": 1, "errors": 0}, "superseded_errors": 0})
+    (run_output / "summary.json").write_text(json.dumps(summary))
+    lines = summary_lines(OutputFolder(str(run_output)))
+    assert lines[1:5] == [
+        "written           16  (3 ids, 3 t0 values, 2 samples)",
+        "expected          17  (the last run's manifest: 15 written + 2 failed, reconciled)",
+        "errors            2  (edit: 1, read: 1)",
+        "not counted       1 outputs and 0 error rows of keys the last run's manifest no "
+        "longer makes"]
+    summary.update({"outside_manifest": {"written": 0, "errors": 0}, "superseded_errors": 3,
+                    "reconciled": False})
+    (run_output / "summary.json").write_text(json.dumps(summary))
+    lines = summary_lines(OutputFolder(str(run_output)))
+    assert lines[2].endswith("(the last run's manifest: 15 written + 2 failed, not reconciled)")
+    assert lines[4] == "not counted       3 error rows of keys written since"
+
+
 def test_html_is_self_contained(run_output, tmp_path):
     png, page, _ = write_contact_sheet(OutputFolder(str(run_output)), str(tmp_path / "sheet"), 3)
     html = Path(page).read_text(encoding="utf-8")
