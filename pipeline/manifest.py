@@ -146,7 +146,24 @@ def find_files(uri: str, storage_options: Mapping) -> ManifestFiles:
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # a store answers in parallel
         schemas = list(pool.map(schema_of, files))  # the first bad file in order is raised
     names = [fs.unstrip_protocol(f) for f in files]
-    return ManifestFiles(tuple(names), fs.unstrip_protocol(base), unified(schemas, names))
+    return ManifestFiles(tuple(names), fs.unstrip_protocol(base),
+                         unified([as_conformed(schema) for schema in schemas], names))
+
+
+# The types `conform` reads these columns in, whatever form a file gives them
+CONFORMED_TYPES = {"id": pa.string(), "guide": pa.string(), "mask": pa.string(),
+                   "task": pa.string(), "t0": pa.list_(pa.float64())}
+
+
+def as_conformed(schema: pa.Schema) -> pa.Schema:
+    """A manifest file's schema as `conform` reads its rows, so that files may give t0 as a
+    number or as a list of them, and ids as numbers or strings, as rows of one file may (a
+    nightly file with one t0 a row beside one with t0 lists stopped the job)."""
+    for name, kind in CONFORMED_TYPES.items():
+        if name in schema.names:
+            index = schema.get_field_index(name)
+            schema = schema.set(index, schema.field(index).with_type(kind))
+    return schema
 
 
 def unified(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
@@ -876,7 +893,7 @@ def read_and_expand(
         fs, path = fsspec.core.url_to_fs(file, **options_for(file, storage_options))
         with fs.open(path, "rb") as stream, decoding(file):
             for batch in pq.ParquetFile(stream).iter_batches(batch_size=read_rows):
-                rows = align(pa.Table.from_batches([batch]), schema)
+                rows = align(conform(pa.Table.from_batches([batch])), schema)
                 expanded = expand_table(rows, plan, committed)
                 for start in range(0, expanded.num_rows, block_rows):
                     yield expanded.slice(start, block_rows)

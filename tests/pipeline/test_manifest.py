@@ -404,6 +404,10 @@ def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path
                                  "t0": pa.array([[0.25, 0.5]], kind)}),
                        tmp_path / f"{name}.parquet")
     write_manifest(tmp_path / "plain.parquet", {"id": ["plain"], "guide": ["a.png"]})
+    # one t0 a row (a number, as one file's rows may give it) and a numeric id: the job stopped
+    # with "manifest column 't0' is list<element: float> in ... but double in ..."
+    pq.write_table(pa.table({"id": pa.array([7], pa.int64()), "guide": ["a.png"],
+                             "t0": pa.array([0.5], pa.float64())}), tmp_path / "single.parquet")
     files = find_files(str(tmp_path), {})
     assert files.schema.field("t0").type == pa.list_(pa.float64())
     plan = Plan(base=str(tmp_path), seed=0, t0=(0.75,))
@@ -412,8 +416,10 @@ def test_manifest_files_whose_column_types_differ_are_read_as_one_table(tmp_path
                                       keys_table([]), {}, read_rows=read_rows))
         keys = sorted(zip(*(pa.concat_tables(blocks).column(c).to_pylist()
                             for c in ("id", "t0")), strict=True))
-        assert keys == [("double", 0.25), ("double", 0.5), ("float", 0.25), ("float", 0.5),
-                        ("plain", 0.75)]
+        assert keys == [("7", 0.5), ("double", 0.25), ("double", 0.5), ("float", 0.25),
+                        ("float", 0.5), ("plain", 0.75)]
+    assert sorted(read_plan_columns(files, {})["id"].to_pylist()) == [
+        "7", "double", "float", "plain"]
 
 
 MANIFEST_WITH_PASSTHROUGH = pa.schema([
