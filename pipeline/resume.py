@@ -385,9 +385,18 @@ def _differs(name: str, stored, new, defaults: Sequence[TaskDefaults]) -> bool:
                != _same_outputs(getattr(d, name) if new is None else new) for d in defaults)
 
 
-def _shown(value, other):
+class _Unset:
+    """How a mismatch shows a t0, samples or repeats left unset: each row's task default."""
+
+    def __repr__(self) -> str:
+        return "unset (each row's task default)"
+
+
+def _shown(name: str, value, other):
     """A recorded value as a mismatch shows it: a switch recorded only when on is off (False),
-    not None, where the other side has it on."""
+    not None, where the other side has it on; an unset t0, samples or repeats is `_Unset`."""
+    if value is None and name in PRESET_FIELDS:
+        return _Unset()
     return False if value is None and isinstance(other, bool) else value
 
 
@@ -428,8 +437,8 @@ def recorded(output: str, record: dict, storage_options: Mapping,
     if changed and not holds_shards(fs, root):
         return None
     if changed:
-        details = "; ".join(f"{k}: {_shown(stored.get(k), record.get(k))!r} -> "
-                            f"{_shown(record.get(k), stored.get(k))!r}" for k in changed)
+        details = "; ".join(f"{k}: {_shown(k, stored.get(k), record.get(k))!r} -> "
+                            f"{_shown(k, record.get(k), stored.get(k))!r}" for k in changed)
         raise ConfigMismatchError(
             f"{output} holds a run with a different configuration ({details}). Use the "
             "same options to resume, another OUTPUT, or --overwrite to replace it")

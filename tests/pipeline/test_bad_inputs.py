@@ -222,7 +222,7 @@ def test_cli_refuses_a_changed_configuration_with_a_clear_message(small_manifest
     assert "sdedit:" not in quiet.stderr and '"written"' in quiet.stdout
     result = CliRunner().invoke(run_command, [*common, "--t0", "0.3"])
     assert result.exit_code == 1
-    assert "different configuration (t0: None -> [0.3])" in result.output
+    assert "different configuration (t0: unset (each row's task default) -> [0.3])" in result.output
     assert "--overwrite" in result.output
     spelled = CliRunner().invoke(run_command, [*common, "--t0", "0.5", "--samples", "1",
                                                "--repeats", "1"])  # the defaults, written out
@@ -235,6 +235,7 @@ def test_cli_refuses_a_changed_configuration_with_a_clear_message(small_manifest
     tasked_common = [str(tasked), *common[1:], "--dry-run"]
     refused = CliRunner().invoke(run_command, [*tasked_common, "--samples", "1"])
     assert refused.exit_code == 1
-    assert "different configuration (samples: None -> 1)" in refused.output
+    assert ("different configuration (samples: unset (each row's task default) -> 1)"
+            in refused.output)
     plan = json.loads(CliRunner().invoke(run_command, tasked_common).stdout)
     assert (plan["expected_outputs"], plan["todo"]) == (15, 12)  # 3 + 3 t0 values x 4 samples

@@ -158,13 +158,14 @@ def test_an_unset_t0_samples_or_repeats_is_the_value_every_row_takes_by_default(
     claim_output(str(tmp_path), spelled, False, {}, [NO_TASK])
     assert json.loads((tmp_path / "_run_config.json").read_text()) == unset  # kept as it was
     claim_output(str(tmp_path), {**unset, "t0": [0.5, 0.4]}, False, {}, [editing])
-    with pytest.raises(ConfigMismatchError, match=r"\(samples: None -> 1\)"):
+    unset_ = r"unset \(each row's task default\)"
+    with pytest.raises(ConfigMismatchError, match=rf"\(samples: {unset_} -> 1\)"):
         claim_output(str(tmp_path), {**unset, "samples": 1}, False, {}, [NO_TASK, augmentation])
-    with pytest.raises(ConfigMismatchError, match=r"\(t0: None -> \[0.5, 0.4\]\)"):
+    with pytest.raises(ConfigMismatchError, match=rf"\(t0: {unset_} -> \[0.5, 0.4\]\)"):
         claim_output(str(tmp_path), {**unset, "t0": [0.5, 0.4]}, False, {}, [NO_TASK, editing])
-    with pytest.raises(ConfigMismatchError, match=r"\(samples: None -> 2\)"):
+    with pytest.raises(ConfigMismatchError, match=rf"\(samples: {unset_} -> 2\)"):
         claim_output(str(tmp_path), {**unset, "samples": 2}, False, {}, [NO_TASK])
-    with pytest.raises(ConfigMismatchError, match=r"\(repeats: None -> 1\)"):  # none known
+    with pytest.raises(ConfigMismatchError, match=rf"\(repeats: {unset_} -> 1\)"):  # none known
         claim_output(str(tmp_path), {**unset, "repeats": 1}, False, {})
 
 
