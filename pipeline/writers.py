@@ -227,7 +227,7 @@ def _may_hold(group, ids: list[str]) -> bool:
     column = next((group.column(i) for i in range(group.num_columns)
                    if group.column(i).path_in_schema == "id"), None)
     stats = column.statistics if column is not None else None
-    if stats is None or not stats.has_min_max:
+    if stats is None or not stats.has_min_max or not isinstance(stats.min, str):
         return True
     return any(stats.min <= row_id <= stats.max for row_id in ids)
 

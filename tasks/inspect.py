@@ -209,8 +209,9 @@ def sheet_rows(
     check_choice(folder, written + only_failed, ids, {row["sample"] for row in rows}, sample)
     chosen = ids or (written + only_failed)[:count]
     wanted = set(chosen)
-    holding = {row[SHARD] for row in rows if row["id"] in wanted and row["sample"] == sample}
-    outputs = chosen_outputs(folder, chosen, sample, holding) if holding else {}
+    holding = {row.get(SHARD) for row in rows if row["id"] in wanted and row["sample"] == sample}
+    shards = None if None in holding else holding  # rows read elsewhere: every shard
+    outputs = chosen_outputs(folder, chosen, sample, shards) if holding else {}
     first = {row["id"]: row for row in rows}
     summary = read_summary(folder)
     base, limit = manifest_base(folder, summary), pixel_limit(summary)
