@@ -26,7 +26,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.lease import fenced, holding, live_holder
+from pipeline.lease import LeaseLostError, holding, live_holder
 from pipeline.manifest import (
     ManifestError,
     ManifestFiles,
@@ -62,7 +62,7 @@ from pipeline.resume import (
     write_index,
 )
 from pipeline.writers import DATA_COLUMNS
-from tasks.images import options_for, storage_step, without_ray_retry_note
+from tasks.images import options_for, storage_step
 
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
@@ -129,7 +129,7 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
         progress.settle(shared)  # the driver's error rows, committed above
         stopped = (f"the run stopped when a task could not use storage (manifest "
                    f"{config.manifest}, OUTPUT {config.output}); rerun to resume")
-        with storage_step(stopped), fenced(), as_raised(ManifestError):
+        with storage_step(stopped), as_raised(LeaseLostError, ManifestError):
             stats = {**(execute(config, manifest, plan, committed, model, progress, lease.run)
                         if todo else {}), "retried_errors": retried,
                      "written": progress.written, "failed": progress.failed}
@@ -143,15 +143,17 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
 
 @contextmanager
 def as_raised(*kinds: type[Exception]) -> Iterator[None]:
-    """Re-raise a Ray task's error of one of `kinds` as that error alone: its message, not
-    Ray's wrapper of it with the task's traceback (a damaged manifest file a read task meets
-    printed 36 lines)."""
+    """Re-raise a Ray task's error of one of `kinds` (errors whose message is one line) as that
+    error alone, not Ray's wrapper of it with the task's traceback and Ray Data's retry advice
+    after the line: a run that lost OUTPUT (LeaseLostError), a damaged manifest file a read
+    task meets (ManifestError; 36 lines before). The dataset raises its tasks' original errors
+    (`raise_original_map_exception`) under Ray's wrapper type."""
     try:
         yield
     except Exception as error:
         cause = getattr(error, "cause", None)  # a Ray task's error wraps the original
         if isinstance(cause, kinds):
-            raise type(cause)(without_ray_retry_note(str(cause))) from None
+            raise type(cause)(str(cause).splitlines()[0]) from None
         raise
 
 

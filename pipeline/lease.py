@@ -121,20 +121,6 @@ def confirm_held(output: str, run: str, storage_options: Mapping) -> None:
             "committed stays in OUTPUT")
 
 
-@contextmanager
-def fenced() -> Iterator[None]:
-    """Re-raise the LeaseLostError of a Ray task in the block as itself: a run that lost OUTPUT
-    stops with that one message instead of Ray's wrapped traceback (the dataset must raise its
-    tasks' original errors, `raise_original_map_exception`)."""
-    try:
-        yield
-    except Exception as error:
-        cause = getattr(error, "cause", None)  # a Ray task's error wraps the original
-        if isinstance(cause, LeaseLostError):  # one line; Ray Data appends retry advice
-            raise LeaseLostError(str(cause).splitlines()[0]) from None
-        raise
-
-
 def live_holder(output: str, storage_options: Mapping, now: float) -> Lease | None:
     """OUTPUT's lease if a run holds it now (a run started now would be refused)."""
     lease = read_lease(output, storage_options)
