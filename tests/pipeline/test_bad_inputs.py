@@ -35,6 +35,7 @@ def bad_inputs(folder) -> dict[str, tuple[str, str | None, str | None]]:
     Image.new("CMYK", (48, 48), (10, 20, 30, 0)).save(folder / "cmyk.jpg")
     Image.new("RGB", (400, 400)).save(folder / "bomb.png")
     Image.new("L", (20, 20), 255).save(folder / "small_mask.png")
+    Image.new("L", (48, 48), 0).save(folder / "black_mask.png")  # keeps all: nothing to edit
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     whole = (folder / names[1]).read_bytes()
     (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
@@ -45,6 +46,7 @@ def bad_inputs(folder) -> dict[str, tuple[str, str | None, str | None]]:
         "missing": ("nowhere.png", None, "read"), "corrupt": ("corrupt.png", None, "decode"),
         "truncated": ("truncated.png", None, "decode"), "bomb": ("bomb.png", None, "decode"),
         "badmask": (names[0], "small_mask.png", "validate"),
+        "blackmask": (names[0], "black_mask.png", "validate"),
         "../escape": (names[0], None, "validate"), "noguide": (None, None, "validate"),
     }
 
@@ -88,16 +90,17 @@ def test_bad_inputs_become_error_rows_and_counts_reconcile(tmp_path):
     assert "nowhere.png" in failed[("missing", 0.5)]["error"]
     assert "over the limit of 100000" in failed[("bomb", 0.5)]["error"]
     assert "is 20x20 but guide" in failed[("badmask", 0.5)]["error"]
-    assert errors.num_rows == 11  # 7 bad rows, 2 twins, 2 bad t0 (1.5 and a null)
+    assert "black_mask.png leaves nothing to edit in guide" in failed[("blackmask", 0.5)]["error"]
+    assert errors.num_rows == 12  # 8 bad rows, 2 twins, 2 bad t0 (1.5 and a null)
     assert summary["expected_outputs"] == len(ids) + 2 == data.num_rows + errors.num_rows
     assert summary["reconciled"]
-    assert summary["errors_by_stage"] == {"decode": 3, "read": 1, "validate": 7}
+    assert summary["errors_by_stage"] == {"decode": 3, "read": 1, "validate": 8}
     gray = data.filter(pc.equal(data["id"], "gray"))
     assert gray["width"][0].as_py() == 64  # converted and resized to the model resolution
     again = run(RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
                           steps=2, t0=(0.5,), max_pixels=100_000))
     assert again["this_run"]["todo"] == 0  # committed errors (a NaN t0 too) are not retried
-    assert read_errors(output).num_rows == 11 and again["reconciled"]
+    assert read_errors(output).num_rows == 12 and again["reconciled"]
 
 
 def test_rows_sharing_keys_get_one_error_row_each_across_runs(tmp_path):

@@ -227,6 +227,30 @@ def test_prepare_center_crops_and_resizes_guide_and_mask(tmp_path):
     assert alpha[:, 0].max() == 0 and alpha[:, -1].min() == 255
 
 
+@pytest.mark.parametrize("marked, why", [
+    (None, r"every pixel is 0 \(keep\); white \(255\) marks the region to edit"),
+    ((0, 0, 8, 20), r"its edit region \(pixels \(0, 0\) to \(8, 20\)\) lies outside the centre "
+                    r"square \(10, 0\) to \(30, 20\) that the model sees of the 40x20 guide"),
+    ((19, 9, 20, 10), "its edit region is too small or faint to show at the model's 4x4"),
+])
+def test_a_mask_that_leaves_nothing_to_edit_in_the_crop_is_a_validate_error(tmp_path, marked,
+                                                                            why):
+    """Such a row's output would be its guide unchanged: an inverted mask, or one drawn where
+    the centre crop cuts it away, was written as if edited."""
+    guide = save(Image.new("RGB", (40, 20), (90, 120, 150)), tmp_path / "g.png")
+    mask = Image.new("L", (40, 20), 0)
+    if marked:
+        mask.paste(255 if marked[2] - marked[0] > 1 else 2, marked)
+    with pytest.raises(InputError, match=f"mask .*m.png leaves nothing to edit in guide "
+                                         f".*g.png: {why}; the output would be the guide "
+                                         "unchanged") as error:
+        prepare(guide, save(mask, tmp_path / "m.png"), 4, {}, LIMIT)
+    assert error.value.stage == "validate"
+    mask.paste(255, (28, 0, 31, 20))  # a strip that reaches into the crop is edited
+    _, kept = prepare(guide, save(mask, tmp_path / "m.png"), 4, {}, LIMIT)
+    assert max(kept) > 0
+
+
 def _photo(width: int, height: int) -> Image.Image:
     """A smooth photo-like RGB image."""
     coarse = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
