@@ -1,9 +1,10 @@
 """`sdedit bench`: model-only throughput against end-to-end pipeline throughput, same settings.
 
 Model-only: decoded guides already in memory, `sdedit.edit` in chunks of `--model-batch` with
-per-sample generators, exactly as the actor calls it. End to end: `sdedit run` on the same
-images written as PNG files plus a manifest, from reading the manifest to committed shards
-(actor start-up included). Model-only runs before and after the pipeline and the two are
+per-sample generators, exactly as the actor calls it, in as many processes as `--actors`, each
+with an actor's torch threads (the machine's cores shared among them). End to end: `sdedit run`
+on the same images written as PNG files plus a manifest, from reading the manifest to committed
+shards (actor start-up included). Model-only runs before and after the pipeline and the two are
 averaged, because other work on the machine changes its speed. The ratio says how much the CPU
 stages and scheduling cost. The run's time is split into start-up (pipeline start to the first
 edit: Ray workers, actor imports and model load, first fetch), editing and drain (last edit to
@@ -80,7 +81,9 @@ def check_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Rows per actor call.")
 @click.option("--model-batch", default=32, show_default=True, type=POSITIVE,
               help="Samples per model call.")
-@click.option("--actors", default=1, show_default=True, type=POSITIVE)
+@click.option("--actors", default=1, show_default=True, type=POSITIVE,
+              help="SDEdit actors of the pipeline, each with the cores over N torch threads; "
+                   "model-only runs as many processes at once.")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]),
               help="The network's dtype, for model-only and the pipeline alike.")
@@ -213,36 +216,77 @@ def write_inputs(folder: Path, count: int, size: int) -> Path:
 def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int,
                      model_batch: int, actors: int, dtype: str = "float32",
                      compile: bool = False) -> float:
-    """Images/s through `sdedit.edit` alone, guides decoded beforehand (a compiled network
-    compiles on an untimed first chunk)."""
+    """Images/s through `sdedit.edit` alone in `actors` processes at once, as many as the
+    pipeline's actors and with their torch threads, the chunks of `--model-batch` dealt out
+    among them: the images over the time from the first process's start to the last one's end.
+    Each process loads the model and decodes its guides (and compiles, on an untimed chunk)
+    before all are told to start."""
+    code = "from pipeline.bench_cli import _model_only_process; _model_only_process()"
+    processes = []
+    for share in dealt(count, model_batch, actors):
+        settings = dict(folder=str(folder), model=model, t0=t0, steps=steps, dtype=dtype,
+                        compile=compile, threads=actor_threads(actors), chunks=share)
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(settings)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        ready = [process.stdout.readline().strip() == "ready" for process in processes]
+        for process in processes if all(ready) else ():
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = [process.communicate() for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, ok, (_, errors) in zip(processes, ready, outputs, strict=True):
+        if not ok or process.returncode:
+            reason = (errors.strip().splitlines() or ["no output"])[-1]
+            raise click.ClickException(f"model-only could not run {model}: {reason}")
+    spans = [[float(value) for value in out.split()] for out, _ in outputs]
+    return count / (max(end for _, end in spans) - min(start for start, _ in spans))
 
+
+def dealt(count: int, model_batch: int, processes: int) -> list[list[list[int]]]:
+    """Images 0..count-1 in chunks of `model_batch`, dealt out in turn to `processes`."""
+    chunks = [list(range(first, min(first + model_batch, count)))
+              for first in range(0, count, model_batch)]
+    return [chunks[index::processes] for index in range(processes)]
+
+
+def _model_only_process() -> None:
+    """One model-only process: load, decode its guides, print `ready`, wait for `go` on stdin,
+    edit its chunks and print its start and end on the machine's monotonic clock."""
     import torch
 
     import sdedit
     from pipeline.actor import prefer_deterministic_cuda, to_tensor
     from pipeline.fetch import prepare
 
-    torch.set_num_threads(actor_threads(actors))
+    settings = json.loads(sys.argv[1])
+    torch.set_num_threads(settings["threads"])
     if torch.cuda.is_available():
         prefer_deterministic_cuda()  # as the actor does, so both use the same kernels
-    prior = sdedit.load(model, dtype=dtype, compile=compile)
-    guides = [prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
-              for i in range(count)]
+    prior = sdedit.load(settings["model"], dtype=settings["dtype"], compile=settings["compile"])
+    folder = Path(settings["folder"])
+    guides = {i: prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
+              for chunk in settings["chunks"] for i in chunk}
 
-    def edit(first: int) -> None:
-        chunk = guides[first:first + model_batch]
-        guide = to_tensor(chunk, prior.resolution, 3).to(prior.device)
-        generators = sdedit.generators(range(first, first + len(chunk)))  # on the CPU, as the actor
-        prior.edit(guide, t0=t0, steps=steps, generator=generators)
+    def edit(chunk: list[int]) -> None:
+        guide = to_tensor([guides[i] for i in chunk], prior.resolution, 3).to(prior.device)
+        generators = sdedit.generators(chunk)  # on the CPU, as the actor
+        prior.edit(guide, t0=settings["t0"], steps=settings["steps"], generator=generators)
 
-    if compile:
-        edit(0)
-    started = time.perf_counter()
-    for first in range(0, count, model_batch):
-        edit(first)
+    if settings["compile"] and settings["chunks"]:
+        edit(settings["chunks"][0])
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return
+    started = time.monotonic()
+    for chunk in settings["chunks"]:
+        edit(chunk)
     if prior.device.type == "cuda":
         torch.cuda.synchronize()
-    return count / (time.perf_counter() - started)
+    print(started, time.monotonic(), flush=True)
 
 
 def pipeline_throughput(manifest: Path, output: Path, model: str, t0: float, steps: int,

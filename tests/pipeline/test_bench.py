@@ -12,8 +12,11 @@ from pipeline.bench_cli import (
     actor_start_seconds,
     best_case_ratio,
     compare,
+    dealt,
     median,
+    model_throughput,
     steady_state_ratio,
+    write_inputs,
 )
 
 
@@ -41,6 +44,24 @@ def test_actor_start_builds_the_actor_in_a_fresh_process():
     assert 0.1 < seconds < 120  # it imports torch and diffusers: never instant
     with pytest.raises(click.ClickException, match="builtin:nope.*unknown builtin model 'nope'"):
         actor_start_seconds("builtin:nope", steps=20, model_batch=8, actors=1)
+
+
+def test_model_only_deals_the_chunks_out_to_one_process_per_actor():
+    assert dealt(5, model_batch=2, processes=2) == [[[0, 1], [4]], [[2, 3]]]
+    assert dealt(3, model_batch=4, processes=1) == [[[0, 1, 2]]]
+    assert dealt(2, model_batch=1, processes=3) == [[[0]], [[1]], []]  # one waits idle
+
+
+def test_model_only_runs_as_many_processes_as_actors(tmp_path):
+    write_inputs(tmp_path, count=3, size=16)
+    for actors in (1, 2):
+        rate = model_throughput(tmp_path, "builtin:tiny", count=3, t0=0.5, steps=2,
+                                model_batch=1, actors=actors)
+        assert 0 < rate < 10_000
+    with pytest.raises(click.ClickException, match="model-only could not run builtin:nope.*"
+                                                   "unknown builtin model 'nope'"):
+        model_throughput(tmp_path, "builtin:nope", count=3, t0=0.5, steps=2, model_batch=1,
+                         actors=2)
 
 
 def test_each_run_is_compared_with_model_only_around_it():
