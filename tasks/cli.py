@@ -319,20 +319,27 @@ manifest_option = click.option(
 @click.option("-n", "--count", type=click.IntRange(min=1), default=8, show_default=True,
               help="Ids on the contact sheet.")
 @click.option("--id", "ids", multiple=True, help="Show these ids (repeatable).")
+@click.option("--newest", is_flag=True,
+              help="Show the ids of the most recently written shards first (a scheduled run's "
+                   "latest outputs), not the first ids in sort order.")
 @click.option("--sample", default=0, show_default=True, help="Which sample per (id, t0).")
 @click.option("--cell", type=click.IntRange(min=1), default=128, show_default=True,
               help="Cell size in pixels.")
 @click.option("--out", "destination", default=None, help="Where to write (default OUTPUT/inspect).")
 @manifest_option
 @storage_option
-def inspect(output, count, ids, sample, cell, destination, manifest_uri, storage_options) -> None:
+def inspect(output, count, ids, newest, sample, cell, destination, manifest_uri,
+            storage_options) -> None:
     """Summarize an OUTPUT folder and write a contact sheet (PNG + self-contained HTML)."""
     from tasks.inspect import write_contact_sheet
 
+    if ids and newest:
+        raise click.UsageError("give --id or --newest, not both: --id names the ids to show")
     with reported(f"cannot inspect {output}"):
         folder = output_folder(output, storage_options, manifest_uri)
         png, page, summary = write_contact_sheet(
-            folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell
+            folder, destination or folder.path("inspect"), count, list(ids) or None, sample, cell,
+            newest,
         )
     click.echo("\n".join(summary))
     click.echo(f"contact sheet: {png}\n               {page}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,6 +31,7 @@ from tasks.outputs import (
     read_summary,
     resolve_guide,
     row_label,
+    shard_times,
 )
 
 PAD = 4  # pixels between cells and around the sheet
@@ -193,10 +195,11 @@ def faithfulness_lines(rows: list[dict]) -> list[str]:
 
 def sheet_rows(
     folder: OutputFolder, count: int = 8, ids: list[str] | None = None, sample: int = 0,
-    read: tuple[list[dict], list[dict]] | None = None,
+    read: tuple[list[dict], list[dict]] | None = None, newest: bool = False,
 ) -> tuple[list[SheetRow], list[float]]:
     """The first `count` ids (sorted; those with outputs first, then those whose every output
-    failed) or the given `ids`, and the sorted t0 values of the run, failed ones included
+    failed; with `newest`, those of the most recently written shards first, as a scheduled
+    run's latest) or the given `ids`, and the sorted t0 values of the run, failed ones included
     (`read`: OUTPUT's rows as `read_rows` gives them, else read here)."""
     rows, errors = read or read_rows(folder)
     failures = [row for row in errors
@@ -207,7 +210,9 @@ def sheet_rows(
     written = sorted({row["id"] for row in rows})
     only_failed = sorted({row["id"] for row in failures} - set(written))
     check_choice(folder, written + only_failed, ids, {row["sample"] for row in rows}, sample)
-    chosen = ids or (written + only_failed)[:count]
+    order = newest_first(folder, written + only_failed, rows + errors) if newest else \
+        written + only_failed
+    chosen = ids or order[:count]
     wanted = set(chosen)
     holding = {row.get(SHARD) for row in rows if row["id"] in wanted and row["sample"] == sample}
     shards = None if None in holding else holding  # rows read elsewhere: every shard
@@ -228,6 +233,17 @@ def sheet_rows(
             unread=tuple(p for p in (guide_problem, mask_problem) if p),
         ))
     return sheet, t0s
+
+
+def newest_first(folder: OutputFolder, ids: list[str], rows: list[dict]) -> list[str]:
+    """`ids` by the time of the newest shard holding a row of theirs (data or error rows as
+    `read_rows` names their shards), newest first; ties keep their order."""
+    written_at = {**shard_times(folder, "data"), **shard_times(folder, "errors")}
+    latest: dict[str, float] = {}
+    for row in rows:
+        when = written_at.get(row.get(SHARD), -math.inf)
+        latest[row["id"]] = max(when, latest.get(row["id"], -math.inf))
+    return sorted(ids, key=lambda row_id: -latest.get(row_id, -math.inf))
 
 
 def check_choice(folder: OutputFolder, known: list[str], ids: list[str] | None,
@@ -428,6 +444,7 @@ def write_contact_sheet(
     ids: list[str] | None = None,
     sample: int = 0,
     cell: int = 128,
+    newest: bool = False,
 ) -> tuple[str, str, list[str]]:
     """Write contact_sheet.png and contact_sheet.html under `destination`.
 
@@ -436,7 +453,7 @@ def write_contact_sheet(
     import fsspec
 
     read = read_rows(folder)
-    rows, t0s = sheet_rows(folder, count, ids, sample, read)
+    rows, t0s = sheet_rows(folder, count, ids, sample, read, newest)
     summary = summary_lines(folder, read) + unread_note(rows)
     png, page = (
         f"{destination.rstrip('/')}/contact_sheet.png",

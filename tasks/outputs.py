@@ -79,6 +79,33 @@ def data_shards(folder: OutputFolder) -> tuple[Format, list[str]]:
                             "(*.parquet) nor WebDataset (*.tar) files")
 
 
+def shard_times(folder: OutputFolder, sub: str) -> dict[str, float]:
+    """When each file under OUTPUT/sub was last written, in POSIX seconds, by its path as
+    `shard_files` gives it (the store's own clock: a local file's mtime, an object's
+    LastModified); none for a folder that does not exist."""
+    fs, root = _filesystem(folder)
+    path = posixpath.join(root, sub)
+    if not fs.exists(path):
+        return {}
+    return {entry["name"].rstrip("/"): _written_at(entry, folder.path(sub))
+            for entry in fs.ls(path, detail=True) if entry.get("type") != "directory"}
+
+
+def _written_at(entry: dict, where: str) -> float:
+    from datetime import datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    raise ValueError(f"the store of {where} gives no modification time for "
+                     f"{entry['name']}, so the newest outputs cannot be told")
+
+
 def read_shard(
     fs, path: str, data_format: Format, columns: list[str] | None = None,
     ids: list[str] | None = None, uri: str | None = None,

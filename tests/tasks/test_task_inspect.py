@@ -319,3 +319,32 @@ def test_the_sheet_reads_images_only_from_the_shards_of_its_ids(tmp_path, data_f
     assert t0s == [0.5] and [row.id for row in sheet] == chosen
     assert [Image.open(io.BytesIO(row.outputs[0.5].data)).getpixel((0, 0)) for row in sheet] == [
         (60, 0, 0), (180, 0, 0)]
+
+
+def test_newest_shows_the_ids_of_the_latest_shards_first(tmp_path):
+    """A nightly job's OUTPUT: the sheet showed night one's first ids every night after."""
+    import os
+
+    from task_fixtures import output_record
+
+    night = [{"id": f"a{i}", "t0": 0.5, "image": flat((i, 0, 0))} for i in range(4)]
+    errors = [{"id": "aF", "t0": 0.5, "sample": None, "stage": "read", "error": "missing"}]
+    root = write_output(tmp_path / "out", night, errors, files=1)
+    tonight = [{"id": f"b{i}", "t0": 0.5, "image": flat((0, i, 0))} for i in range(2)]
+    pq.write_table(pa.Table.from_pylist([output_record(row) for row in tonight]),
+                   root / "data" / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist([{**errors[0], "id": "bF"}]),
+                   root / "errors" / "part-1.parquet")
+    for shard, when in [("data/part-0", 1_000), ("errors/part-0", 1_000),
+                        ("data/part-1", 3_000), ("errors/part-1", 3_000)]:
+        os.utime(root / f"{shard}.parquet", (when, when))
+    folder = OutputFolder(str(root))
+    assert [row.id for row in sheet_rows(folder, count=4, newest=True)[0]] == [
+        "b0", "b1", "bF", "a0"]  # tonight's outputs, then its failures, then the night before
+    assert [row.id for row in sheet_rows(folder, count=4)[0]] == ["a0", "a1", "a2", "a3"]
+    shown = CliRunner().invoke(inspect_command, [str(root), "--newest", "-n", "2"])
+    assert shown.exit_code == 0, shown.output
+    html = (root / "inspect" / "contact_sheet.html").read_text()
+    assert "<td class='id'>b1</td>" in html and "<td class='id'>a0</td>" not in html
+    both = CliRunner().invoke(inspect_command, [str(root), "--newest", "--id", "a0"])
+    assert both.exit_code == 2 and "give --id or --newest, not both" in both.output

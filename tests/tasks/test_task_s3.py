@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -79,3 +80,14 @@ def test_inspect_and_evaluate_an_output_in_a_bucket(s3_server, tmp_path):
     result = CliRunner().invoke(main, ["evaluate", f"s3://{bucket}/out", *flags])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert '"outputs_scored": 2' in fs.cat(f"{bucket}/out/evaluation.json").decode()
+
+    time.sleep(1.1)  # LastModified counts whole seconds
+    later = write_output(tmp_path / "later", [{"id": "b", "t0": 0.3, "image": flat(120)}])
+    fs.put(str(later / "data" / "part-0.parquet"), f"{bucket}/out/data/part-9.parquet")
+    s3fs.S3FileSystem.clear_instance_cache()  # as a new process: no listing cached from above
+    for newest, shown in (["--newest"], "b"), ([], "a"):
+        result = CliRunner().invoke(main, ["inspect", f"s3://{bucket}/out", "-n", "1", *newest,
+                                           *flags])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        page = fs.cat(f"{bucket}/out/inspect/contact_sheet.html").decode()
+        assert f"<td class='id'>{shown}</td>" in page, newest
