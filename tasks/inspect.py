@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageOps
 from pipeline.manifest import READ_THREADS
 from tasks.images import InputError, options_for
 from tasks.outputs import (
+    SHARD_SUFFIXES,
     OutputFolder,
     committed_shards,
     decode_output,
@@ -268,8 +269,12 @@ def chosen_outputs(
     `shards` (paths as `read_rows` names them) when given: ids spread over every shard made
     each shard's images read (Parquet statistics cannot rule an id out then; tars never can)."""
     columns = ["id", "t0", "sample", "image", "image_format", "l2_to_guide"]
-    data_format, paths = committed_shards(folder)
-    paths = [path for path in paths if shards is None or path in shards]
+    if shards is None:
+        data_format, paths = committed_shards(folder)
+    else:  # committed shards `read_rows` listed, all in one format: no listing again
+        paths = sorted(shards)
+        data_format = next((name for name, suffix in SHARD_SUFFIXES.items()
+                            if paths and paths[0].endswith(suffix)), "parquet")
     outputs = {}
     for shard, table in read_shards(folder, (data_format, paths), columns, ids, READ_THREADS):
         for row in table.to_pylist():

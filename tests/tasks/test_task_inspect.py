@@ -295,10 +295,14 @@ def test_an_output_image_that_cannot_be_decoded_is_named(run_output):
 
 
 @pytest.mark.parametrize("data_format", ["parquet", "webdataset"])
-def test_the_sheet_reads_images_only_from_the_shards_of_its_ids(tmp_path, data_format):
+def test_the_sheet_reads_images_only_from_the_shards_of_its_ids(tmp_path, data_format,
+                                                               monkeypatch):
     """Ids spread over every shard: Parquet statistics could not rule a shard out, and a tar
     never can, so the sheet read every shard's images. Now the shards that do not hold its
-    ids stay unread: damaging them after the rows are read changes nothing."""
+    ids stay unread: damaging them after the rows are read changes nothing. Nor is OUTPUT
+    listed again (a round trip per folder and format on an object store)."""
+    from fsspec.implementations.local import LocalFileSystem
+
     order = [5, 0, 9, 3, 11, 1, 7, 2, 10, 4, 8, 6]  # four shards of three, each spanning ids
     rows = [{"id": f"id{i:02d}", "t0": 0.5, "sample": 0, "image": png_bytes(flat((20 * i, 0, 0))),
              "image_format": "png"} for i in order]
@@ -315,7 +319,10 @@ def test_the_sheet_reads_images_only_from_the_shards_of_its_ids(tmp_path, data_f
     assert (len(holding), len(others)) == (2, 2)
     for path in others:
         path.write_bytes(b"damaged after the rows were read")
+    listed = []
+    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, path, *a, **k: listed.append(path))
     sheet, t0s = sheet_rows(folder, ids=chosen, read=read)
+    assert listed == []
     assert t0s == [0.5] and [row.id for row in sheet] == chosen
     assert [Image.open(io.BytesIO(row.outputs[0.5].data)).getpixel((0, 0)) for row in sheet] == [
         (60, 0, 0), (180, 0, 0)]
