@@ -119,6 +119,11 @@ def edit(
         _note(f"{out_path.suffix} is lossy: outside the mask the written image is near the guide, "
               "not exactly it (.png and .webp keep it exactly)")
     prior = _load_prior(model_uri, device, dtype, allow_pickle)
+    if mask is not None and not mask_to_tensor(mask, prior.resolution, mask_mode).any():
+        _note(f"mask {mask_path} marks nothing to synthesize at the model's "
+              f"{prior.resolution}x{prior.resolution} (white marks it; --mask-mode {mask_mode}"
+              f"{' counts a pixel from 50% grey' if mask_mode == 'binary' else ''}): the "
+              "output is the guide unchanged")
     result = edit_image(prior, guide, mask, options)
     _save(result, out_path)
     click.echo(f"wrote {out_path}")

@@ -113,6 +113,14 @@ def test_black_mask_keeps_the_guide_exactly(tmp_path):
     assert result.exit_code == 0, result.output
     assert "resizing" not in result.stderr  # already at the model's resolution
     assert np.array_equal(pixels(out), pixels(guide))
+    assert (f"mask {black} marks nothing to synthesize at the model's 64x64 (white marks it; "
+            "--mask-mode binary counts a pixel from 50% grey): the output is the guide "
+            "unchanged") in result.stderr
+    faint = write_png(tmp_path / "faint.png", np.full((64, 64), 100, dtype=np.uint8))
+    for mode, noted in (("binary", True), ("soft", False)):  # 100/255 is synthesized in part
+        result = sdedit_edit("--model", "builtin:tiny", "--guide", str(guide), "--mask",
+                             str(faint), "--mask-mode", mode, "--steps", "3", "--out", str(out))
+        assert result.exit_code == 0 and ("marks nothing" in result.stderr) == noted, mode
 
 
 def test_without_a_mask_everything_changes(tmp_path):
