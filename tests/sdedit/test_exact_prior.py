@@ -143,6 +143,19 @@ def test_vp_strided_steps_keep_the_exact_mean(vp, t0, steps):
     assert torch.allclose(d_mean, c_mean, atol=1e-6)
 
 
+@pytest.mark.parametrize(("steps", "low", "high"), [(50, 0.76, 0.83), (20, 0.58, 0.66),
+                                                    (5, 0.19, 0.24)])
+def test_vp_strided_steps_lose_variance_as_the_readme_says(vp, steps, low, high):
+    """Fewer steps give smoother outputs: "fixedsmall" leaves out the uncertainty about the
+    clean image that a long stride carries (exactly 0.79, 0.62 and 0.21 of SDEdit's output
+    variance at t0 = 0.5, against 0.97 with every step)."""
+    out = sdedit.edit(gaussian_eps_model(vp), vp, guide_batch(), t0=0.5, steps=steps,
+                      generator=torch.Generator().manual_seed(8))
+    _, c_var = vp_posterior(vp.path(0.5)[0], vp, GUIDE)
+    ratio = moments(out)[1] / c_var
+    assert torch.all((ratio > low) & (ratio < high)), ratio
+
+
 def test_vp_t0_one_samples_the_prior(vp):
     out = sdedit.edit(gaussian_eps_model(vp), vp, guide_batch(), t0=1.0,
                       generator=torch.Generator().manual_seed(3))
@@ -267,6 +280,47 @@ def test_ve_mask_keeps_guide_exactly():
     assert torch.equal(out[mask == 0], guide[mask == 0])
     d_mean, d_var = ve_discrete(ve, ve.path(0.4, 200), GUIDE)
     assert_moments(out, d_mean, d_var, mask=mask[:, :1])
+
+
+@pytest.mark.parametrize(("steps", "low", "high"), [(20, 1.15, 1.24), (5, 2.1, 2.3)])
+def test_ve_strided_steps_gain_variance_as_the_readme_says(steps, low, high):
+    """Euler-Maruyama adds each step's whole noise increment, more than the exact reverse
+    step over a long stride: 1.20 and 2.20 times SDEdit's output variance at t0 = 0.5."""
+    ve = sdedit.VESchedule(sigma_min=0.01, sigma_max=50.0)
+    out = sdedit.edit(gaussian_score_model, ve, guide_batch(), t0=0.5, steps=steps,
+                      generator=torch.Generator().manual_seed(9))
+    ratio = moments(out)[1] / ve_posterior(ve, 0.5, GUIDE)[1]
+    assert torch.all((ratio > low) & (ratio < high)), ratio
+
+
+def test_ve_mask_tracks_the_noise_level_of_each_call():
+    """The kept region at every model call is the guide plus sigma(t) times the pass's first
+    draw, through strided steps, mixed t0 and two repeats (VP's test checks the same)."""
+    ve = sdedit.VESchedule(sigma_min=0.01, sigma_max=50.0)
+    shape, steps, repeats, seeds = (3, 3, 8, 8), 9, 2, [5, 6, 7]
+    guide = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.zeros(shape[0], 1, *shape[2:])
+    mask[..., :4] = 1.0
+    draws = []  # each pass draws once for the start, then once per step, per sample
+    for stream in sdedit.generators(seeds):
+        draws.append([])
+        for _ in range(repeats):
+            draws[-1].append(torch.randn(shape[1:], generator=stream))
+            for _ in range(steps):
+                torch.randn(shape[1:], generator=stream)
+    seen = []
+
+    def recording(x, sigma):
+        first = torch.stack([mine[len(seen) // steps] for mine in draws])
+        expected = guide + sigma.view(-1, 1, 1, 1) * first
+        seen.append(float(((x - expected).abs() * (1 - mask)).max()))
+        return gaussian_score_model(x, sigma)
+
+    out = sdedit.edit(recording, ve, guide, t0=torch.tensor([0.2, 0.5, 0.5]), mask=mask,
+                      steps=steps, repeats=repeats, generator=sdedit.generators(seeds))
+    assert len(seen) == steps * repeats and max(seen) < 1e-4
+    keep = (1 - mask).expand_as(out).bool()
+    assert torch.equal(out[keep], guide[keep])
 
 
 def test_soft_mask_blends_every_step(vp):
