@@ -68,32 +68,33 @@ def prepare(guide_uri: str, mask_uri: str | None, resolution: int, options: Mapp
         full_size = oriented_size(data) if draft_to else guide.size
         mask = load_mask(mask_uri, guide_uri, full_size, options, max_pixels)
         fitted = fit(mask, resolution, Image.Resampling.BILINEAR)
-        if fitted.getbbox() is None:
-            raise InputError("validate", nothing_to_edit(mask, mask_uri, guide_uri, resolution))
+        if (why := nothing_to_edit(mask, fitted, resolution)) is not None:
+            raise InputError("validate", f"mask {mask_uri} leaves nothing to edit in guide "
+                                         f"{guide_uri}: {why}; the output would be the guide "
+                                         "unchanged")
         mask = fitted.tobytes()
     guide = fit(guide, resolution, Image.Resampling.BICUBIC, box)
     return in_srgb(guide, decoded.info.get("icc_profile")).tobytes(), mask
 
 
-def nothing_to_edit(mask: Image.Image, uri: str, guide_uri: str, resolution: int) -> str:
-    """Why a mask that keeps every pixel the model sees is refused: its output would be the
-    guide itself, and the mistake (an inverted mask, one drawn off the crop) is the user's to
-    see. White (255) marks what to edit."""
+def nothing_to_edit(mask: Image.Image, fitted: Image.Image, resolution: int) -> str | None:
+    """Why a full-size mask, `fitted` to the model's square, would keep every pixel the model
+    sees (its output would be the guide itself: an inverted mask, or one drawn off the crop, is
+    the user's to see), or None. White (255) marks what to edit. A region that ends at the
+    square's edge counts as off it: the resize's filter leaks a faint edge into the square."""
     from tasks.regions import centre_square
 
     crop, marked = centre_square(*mask.size), mask.getbbox()
     if marked is None:
-        why = "every pixel is 0 (keep); white (255) marks the region to edit"
-    elif (marked[0] >= crop.right or marked[2] <= crop.left or marked[1] >= crop.bottom
-          or marked[3] <= crop.top):
-        why = (f"its edit region (pixels {marked[:2]} to {marked[2:]}) lies outside the centre "
-               f"square {crop.as_tuple()[:2]} to {crop.as_tuple()[2:]} that the model sees of "
-               f"the {mask.width}x{mask.height} guide")
-    else:
-        why = (f"its edit region is too small or faint to show at the model's "
-               f"{resolution}x{resolution}")
-    return (f"mask {uri} leaves nothing to edit in guide {guide_uri}: {why}; the output would "
-            "be the guide unchanged")
+        return "every pixel is 0 (keep); white (255) marks the region to edit"
+    if mask.crop(crop.as_tuple()).getbbox() is None:
+        return (f"its edit region (pixels {marked[:2]} to {marked[2:]}) lies outside the centre "
+                f"square {crop.as_tuple()[:2]} to {crop.as_tuple()[2:]} that the model sees of "
+                f"the {mask.width}x{mask.height} guide")
+    if fitted.getbbox() is None:
+        return f"its edit region is too small or faint to show at the model's {resolution}x" \
+               f"{resolution}"
+    return None
 
 
 def fetch_batch(table: pa.Table, resolution: int, storage_options: Mapping,

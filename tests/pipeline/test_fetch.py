@@ -231,6 +231,8 @@ def test_prepare_center_crops_and_resizes_guide_and_mask(tmp_path):
     (None, r"every pixel is 0 \(keep\); white \(255\) marks the region to edit"),
     ((0, 0, 8, 20), r"its edit region \(pixels \(0, 0\) to \(8, 20\)\) lies outside the centre "
                     r"square \(10, 0\) to \(30, 20\) that the model sees of the 40x20 guide"),
+    # its edge meets the square's: the resize leaked a faint column into the square's first
+    ((0, 0, 10, 20), r"its edit region \(pixels \(0, 0\) to \(10, 20\)\) lies outside .*"),
     ((19, 9, 20, 10), "its edit region is too small or faint to show at the model's 4x4"),
 ])
 def test_a_mask_that_leaves_nothing_to_edit_in_the_crop_is_a_validate_error(tmp_path, marked,
