@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.presets import Preset
-from tasks.regions import THRESHOLD, Box, binary_mask, box_mask, random_box
+from tasks.regions import THRESHOLD, Box, binary_mask, box_mask, centre_square, random_box
 from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 PRESET = Preset(
@@ -71,8 +71,21 @@ def region_mask(
         if not mask.getbbox():
             raise ValueError(f"the mask has no pixel above {THRESHOLD} (white = synthesize; "
                              f"0-{THRESHOLD} keep), so the edit would change nothing")
+        _check_in_square(mask, "the mask's white region")
         return mask
     box = region or random_box(width, height, rng, min_fraction, max_fraction)
     if not box.fits(width, height):
         raise ValueError(f"box {box.as_tuple()} does not fit a {width}x{height} image")
-    return box_mask(width, height, box)
+    mask = box_mask(width, height, box)
+    _check_in_square(mask, f"box {box.as_tuple()}")
+    return mask
+
+
+def _check_in_square(mask: Image.Image, what: str) -> None:
+    """`sdedit run` keeps only the centre square of a guide: a mask wholly off it would be
+    refused there (its output would be the guide unchanged)."""
+    square = centre_square(*mask.size)
+    if mask.crop(square.as_tuple()).getbbox() is None:
+        raise ValueError(f"{what} lies outside the centre square {square.as_tuple()} of the "
+                         f"{mask.width}x{mask.height} image that `sdedit run` keeps, so the edit "
+                         "would change nothing")

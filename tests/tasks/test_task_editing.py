@@ -94,3 +94,20 @@ def test_a_mask_image_with_nothing_to_synthesize_is_refused():
         edit_guide(image, region=Image.new("L", image.size, 127))
     assert str(error.value) == ("the mask has no pixel above 127 (white = synthesize; 0-127 "
                                 "keep), so the edit would change nothing")
+
+
+def test_a_box_or_mask_off_the_centre_square_is_refused():
+    """`sdedit run` keeps the centre square (8..56 of 64 columns): a region wholly beside it
+    made guides whose every row became an error there (before: a guide copied as its edit)."""
+    image = photo("chelsea", (64, 48))
+    with pytest.raises(ValueError) as error:
+        edit_guide(image, region=Box(0, 0, 8, 30))
+    assert str(error.value) == ("box (0, 0, 8, 30) lies outside the centre square (8, 0, 56, 48) "
+                                "of the 64x48 image that `sdedit run` keeps, so the edit would "
+                                "change nothing")
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (56, 10, 64, 20))
+    with pytest.raises(ValueError, match="the mask's white region lies outside the centre"):
+        edit_guide(image, region=mask)
+    _, kept = edit_guide(image, region=Box(0, 0, 9, 30))  # one column in the square: kept
+    assert np.asarray(kept)[:, 8].max() == 255
