@@ -148,7 +148,9 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
     output = output.rstrip("/")
     try:
         with storage_step(f"cannot build {task} guides from {source} into {output}"):
-            rows = source_rows(source, storage, exclude=(output,))  # not an earlier run's guides
+            # not an earlier run's guides, in OUTPUT inside the source or OUTPUT the source
+            rows = source_rows(source, storage,
+                               exclude=(output, f"{output}/guides", f"{output}/masks"))
             init_ray(settings["address"])  # as `sdedit run` chooses its Ray runtime
             job = GuideJob(task, output, options, storage, settings["batch_size"],
                            settings["num_cpus"], settings["max_pixels"])

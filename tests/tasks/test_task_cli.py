@@ -152,9 +152,14 @@ def test_a_single_image_cannot_be_composited(monkeypatch, tmp_path):
         "Error: compositing needs at least two images, or a 'foreground' column\n")
 
 
-def test_guides_in_an_output_inside_the_source_are_not_sources(monkeypatch, photo_folder):
+def test_guides_in_an_output_inside_the_source_are_not_sources(monkeypatch, photo_folder,
+                                                               tmp_path):
+    import shutil
+
     import pipeline.job
     from tasks import guides
+
+    itself = shutil.copytree(photo_folder, tmp_path / "itself")
 
     monkeypatch.setattr(pipeline.job, "init_ray", lambda address: None)
     monkeypatch.setattr(guides, "_build_on_ray",
@@ -167,6 +172,12 @@ def test_guides_in_an_output_inside_the_source_are_not_sources(monkeypatch, phot
     assert [row["id"] for row in rows] == [
         "animals__chelsea", "astronaut", "objects__coffee", "objects__rocket"]
     assert len(list((output / "guides").iterdir())) == 4
+    for _ in range(2):  # into the source itself: its guides/ and masks/ are no photos either
+        result = invoke("guides", "edits", str(itself), str(itself))
+        assert "wrote 4 editing guides" in result.output, result.output
+    rows = pq.read_table(itself / "manifest.parquet").to_pylist()
+    assert [row["id"] for row in rows] == [
+        "animals__chelsea", "astronaut", "objects__coffee", "objects__rocket"]
 
 
 def test_guides_refuse_source_columns_that_sdedit_run_reserves(ray_never_starts, tmp_path):
