@@ -42,6 +42,7 @@ RESERVED_COLUMNS = ("sample", "image", "image_format", "width", "height", "model
 INTERNAL = "_sd_"  # prefix of working columns that never reach the outputs
 RUN_CONFIG = "_run_config.json"  # marks an OUTPUT folder (`pipeline.resume`)
 OUTPUT_SHARD_FOLDERS = ("data", "errors")  # its shards (`pipeline.writers.DATA_DIR`...)
+GUIDE_ERRORS = "guide_errors.parquet"  # `sdedit guides` lists its failed rows there
 READ_ROWS = 8192  # manifest rows a read task expands at a time
 READ_THREADS = 16  # files the driver opens at once (manifests, shards): a store's latency
 T0_DECIMALS = 6
@@ -316,12 +317,13 @@ def list_parquet(fs, path: str, uri: str) -> tuple[list[str], str]:
     # a glob; over http(s) '?' starts the query (a signed URL), as fsspec's http glob takes it
     if magic := re.search(r"[*\[]" if http else r"[*?\[]", path):
         base = path[: magic.start()].rsplit("/", 1)[0]
-        files = _outside_outputs(fs, [f for f in fs.glob(path) if not _hidden(f, base, path)],
-                                 base)
+        files = _without_guide_errors(_outside_outputs(
+            fs, [f for f in fs.glob(path) if not _hidden(f, base, path)], base))
     elif fs.isdir(path):
         base = path
-        files = _outside_outputs(fs, [f for f in fs.find(path)
-                                      if f.endswith(".parquet") and not _hidden(f, path)], base)
+        files = _without_guide_errors(_outside_outputs(
+            fs, [f for f in fs.find(path) if f.endswith(".parquet") and not _hidden(f, path)],
+            base))
     elif fs.exists(path):
         files, base = [path], path.split("?", 1)[0].rsplit("/", 1)[0]
     else:
@@ -355,6 +357,16 @@ def _outside_outputs(fs, files: list[str], root: str) -> list[str]:
         return False
 
     return sorted(file for file in files if not in_output(file))
+
+
+def _without_guide_errors(files: list[str]) -> list[str]:
+    """`files` less the `guide_errors.parquet` that `sdedit guides` writes beside its
+    `manifest.parquet`: a guides OUTPUT taken as a folder manifest read its failed rows as a
+    manifest file (no `guide` column) and stopped."""
+    held = set(files)
+    return [file for file in files if not (
+        posixpath.basename(file) == GUIDE_ERRORS
+        and posixpath.join(posixpath.dirname(file), "manifest.parquet") in held)]
 
 
 def _hidden(path: str, root: str, pattern: str = "") -> bool:

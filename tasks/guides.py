@@ -380,13 +380,15 @@ def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> Guid
     when this run has no errors or no guides (so a manifest always describes this run)."""
     import fsspec
 
+    from pipeline.manifest import GUIDE_ERRORS
+
     records = manifest_records(rows, results, job.task)
     errors = [
         {"row": result["index"], "id": row.get("id"), "error": result["error"]}
         for row, result in zip(rows, results, strict=True) if result["error"]
     ]
     fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
-    for name, content in (("guide_errors.parquet", errors), ("manifest.parquet", records)):
+    for name, content in ((GUIDE_ERRORS, errors), ("manifest.parquet", records)):
         if content:
             write_parquet(content, f"{job.output}/{name}", job.storage_options)
         elif fs.exists(f"{root}/{name}"):

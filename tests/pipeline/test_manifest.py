@@ -641,6 +641,21 @@ def test_a_folder_manifest_that_is_its_own_output_leaves_out_the_shards_only(tmp
     assert find_files(str(folder / "**" / "*.parquet"), {}).files == first
 
 
+def test_a_guides_output_as_a_folder_manifest_leaves_out_its_error_list(tmp_path):
+    """`sdedit guides strokes photos g` with a bad photo, then `sdedit run g out`: the run
+    stopped on g/guide_errors.parquet ("missing required column(s): guide")."""
+    folder = tmp_path / "g"
+    write_manifest(folder / "manifest.parquet", {"id": ["a"], "guide": ["guides/a.png"]})
+    pq.write_table(pa.table({"row": [1], "id": ["bad"], "error": ["not an image"]}),
+                   folder / "guide_errors.parquet")
+    expected = (f"file://{folder}/manifest.parquet",)
+    assert find_files(str(folder), {}).files == expected
+    assert find_files(str(folder / "*.parquet"), {}).files == expected
+    (folder / "manifest.parquet").rename(folder / "rows.parquet")  # no guides OUTPUT: read
+    with pytest.raises(ManifestError, match="guide_errors.parquet: missing required column"):
+        find_files(str(folder), {})
+
+
 def test_columns_of_the_wrong_type_stop_the_run_before_any_work_naming_each():
     """A binary guide (Spark's strings without their UTF-8 mark) crashed the run mid-way
     with a traceback; a string t0 or a binary id stopped it with a line naming nothing."""
