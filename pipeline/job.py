@@ -426,8 +426,7 @@ def init_ray(address: str | None) -> bool:
                     f"cannot join the Ray cluster at {address} ({source}): "
                     f"{type(error).__name__}: {error}. Is it running (`ray status --address "
                     f"{address}`)? A cluster with token authentication also needs "
-                    "RAY_AUTH_MODE=token and its token here; what was committed stays in "
-                    "OUTPUT, rerun to resume") from error
+                    "RAY_AUTH_MODE=token and its token here") from error
         else:
             ray.init(address="local", include_dashboard=False)
     except SystemExit as stop:  # SIGTERM while ray.init ran, under Ray's own sys.exit(15)
