@@ -133,9 +133,27 @@ def summarize_t0(scores: list[dict]) -> dict:
     }
 
 
+def unlike_their_guide(scores: list[dict]) -> int:
+    """How many lossless outputs' recorded `l2_to_guide` differs from the L2 to the guide as
+    read now by over 1% (and 1e-4): the guide changed since the run (`sdedit guides` rerun
+    into its folder), or `--manifest` names another run's. Otherwise the two agree to about
+    1e-8, up to ICC conversion at full size here and at the model's size in the run."""
+    changed = 0
+    for score in scores:
+        reported = score.get("l2_to_guide")
+        if reported is None or str(score.get("image_format") or "png").lower() \
+                not in LOSSLESS_FORMATS:
+            continue
+        changed += abs(score["recomputed"].l2_to_guide - reported) > max(1e-4, 1e-2 * reported)
+    return changed
+
+
 def evaluate(folder: OutputFolder) -> dict:
-    """The faithfulness report for an OUTPUT folder: overall and by t0, JSON-ready."""
+    """The faithfulness report for an OUTPUT folder: overall and by t0, JSON-ready. Outputs
+    whose guides are not the ones they were made from are counted (None when not judged: a
+    `--fast-decode` run's guides differ from a full decode by design)."""
     scores, missing = score_rows(folder)
+    fast = read_summary(folder).get("config", {}).get("fast_decode")
     by_t0: dict[float, list[dict]] = defaultdict(list)
     for score in scores:
         by_t0[float(score["t0"])].append(score)
@@ -146,6 +164,7 @@ def evaluate(folder: OutputFolder) -> dict:
         "output": folder.uri,
         "outputs_scored": len(scores),
         "outputs_without_guide": missing,
+        "outputs_unlike_their_guide": None if fast else unlike_their_guide(scores),
         "exact_keep_outside_mask": exact,
         "by_t0": groups,
     }
@@ -168,6 +187,11 @@ def format_report(report: dict) -> str:
                      "(missing or unreadable; relative paths need the run's manifest, which "
                      "OUTPUT names only while a run holds it or once one has finished: pass "
                      "--manifest MANIFEST)")
+    if report.get("outputs_unlike_their_guide"):
+        lines.append(f"{report['outputs_unlike_their_guide']} lossless outputs recorded an "
+                     "l2_to_guide more than 1% from the L2 to their guide as read now: those "
+                     "guides changed since the run, or --manifest names another run's, so the "
+                     "MSE column is not the run's faithfulness for them")
     verdict = _exactness(report)
     if verdict:
         lines.append(f"guide kept exactly outside every mask: {verdict}")

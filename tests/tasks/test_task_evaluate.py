@@ -16,7 +16,7 @@ from task_fixtures import flat, output_record, write_output
 from pipeline.encode import ENCODERS, encode_image
 from tasks.cli import evaluate as evaluate_command
 from tasks.evaluate import LOSSLESS_FORMATS, evaluate, faithfulness, format_report
-from tasks.outputs import OutputFolder
+from tasks.outputs import OutputFolder, _decoded
 
 UNIT = 1 / 127.5  # one 8-bit level in [-1, 1] units
 
@@ -232,3 +232,26 @@ def test_an_output_image_that_cannot_be_decoded_is_named(known_output):
         f"Error: output id 'large', t0 0.3, sample 0 in {known_output}/data/part-0.parquet: its "
         "image cannot be decoded: not an image Pillow can identify\n")
     assert not (known_output / "evaluation.json").exists()
+
+
+def test_outputs_whose_guide_changed_since_the_run_are_counted_and_named(tmp_path):
+    """`sdedit guides` rerun into its folder with other settings replaced the guides; evaluate
+    then scored the old outputs against the new guides without a word (0.95 against 0.90)."""
+    (tmp_path / "run").mkdir()
+    flat(100).save(tmp_path / "run" / "a.png")
+    flat(60).save(tmp_path / "run" / "b.png")
+    outputs = [{"id": name, "t0": 0.5, "image": flat(120), "guide": f"{name}.png",
+                "l2_to_guide": (20 * UNIT if name == "a" else 60 * UNIT) ** 2}
+               for name in ("a", "b")]
+    summary = {"config": {"manifest": str(tmp_path / "run" / "m.parquet")}}
+    folder = OutputFolder(str(write_output(tmp_path / "out", outputs, summary=summary)))
+    assert evaluate(folder)["outputs_unlike_their_guide"] == 0
+    flat(90).save(tmp_path / "run" / "a.png")  # a guide made again, differently
+    _decoded.cache_clear()  # as a new process: guides are read once per process
+    report = evaluate(folder)
+    assert report["outputs_unlike_their_guide"] == 1
+    assert ("1 lossless outputs recorded an l2_to_guide more than 1% from the L2 to their guide "
+            "as read now") in format_report(report)
+    summary["config"]["fast_decode"] = True  # its guides differ from a full decode by design
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(summary))
+    assert evaluate(folder)["outputs_unlike_their_guide"] is None
