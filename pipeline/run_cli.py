@@ -24,7 +24,10 @@ EXIT_ERROR_RATE = 3
 @click.option("--t0", "t0", type=float, multiple=True,
               help="Noise level in (0, 1]; repeat for several. Default: the task's, else 0.5.")
 @click.option("--samples", type=int, help="Outputs per (id, t0). Default: the task's, else 1.")
-@click.option("--steps", type=int, help="Sampler steps from t0 to 0. Default: every step.")
+@click.option("--steps", type=int,
+              help="Sampler steps from t0 to 0, at most every step the schedule has from t0 "
+                   "(100 from t0 0.1 of 1,000 timesteps; `steps` records what was asked). "
+                   "Default: every step.")
 @click.option("--repeats", type=int, help="SDEdit passes K. Default: the task's, else 1.")
 @click.option("--seed", type=int, help="Run seed (per-sample seeds derive from it). Default 0.")
 @click.option("--task", help="Task preset (synthesis, editing, compositing, augmentation) "
