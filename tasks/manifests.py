@@ -14,7 +14,14 @@ from collections import Counter
 from pathlib import PurePosixPath
 
 from tasks.presets import get_preset
-from tasks.sources import folder_rows, is_remote, list_images, local_path, relative_to
+from tasks.sources import (
+    folder_rows,
+    is_remote,
+    list_images,
+    local_path,
+    relative_to,
+    stderr_note,
+)
 
 # what `sdedit manifest` says of .parquet files found where images were expected
 NOT_A_MANIFEST = "`sdedit manifest` takes a folder or glob of images, not a manifest"
@@ -67,6 +74,10 @@ def manifest_records(
             f"task {task!r} needs a mask per image; none found for {len(missing)} image(s), "
             f"e.g. {missing[0]} (pass --masks FOLDER with files named like the images)"
         )
+    unmasked = [row["source"] for row in rows if masks and not row.get("mask")]
+    if unmasked:
+        stderr_note(f"{len(unmasked)} of {len(rows)} images have no mask under {masks}, e.g. "
+                    f"{unmasked[0]}: their rows have none, so SDEdit changes the whole image")
     base = (posixpath.dirname(output) if is_remote(output)
             else str(PurePosixPath(local_path(output)).parent))
     return [_record(row, base, task, labels) for row in rows]

@@ -76,14 +76,16 @@ def test_masks_match_by_relative_path_or_by_stem(photo_folder, tmp_path):
     assert all(row["task"] == "editing" for row in records)
 
 
-def test_masked_tasks_refuse_images_without_masks(photo_folder, tmp_path):
+def test_masked_tasks_refuse_images_without_masks(photo_folder, tmp_path, capsys):
     masks = tmp_path / "masks"
     masks.mkdir()
     Image.new("L", (64, 48), 255).save(masks / "chelsea.png")
     with pytest.raises(ValueError, match="task 'editing' needs a mask per image; none found for 3"):
         manifest_records(str(photo_folder), str(tmp_path / "m.parquet"), "editing", str(masks))
+    capsys.readouterr()
     records = manifest_records(str(photo_folder), str(tmp_path / "m.parquet"), masks=str(masks))
     assert sum(row["mask"] is not None for row in records) == 1
+    assert f"3 of 4 images have no mask under {masks}, e.g. " in capsys.readouterr().err
 
 
 def test_globs_and_clashing_ids(photo_folder):
