@@ -366,3 +366,6 @@ def evaluate(output, json_uri, manifest_uri, storage_options) -> None:
         write_report(report, destination, folder.storage_options)
     click.echo(format_report(report))
     click.echo(f"report: {destination}")
+    if not report["outputs_scored"] and report["outputs_without_guide"]:
+        raise click.ClickException(f"none of the {report['outputs_without_guide']} outputs "
+                                   "could be scored: no readable guide (see above)")

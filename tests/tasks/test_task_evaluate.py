@@ -140,7 +140,9 @@ def test_without_a_manifest_the_message_says_to_pass_one(known_output):
     unreadable, and the line said only that, not how to read them."""
     (known_output / "summary.json").unlink()
     result = CliRunner().invoke(evaluate_command, [str(known_output)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a script must not take it for a score
+    assert result.output.endswith("Error: none of the 6 outputs could be scored: no readable "
+                                  "guide (see above)\n")
     message = " ".join(result.output.split())
     assert "6 outputs had no readable guide URI" in message
     assert "pass --manifest MANIFEST" in message
