@@ -82,12 +82,12 @@ def nothing_to_edit(mask: Image.Image, fitted: Image.Image, resolution: int) -> 
     sees (its output would be the guide itself: an inverted mask, or one drawn off the crop, is
     the user's to see), or None. White (255) marks what to edit. A region that ends at the
     square's edge counts as off it: the resize's filter leaks a faint edge into the square."""
-    from tasks.regions import centre_square
+    from tasks.regions import centre_square, marks_centre_square
 
     crop, marked = centre_square(*mask.size), mask.getbbox()
     if marked is None:
         return "every pixel is 0 (keep); white (255) marks the region to edit"
-    if mask.crop(crop.as_tuple()).getbbox() is None:
+    if not marks_centre_square(mask):
         return (f"its edit region (pixels {marked[:2]} to {marked[2:]}) lies outside the centre "
                 f"square {crop.as_tuple()[:2]} to {crop.as_tuple()[2:]} that the model sees of "
                 f"the {mask.width}x{mask.height} guide")

@@ -11,7 +11,15 @@ import numpy as np
 from PIL import Image
 
 from tasks.presets import Preset
-from tasks.regions import THRESHOLD, Box, binary_mask, box_mask, centre_square, random_box
+from tasks.regions import (
+    THRESHOLD,
+    Box,
+    binary_mask,
+    box_mask,
+    centre_square,
+    marks_centre_square,
+    random_box,
+)
 from tasks.strokes import PAINT_SIDE, simulate_strokes
 
 PRESET = Preset(
@@ -84,8 +92,8 @@ def region_mask(
 def _check_in_square(mask: Image.Image, what: str) -> None:
     """`sdedit run` keeps only the centre square of a guide: a mask wholly off it would be
     refused there (its output would be the guide unchanged)."""
-    square = centre_square(*mask.size)
-    if mask.crop(square.as_tuple()).getbbox() is None:
+    if not marks_centre_square(mask):
+        square = centre_square(*mask.size)
         raise ValueError(f"{what} lies outside the centre square {square.as_tuple()} of the "
                          f"{mask.width}x{mask.height} image that `sdedit run` keeps, so the edit "
                          "would change nothing")

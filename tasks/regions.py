@@ -58,6 +58,12 @@ def centre_square(width: int, height: int) -> Box:
     return Box(left, top, left + side, top + side)
 
 
+def marks_centre_square(mask: Image.Image) -> bool:
+    """Whether `mask` marks a pixel (any non-zero value) inside its `centre_square`, the part
+    `sdedit run` keeps: one that marks only outside it edits nothing there."""
+    return mask.crop(centre_square(*mask.size).as_tuple()).getbbox() is not None
+
+
 def random_box(
     width: int,
     height: int,
