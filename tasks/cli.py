@@ -113,6 +113,9 @@ def ray_options(command: Callable) -> Callable:
                      show_default=True, help="CPUs per Ray task (fractional)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS,
                      show_default=True, help="Largest accepted source image (width x height)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace guides OUTPUT holds from another source or other options "
+                          "(refused without it; files of ids this run does not build stay)."),
         storage_option,
     ]
     return functools.reduce(lambda wrapped, option: option(wrapped), reversed(options), command)
@@ -141,7 +144,7 @@ def fractions(min_fraction: float, max_fraction: float) -> tuple[float, float]:
 def run_builder(task: str, source: str, output: str, options, settings: dict) -> None:
     """Read the sources, run the Ray Data guide job, report what was written."""
     from pipeline.job import ClusterUnreachable, init_ray
-    from tasks.guides import GuideJob, build_guides
+    from tasks.guides import GuideJob, build_guides, claim_output, recorded_source
     from tasks.sources import source_rows
 
     storage = parse_storage_options(settings["storage_options"])
@@ -151,9 +154,11 @@ def run_builder(task: str, source: str, output: str, options, settings: dict) ->
             # not an earlier run's guides, in OUTPUT inside the source or OUTPUT the source
             rows = source_rows(source, storage,
                                exclude=(output, f"{output}/guides", f"{output}/masks"))
-            init_ray(settings["address"])  # as `sdedit run` chooses its Ray runtime
             job = GuideJob(task, output, options, storage, settings["batch_size"],
-                           settings["num_cpus"], settings["max_pixels"])
+                           settings["num_cpus"], settings["max_pixels"],
+                           recorded_source(source), settings["overwrite"])
+            claim_output(job)
+            init_ray(settings["address"])  # as `sdedit run` chooses its Ray runtime
             report = build_guides(rows, job)
     except (ValueError, StorageError, ClusterUnreachable) as error:
         raise click.ClickException(str(error)) from error
@@ -185,7 +190,7 @@ def guides() -> None:
 @guides.command()
 @ray_options
 @click.option("--stroke-size", type=click.IntRange(min=1), default=9, show_default=True,
-              help="Median filter window (px).")
+              help="Median filter window (px; odd: an even size rounds up).")
 @click.option("--palette-size", type=click.IntRange(min=1), default=12, show_default=True,
               help="Colours in the painting.")
 @paint_size
@@ -200,7 +205,7 @@ def strokes(source, output, stroke_size, palette_size, paint_size, seed, **setti
 @guides.command()
 @ray_options
 @click.option("--stroke-size", type=click.IntRange(min=1), default=9, show_default=True,
-              help="Median filter window (px).")
+              help="Median filter window (px; odd: an even size rounds up).")
 @click.option("--palette-size", type=click.IntRange(min=1), default=6, show_default=True,
               help="Colours in the strokes.")
 @click.option("--box", default=None, help="Region 'left,top,right,bottom'; default: random.")

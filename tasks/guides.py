@@ -9,7 +9,9 @@ relative to OUTPUT, sources (and foregrounds) as absolute paths or full URIs.
 Rows that fail are listed in `OUTPUT/guide_errors.parquet`, never silently dropped; so is a
 row whose id cannot name its files (null, unsafe, too long, or on several rows), which is
 never built. Every file appears whole (`pipeline.writers.commit`), and a rerun that builds
-no guide removes the earlier run's manifest.
+no guide removes the earlier run's manifest. The manifest records what made the guides (task,
+source, options: `guide_settings`), and `claim_output` refuses a rerun into OUTPUT with other
+settings unless it overwrites: runs made from the old guides would no longer match them.
 Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency over white,
 16-bit scaled to 8 bits, masks as "L", at most `GuideJob.max_pixels` pixels.
 """
@@ -17,10 +19,11 @@ Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from PIL import Image
@@ -139,6 +142,8 @@ class GuideJob:
     batch_size: int = 8
     num_cpus: float = 0.5
     max_pixels: int = MAX_PIXELS
+    source: str | None = None  # as recorded (`recorded_source`); None records none
+    overwrite: bool = False  # replace guides OUTPUT holds from other settings
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,69 @@ class GuideReport:
     manifest: str
     written: int
     errors: list[tuple[str | None, str]]
+
+
+SETTINGS_KEY = b"sdedit.guides"  # the manifest's schema metadata: `guide_settings` as JSON
+
+
+def recorded_source(source: str) -> str:
+    """`source` as a guides OUTPUT records it: a local path made absolute, a URI without its
+    trailing slash, credentials masked."""
+    from pathlib import Path
+
+    from sdedit.loading import redact
+    from tasks.sources import is_remote, local_path
+
+    source = source.rstrip("/") or "/"
+    return redact(source if is_remote(source) else str(Path(local_path(source)).absolute()))
+
+
+def guide_settings(job: GuideJob) -> dict:
+    """What decides the guides a job writes: task, source and every option (seed included),
+    as JSON values. Batch size, CPUs and the pixel limit decide none."""
+    settings = {"task": job.task, "source": job.source, **asdict(job.options)}
+    return json.loads(json.dumps(settings))  # tuples and boxes as lists, as read back
+
+
+def recorded_settings(output: str, storage_options: dict) -> dict | None:
+    """The `guide_settings` OUTPUT's manifest records; None without a manifest, or one that
+    records none (an earlier version's, or not a guides manifest)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(output, **options_for(output, storage_options))
+    try:
+        with fs.open(f"{root}/manifest.parquet", "rb") as file:
+            metadata = pq.read_schema(file).metadata or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # not Parquet: the run's own manifest replaces it
+        return None
+    try:
+        return json.loads(metadata[SETTINGS_KEY])
+    except (KeyError, ValueError):
+        return None
+
+
+def claim_output(job: GuideJob) -> None:
+    """Refuse to build into an OUTPUT whose manifest records other settings, unless the job
+    overwrites: an earlier run's guides would be replaced under the runs made from them, whose
+    outputs would then no longer match their guides. The same settings go on (a rerun adds the
+    source's new images and rebuilds the rest as they were). A setting the record lacks
+    matches any value; an OUTPUT without a recording manifest takes any settings."""
+    stored = recorded_settings(job.output, job.storage_options)
+    if stored is None or job.overwrite:
+        return
+    settings = guide_settings(job)
+    changed = sorted(name for name in settings
+                     if name in stored and stored[name] != settings[name])
+    if changed:
+        details = "; ".join(f"{name}: {stored[name]!r} -> {settings[name]!r}"
+                            for name in changed)
+        raise ValueError(
+            f"{job.output} holds guides made with other settings ({details}); runs made from "
+            "them would no longer match their guides. Use the same options, another OUTPUT, "
+            "or --overwrite to replace them")
 
 
 def image_seed(seed: int, row_id: str) -> int:
@@ -206,16 +274,17 @@ def write_png(image: Image.Image, uri: str, storage_options: dict) -> None:
     commit(folder, name, buffer.getvalue(), storage_options)
 
 
-def write_parquet(records: list[dict], uri: str, storage_options: dict) -> None:
-    """Write `records` as a Parquet file at `uri`, whole or not at all: an interrupted write
-    leaves the previous file as it was (`pipeline.writers.commit`)."""
+def write_parquet(records: list[dict], uri: str, storage_options: dict,
+                  metadata: dict[bytes, bytes] | None = None) -> None:
+    """Write `records` (with schema `metadata`) as a Parquet file at `uri`, whole or not at
+    all: an interrupted write leaves the previous file as it was (`pipeline.writers.commit`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.writers import commit
 
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buffer)
+    pq.write_table(pa.Table.from_pylist(records, metadata=metadata), buffer)
     folder, name = posixpath.split(uri)
     commit(folder or ".", name, buffer.getvalue(), storage_options)
 
@@ -300,6 +369,7 @@ def build_guides(rows: list[dict], job: GuideJob) -> GuideReport:
     1. pair rows with foregrounds (compositing); 2. set aside rows whose id cannot name a
     file (`id_problems`) as errors; 3. map the builder over the other rows on Ray workers
     (fractional CPUs, so reads never starve); 4. write the manifest and error list.
+    Callers check OUTPUT first (`claim_output`), before they start Ray.
     """
     if job.task == "compositing":
         rows = draw_foregrounds(rows, job.options.seed)
@@ -388,9 +458,11 @@ def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> Guid
         for row, result in zip(rows, results, strict=True) if result["error"]
     ]
     fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
+    settings = {SETTINGS_KEY: json.dumps(guide_settings(job)).encode()}
     for name, content in ((GUIDE_ERRORS, errors), ("manifest.parquet", records)):
         if content:
-            write_parquet(content, f"{job.output}/{name}", job.storage_options)
+            write_parquet(content, f"{job.output}/{name}", job.storage_options,
+                          settings if name == "manifest.parquet" else None)
         elif fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")  # stale from an earlier run
     errors_by_row = [(error["id"], error["error"]) for error in errors]

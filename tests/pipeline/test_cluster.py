@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -55,12 +56,40 @@ def start_head(port: int, tmp_path, cpus: int):
         wait_until_listening(head, port)
         yield f"127.0.0.1:{port}", env
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_node(node: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a `ray start --block` node and every process of its session. Its own SIGTERM
+    shutdown took 33 s per node here; after `grace` seconds the rest is killed. Ray's workers
+    leave the node's process group but not its session, so the session is what is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.wait(timeout=grace)
+    for pid in session_members(node.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while session_members(node.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def session_members(session: int) -> list[int]:
+    """Live processes of session `session` (field 6 of /proc/PID/stat)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+            if int(fields[3]) == session and fields[0] != "Z":
+                members.append(int(entry))
+    return members
 
 
 def wait_until_listening(head: subprocess.Popen, port: int) -> None:
@@ -124,9 +153,7 @@ def ray_nodes(ray_head_without_cpus, tmp_path):
         yield address, env
     finally:
         for worker in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
+            stop_node(worker)
 
 
 @pytest.fixture
@@ -204,9 +231,7 @@ def test_a_run_waits_for_gpu_workers_that_join_after_it_starts(ray_head, tmp_pat
         if waiting.poll() is None:
             waiting.kill()
         if worker is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
+            stop_node(worker)
     text = log_path.read_text()
     assert "GPU(s) joined after" in text
     assert "starting 1 SDEdit actor (1 GPU, 0.25 CPU each)" in text

@@ -219,3 +219,57 @@ def test_manifest_refuses_a_missing_source_and_a_manifest_for_one(tmp_path):
         f".png, .jpg, .webp or .tif) found at {tmp_path}/m.parquet; it is a .parquet file: "
         "`sdedit manifest` takes a folder or glob of images, not a manifest\n")
     assert not output.exists()
+
+
+def test_guides_refuse_an_output_made_with_other_settings(monkeypatch, photo_folder, tmp_path):
+    """A rerun with other options replaced the guides under the runs made from them, with no
+    word (their outputs then no longer matched their guides)."""
+    import shutil
+
+    import pipeline.job
+    from tasks import guides
+
+    started = []
+    monkeypatch.setattr(pipeline.job, "init_ray", started.append)
+    monkeypatch.setattr(guides, "_build_on_ray",
+                        lambda work, job: [guides.build_one(row, job) for row in work])
+    output = tmp_path / "out"
+    for _ in range(2):  # the same settings: a rerun goes on (new photos would be added)
+        invoke("guides", "strokes", str(photo_folder), str(output), "--seed", "1")
+    assert len(started) == 2
+    before = {path.name: path.read_bytes() for path in (output / "guides").iterdir()}
+    manifest = (output / "manifest.parquet").read_bytes()
+    copy = shutil.copytree(photo_folder, tmp_path / "copy")
+    refusals = [
+        (["strokes", str(photo_folder), str(output), "--seed", "1", "--stroke-size", "5"],
+         "stroke_size: 9 -> 5"),
+        (["strokes", str(photo_folder), str(output)], "seed: 1 -> 0"),
+        (["edits", str(photo_folder), str(output), "--seed", "1"],
+         "palette_size: 12 -> 6; task: 'synthesis' -> 'editing'"),
+        (["strokes", str(copy) + "/", str(output), "--seed", "1"],
+         f"source: {str(photo_folder)!r} -> {str(copy)!r}"),
+    ]
+    for args, change in refusals:
+        result = CliRunner().invoke(main, ["guides", *args])
+        assert result.exit_code == 1, result.output
+        assert result.output == (
+            f"Error: {output} holds guides made with other settings ({change}); runs made "
+            "from them would no longer match their guides. Use the same options, another "
+            "OUTPUT, or --overwrite to replace them\n")
+    assert len(started) == 2  # refused before Ray started
+    assert {path.name: path.read_bytes() for path in (output / "guides").iterdir()} == before
+    assert (output / "manifest.parquet").read_bytes() == manifest
+    # a relative source naming the same folder is the same source
+    monkeypatch.chdir(photo_folder.parent)
+    invoke("guides", "strokes", photo_folder.name, str(output), "--seed", "1")
+    invoke("guides", "strokes", str(photo_folder), str(output), "--stroke-size", "5",
+           "--overwrite")
+    after = {path.name: path.read_bytes() for path in (output / "guides").iterdir()}
+    assert after.keys() == before.keys() and all(after[n] != before[n] for n in before)
+    invoke("guides", "strokes", str(photo_folder), str(output), "--stroke-size", "5")
+    # an OUTPUT whose manifest records no settings (an earlier version's) takes any
+    pq.write_table(pq.read_table(output / "manifest.parquet").replace_schema_metadata(None),
+                   output / "manifest.parquet")
+    invoke("guides", "strokes", str(photo_folder), str(output), "--seed", "4")
+    result = CliRunner().invoke(main, ["guides", "strokes", str(photo_folder), str(output)])
+    assert result.exit_code == 1 and "seed: 4 -> 0" in result.output
