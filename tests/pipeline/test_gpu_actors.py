@@ -4,7 +4,9 @@ two logical GPUs on this CPU machine; the actors ask for them and run on the CPU
 from __future__ import annotations
 
 import logging
+import os
 
+import numpy as np
 import pytest
 from run_helpers import read_dataset, write_images, write_manifest
 
@@ -68,11 +70,34 @@ def test_the_progress_line_names_the_pool(ray_two_gpus):
 
 def test_a_one_cpu_gpu_actor_leaves_the_cpu_to_rays_default(ray_two_gpus):
     # this Ray reserves 1 CPU for a GPU map step that names none (ray-project/ray#66202)
-    assert actor_remote_args(actor_resources(config())) == {"num_gpus": 1.0}
+    at_drivers_niceness = {"runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}}}
+    assert actor_remote_args(actor_resources(config())) == {
+        "num_gpus": 1.0, **at_drivers_niceness}
     assert actor_remote_args(actor_resources(config(cpus_per_actor=0.25))) == {
-        "num_gpus": 1.0, "num_cpus": 0.25}
+        "num_gpus": 1.0, "num_cpus": 0.25, **at_drivers_niceness}
     assert actor_remote_args(actor_resources(config(gpus_per_actor=0.0))) == {
-        "num_gpus": 0.0, "num_cpus": 0.5}
+        "num_gpus": 0.0, "num_cpus": 0.5, **at_drivers_niceness}
+
+
+def test_actors_run_at_the_drivers_niceness_and_cpu_steps_at_rays(ray_two_gpus):
+    """Ray starts workers at niceness 15: the driver and Ray's own processes preempted a CPU
+    actor whenever they woke, and its torch threads waited for the one preempted."""
+    import ray
+
+    def niceness(batch: dict) -> dict:  # local: Ray's workers cannot import a test module
+        return {"niceness": np.full(len(batch["id"]), os.nice(0))}
+
+    class Niceness:
+        def __call__(self, batch: dict) -> dict:
+            return niceness(batch)
+
+    args = actor_remote_args(actor_resources(config(gpus_per_actor=0.0)))
+    actors = ray.data.range(4, override_num_blocks=2).map_batches(
+        Niceness, compute=ray.data.ActorPoolStrategy(size=1), **args)
+    steps = ray.data.range(4, override_num_blocks=2).map_batches(niceness, num_cpus=0.25)
+    driver = os.nice(0)
+    assert {row["niceness"] for row in actors.take_all()} == {driver}
+    assert min(row["niceness"] for row in steps.take_all()) > driver
 
 
 class Lines(logging.Handler):
