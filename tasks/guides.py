@@ -190,7 +190,7 @@ def recorded_settings(output: str, storage_options: dict) -> dict | None:
             metadata = pq.read_schema(file).metadata or {}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # not Parquet: the run's own manifest replaces it
+    except ValueError:  # not Parquet (pyarrow's ArrowInvalid): the run's manifest replaces it
         return None
     try:
         return json.loads(metadata[SETTINGS_KEY])

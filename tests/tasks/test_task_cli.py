@@ -273,3 +273,6 @@ def test_guides_refuse_an_output_made_with_other_settings(monkeypatch, photo_fol
     invoke("guides", "strokes", str(photo_folder), str(output), "--seed", "4")
     result = CliRunner().invoke(main, ["guides", "strokes", str(photo_folder), str(output)])
     assert result.exit_code == 1 and "seed: 4 -> 0" in result.output
+    (output / "manifest.parquet").write_bytes(b"not parquet")  # replaced, as a torn file was
+    invoke("guides", "strokes", str(photo_folder), str(output))
+    assert pq.read_table(output / "manifest.parquet").num_rows == 4
