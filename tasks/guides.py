@@ -187,7 +187,7 @@ def recorded_settings(output: str, storage_options: dict) -> dict | None:
     fs, root = fsspec.core.url_to_fs(output, **options_for(output, storage_options))
     try:
         with fs.open(f"{root}/manifest.parquet", "rb") as file:
-            metadata = pq.read_schema(file).metadata or {}
+            metadata = pq.ParquetFile(file).schema_arrow.metadata or {}
     except FileNotFoundError:
         return None
     except ValueError:  # not Parquet (pyarrow's ArrowInvalid): the run's manifest replaces it
