@@ -49,7 +49,9 @@ def _output(folder: Path, images: dict) -> Path:
 
 def _compare(first: Path, second: Path) -> dict:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "compare_outputs.py"), str(first),
-                           str(second)], capture_output=True, text=True, check=True)
+                           str(second)], capture_output=True, text=True)
+    # the script's own words when it fails: one CI run saw it abort (SIGABRT), rarely
+    assert done.returncode == 0, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
     return json.loads(done.stdout)
 
 
