@@ -33,7 +33,6 @@ from tasks.editing import edit_guide
 from tasks.images import (
     MAX_PIXELS,
     InputError,
-    options_for,
     read_image,
 )
 from tasks.regions import Box
@@ -181,10 +180,11 @@ def guide_settings(job: GuideJob) -> dict:
 def recorded_settings(output: str, storage_options: dict) -> dict | None:
     """The `guide_settings` OUTPUT's manifest records; None without a manifest, or one that
     records none (an earlier version's, or not a guides manifest)."""
-    import fsspec
     import pyarrow.parquet as pq
 
-    fs, root = fsspec.core.url_to_fs(output, **options_for(output, storage_options))
+    from pipeline.resume import output_fs
+
+    fs, root = output_fs(output, storage_options)
     try:
         with fs.open(f"{root}/manifest.parquet", "rb") as file:
             metadata = pq.ParquetFile(file).schema_arrow.metadata or {}
@@ -422,9 +422,9 @@ def _build_batch(batch, job: GuideJob):
 
 
 def _make_folders(job: GuideJob) -> None:
-    import fsspec
+    from pipeline.resume import output_fs
 
-    fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
+    fs, root = output_fs(job.output, job.storage_options)
     for folder in ("guides", "masks") if job.task != "synthesis" else ("guides",):
         fs.makedirs(f"{root}/{folder}", exist_ok=True)
 
@@ -448,16 +448,15 @@ def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> Guid
     """Write OUTPUT/guide_errors.parquet (row, id, error per failed row) and then
     OUTPUT/manifest.parquet, each whole; remove either left by an earlier run into OUTPUT
     when this run has no errors or no guides (so a manifest always describes this run)."""
-    import fsspec
-
     from pipeline.manifest import GUIDE_ERRORS
+    from pipeline.resume import output_fs
 
     records = manifest_records(rows, results, job.task)
     errors = [
         {"row": result["index"], "id": row.get("id"), "error": result["error"]}
         for row, result in zip(rows, results, strict=True) if result["error"]
     ]
-    fs, root = fsspec.core.url_to_fs(job.output, **options_for(job.output, job.storage_options))
+    fs, root = output_fs(job.output, job.storage_options)
     settings = {SETTINGS_KEY: json.dumps(guide_settings(job)).encode()}
     for name, content in ((GUIDE_ERRORS, errors), ("manifest.parquet", records)):
         if content:
