@@ -1,21 +1,22 @@
 """`sdedit bench`: model-only throughput against end-to-end pipeline throughput, same settings.
 
 Model-only: decoded guides already in memory, `sdedit.edit` in chunks of `--model-batch` with
-per-sample generators, exactly as the actor calls it, in as many processes as `--actors`, each
-with an actor's torch threads (the machine's cores shared among them). End to end: `sdedit run`
-on the same images written as PNG files plus a manifest, from reading the manifest to committed
-shards (actor start-up included). Model-only runs before and after the pipeline and the two are
-averaged, because other work on the machine changes its speed. The ratio says how much the CPU
-stages and scheduling cost. The run's time is split into start-up (pipeline start to the first
-edit: Ray workers, actor imports and model load, first fetch), editing and drain (last edit to
-the end); `steady_state_ratio` compares the editing window alone with model-only, which is
-what CPU stages that keep the actors fed should reach. `actor_start_seconds` is what no
-scheduling can remove from start-up: a fresh process with Ray imported (as Ray's prestarted
-workers are) importing Ray Data and building the actor (torch, diffusers, model), on a quiet
-machine; `best_case_ratio` is the ratio the run would reach if that were its only overhead.
-One run's ratio moves by several points with this machine's load: `--repeat N` makes N runs,
-each on a new Ray runtime (as every `sdedit run` without `--address` starts one), with model-only
-measured before, between and after them, and reports every ratio and their median.
+per-sample generators, exactly as the actor calls it, in as many processes as `--actors`, each with
+an actor's threads (the machine's cores shared among them) used as the actor uses them: on a CPU,
+that many chunks at once on one torch thread each (`pipeline.actor.chunk_workers`). End to end:
+`sdedit run` on the same images written as PNG files plus a manifest, from reading the manifest to
+committed shards (actor start-up included). Model-only runs before and after the pipeline and the
+two are averaged, because other work on the machine changes its speed. The ratio says how much the
+CPU stages and scheduling cost. The run's time is split into start-up (pipeline start to the first
+edit: Ray workers, actor imports and model load, first fetch), editing and drain (last edit to the
+end); `steady_state_ratio` compares the editing window alone with model-only, which is what CPU
+stages that keep the actors fed should reach. `actor_start_seconds` is what no scheduling can
+remove from start-up: a fresh process with Ray imported (as Ray's prestarted workers are) importing
+Ray Data and building the actor (torch, diffusers, model), on a quiet machine; `best_case_ratio` is
+the ratio the run would reach if that were its only overhead. One run's ratio moves by several
+points with this machine's load: `--repeat N` makes N runs, each on a new Ray runtime (as every
+`sdedit run` without `--address` starts one), with model-only measured before, between and after
+them, and reports every ratio and their median.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def check_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--model-batch", default=32, show_default=True, type=POSITIVE,
               help="Samples per model call.")
 @click.option("--actors", default=1, show_default=True, type=POSITIVE,
-              help="SDEdit actors of the pipeline, each with the cores over N torch threads; "
+              help="SDEdit actors of the pipeline, each with the cores over N threads; "
                    "model-only runs as many processes at once.")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -189,7 +190,7 @@ def _time_actor_start() -> None:
 
 
 def actor_threads(actors: int) -> int:
-    """torch threads of each of `actors` CPU actors sharing this machine's cores."""
+    """Threads of each of `actors` CPU actors sharing this machine's cores."""
     return max(1, (os.cpu_count() or 1) // actors)
 
 
@@ -217,10 +218,10 @@ def model_throughput(folder: Path, model: str, count: int, t0: float, steps: int
                      model_batch: int, actors: int, dtype: str = "float32",
                      compile: bool = False) -> float:
     """Images/s through `sdedit.edit` alone in `actors` processes at once, as many as the
-    pipeline's actors and with their torch threads, the chunks of `--model-batch` dealt out
-    among them: the images over the time from the first process's start to the last one's end.
-    Each process loads the model and decodes its guides (and compiles, on an untimed chunk)
-    before all are told to start."""
+    pipeline's actors and with their threads (chunk workers on a CPU), the chunks of
+    `--model-batch` dealt out among them: the images over the time from the first process's
+    start to the last one's end. Each process loads the model and decodes its guides (and
+    compiles, on an untimed chunk) before all are told to start."""
     code = "from pipeline.bench_cli import _model_only_process; _model_only_process()"
     processes = []
     for share in dealt(count, model_batch, actors):
@@ -259,14 +260,14 @@ def _model_only_process() -> None:
     import torch
 
     import sdedit
-    from pipeline.actor import prefer_deterministic_cuda, to_tensor
+    from pipeline.actor import chunk_workers, prefer_deterministic_cuda, to_tensor
     from pipeline.fetch import prepare
 
     settings = json.loads(sys.argv[1])
-    torch.set_num_threads(settings["threads"])
     if torch.cuda.is_available():
         prefer_deterministic_cuda()  # as the actor does, so both use the same kernels
     prior = sdedit.load(settings["model"], dtype=settings["dtype"], compile=settings["compile"])
+    workers = chunk_workers(settings["threads"], prior.device.type, settings["compile"])
     folder = Path(settings["folder"])
     guides = {i: prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
               for chunk in settings["chunks"] for i in chunk}
@@ -282,8 +283,11 @@ def _model_only_process() -> None:
     if sys.stdin.readline().strip() != "go":
         return
     started = time.monotonic()
-    for chunk in settings["chunks"]:
-        edit(chunk)
+    if workers is None:
+        for chunk in settings["chunks"]:
+            edit(chunk)
+    else:  # the actor's chunk workers: model batches at once, one torch thread each
+        list(workers.map(edit, settings["chunks"]))
     if prior.device.type == "cuda":
         torch.cuda.synchronize()
     print(started, time.monotonic(), flush=True)

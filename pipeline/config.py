@@ -71,7 +71,7 @@ class RunConfig:
     actors: tuple[int, int] | None = None  # None: one per GPU of the cluster, else 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    threads: int | None = None  # torch threads per CPU actor; None: node cores / actors
+    threads: int | None = None  # chunk workers per CPU actor; None: node cores / actors
     max_pixels: int = MAX_PIXELS
     max_error_rate: float = 1.0
     progress_interval: float = 30.0  # seconds between progress lines on stderr; 0: none

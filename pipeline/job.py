@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -67,8 +68,8 @@ from tasks.images import options_for, storage_step
 CPU_STEP = 0.25  # CPU reserved by each fetch/encode task: small, so they never starve actors
 CPU_READ = 0.2  # differs from CPU_STEP so Ray keeps reading and fetching in separate tasks
 # Ray starts its workers at niceness 15, so the driver, the raylet and Ray's agents (at 0)
-# preempt an actor whenever they wake, and a CPU actor's torch threads then wait for the one
-# preempted. The actors run at the driver's niceness instead, as Ray's job supervisor runs
+# preempt an actor whenever they wake (measured when a CPU actor's torch threads then waited for
+# the one preempted). The actors run at the driver's niceness instead, as Ray's job supervisor runs
 # itself; the CPU steps keep Ray's and so yield to them. `sdedit bench` 256 images, three
 # interleaved pairs on 2 CPUs: 3.73-3.85 against 3.27-3.87 images/s, start-up 6.3-6.8 s
 # against 7.3-8.1 s. A job's own runtime_env is merged with this one (env_vars add up).
@@ -97,7 +98,7 @@ class ActorResources(NamedTuple):
 
     gpus: float
     cpus: float
-    threads: int | None  # torch threads on CPU actors; None leaves torch's default
+    threads: int | None  # CPU actors' threads (`pipeline.actor.chunk_workers`); None: torch's
     actors: tuple[int, int]
 
 
@@ -550,7 +551,8 @@ def build_dataset(config: RunConfig, manifest: ManifestFiles, plan: Plan, commit
                        max_pixels=config.max_pixels, fast_decode=config.fast_decode))
     edited = fetched.map_batches(
         SDEditActor, batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
+                                           **concurrent_calls(resources, config.compile)),
         **actor_remote_args(resources),
         fn_constructor_kwargs=dict(model=config.model, dtype=config.dtype, storage_options=options,
                                    model_batch=config.model_batch, steps=config.steps,
@@ -573,6 +575,23 @@ def actor_remote_args(resources: ActorResources) -> dict:
         return {"num_gpus": resources.gpus, "runtime_env": ACTOR_RUNTIME_ENV}
     return {"num_gpus": resources.gpus, "num_cpus": resources.cpus,
             "runtime_env": ACTOR_RUNTIME_ENV}
+
+
+def concurrent_calls(resources: ActorResources, compile: bool) -> dict:
+    """ActorPoolStrategy's arguments for CPU actors that have chunk workers
+    (`pipeline.actor.chunk_workers`): as many batches at once in each as it has threads, so its
+    workers are busy even when a batch makes one model batch (--batch-size equal to
+    --model-batch). A Ray Data without `enable_true_multi_threading` runs one call at a time:
+    then only a batch's own model batches run at once."""
+    import ray
+
+    if resources.gpus or compile or (resources.threads or 1) < 2:
+        return {}
+    parameters = inspect.signature(ray.data.ActorPoolStrategy).parameters
+    if "enable_true_multi_threading" not in parameters:
+        return {}
+    return {"enable_true_multi_threading": True,
+            "max_concurrent_calls_per_actor": resources.threads}
 
 
 def gpu_maps_reserve_a_cpu() -> bool:

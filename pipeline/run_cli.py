@@ -63,9 +63,9 @@ EXIT_ERROR_RATE = 3
                    "GPUs and wait up to SECONDS for them to join, instead of stopping at once. "
                    "Default 0.")
 @click.option("--threads", type=int,
-              help="torch threads of each CPU actor. Default: each node's cores shared among "
-                   "its actors. On CPU the thread count changes summation order (a rare pixel "
-                   "by one level): give it for bit-identical outputs across --actors and nodes.")
+              help="Threads of each CPU actor: it edits that many model batches at once, each "
+                   "on one torch thread. Default: each node's cores shared among its actors. "
+                   "Outputs do not depend on it.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
 @click.option("--max-error-rate", type=float,
               help="Fail (exit 3) when more than this fraction of the outputs this run made "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,7 @@ import torch
 from run_helpers import write_images
 
 import sdedit
-from pipeline.actor import SDEditActor, prefer_deterministic_cuda
+from pipeline.actor import BusyClock, SDEditActor, prefer_deterministic_cuda
 from pipeline.fetch import fetch_batch
 from pipeline.manifest import Plan, expand_table, keys_table
 
@@ -45,6 +47,55 @@ def test_outputs_do_not_depend_on_which_rows_share_a_call(actor, work):
         alone.update(outputs(actor(work.slice(index, 1))))
     assert together == alone
     assert len(together) == 5 and all(len(v) == 64 * 64 * 3 for v in together.values())
+
+
+def test_an_actor_with_threads_edits_model_batches_at_once_with_the_same_bytes(work):
+    torch_threads = torch.get_num_threads()
+    try:
+        expected = outputs(SDEditActor("builtin:tiny", "float32", {}, model_batch=1, steps=2,
+                                       threads=1)(work))
+        actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=1, steps=2, threads=2)
+        assert torch.get_num_threads() == 1  # one torch thread per chunk worker
+        both_running = threading.Barrier(2, timeout=20)  # broken unless two chunks overlap
+        first_calls = set()
+
+        def meet(*_):
+            if threading.current_thread().name not in first_calls:
+                first_calls.add(threading.current_thread().name)
+                both_running.wait()
+
+        actor.prior.model.unet.register_forward_pre_hook(meet)
+        assert outputs(actor(work)) == expected  # 5 rows, 5 chunks of one
+        assert len(first_calls) == 2 and all(n.startswith("sdedit-chunk") for n in first_calls)
+        calls = []  # two calls at once, as Ray Data's threaded actor makes them
+        threads = [threading.Thread(target=lambda part=part: calls.append(actor(part)))
+                   for part in (work.slice(0, 2), work.slice(2))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {k: v for call in calls for k, v in outputs(call).items()} == expected
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def test_calls_that_run_at_once_share_the_actors_editing_time():
+    clock = BusyClock()
+    started = time.perf_counter()
+    first = clock.start()
+    time.sleep(0.2)
+    second_started = time.perf_counter()
+    second = clock.start()
+    time.sleep(0.2)
+    first_stopped = time.perf_counter()
+    first_seconds = clock.stop(first)
+    time.sleep(0.3)
+    second_seconds = clock.stop(second)
+    wall = time.perf_counter() - started
+    overlap = first_stopped - second_started
+    assert first_seconds == pytest.approx(second_started - started + overlap / 2, abs=0.01)
+    assert second_seconds == pytest.approx(wall - first_seconds, abs=0.01)
+    assert first_seconds + second_seconds == pytest.approx(wall, abs=0.01)  # not wall + overlap
 
 
 def test_rows_with_different_t0_but_as_many_steps_share_model_batches(work):

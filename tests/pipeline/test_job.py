@@ -16,7 +16,7 @@ from PIL import Image
 from run_helpers import read_dataset, read_errors, write_images, write_manifest
 
 from pipeline.config import RunConfig
-from pipeline.job import preview, run
+from pipeline.job import ActorResources, concurrent_calls, preview, run
 from pipeline.manifest import ManifestError
 from pipeline.resume import ConfigMismatchError
 
@@ -184,15 +184,23 @@ def test_outputs_are_identical_across_batch_sizes_and_actor_counts(tmp_path):
         "id": [f"r{i}" for i in range(6)], "guide": names, "t0": [[0.3, 0.7]] * 3 + [None] * 3})
     one = tmp_path / "one"
     two = tmp_path / "two"
-    # --threads 1 for both: on CPU, torch's thread count (by default the cores shared among
-    # the actors: 2 for one actor here, 1 for two) changes summation order
-    run(config(manifest, one, batch_size=2, samples=2, rows_per_shard=3, threads=1))
-    run(config(manifest, two, batch_size=5, samples=2, actors=(2, 2), rows_per_shard=7,
-               threads=1))
+    # default threads: the cores shared among the actors, 2 for one actor here (two chunk
+    # workers, calls at once), 1 for two; each chunk runs on one torch thread either way
+    run(config(manifest, one, batch_size=2, samples=2, rows_per_shard=3))
+    run(config(manifest, two, batch_size=5, samples=2, actors=(2, 2), rows_per_shard=7))
     a, b = read_dataset(one), read_dataset(two)
     assert a.num_rows == b.num_rows == 3 * 2 * 2 + 3 * 2
     assert a["image"].to_pylist() == b["image"].to_pylist()
     assert a["seed"].to_pylist() == b["seed"].to_pylist()
+
+
+def test_cpu_actors_with_threads_take_as_many_calls_at_once():
+    cpu = ActorResources(gpus=0.0, cpus=0.5, threads=2, actors=(1, 1))
+    assert concurrent_calls(cpu, compile=False) == {
+        "enable_true_multi_threading": True, "max_concurrent_calls_per_actor": 2}
+    assert concurrent_calls(cpu._replace(threads=1), compile=False) == {}
+    assert concurrent_calls(cpu, compile=True) == {}  # a compiled model keeps torch's threads
+    assert concurrent_calls(ActorResources(1.0, 1.0, None, (1, 1)), compile=False) == {}
 
 
 def test_fast_decode_reaches_the_workers_and_is_recorded(tmp_path):
