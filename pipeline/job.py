@@ -581,8 +581,9 @@ def concurrent_calls(resources: ActorResources, compile: bool) -> dict:
     """ActorPoolStrategy's arguments for CPU actors that have chunk workers
     (`pipeline.actor.chunk_workers`): as many batches at once in each as it has threads, so its
     workers are busy even when a batch makes one model batch (--batch-size equal to
-    --model-batch). A Ray Data without `enable_true_multi_threading` runs one call at a time:
-    then only a batch's own model batches run at once."""
+    --model-batch). Ray Data before 2.53 has no `enable_true_multi_threading` and runs one call
+    at a time: there only a batch's own model batches run at once, so --batch-size should be at
+    least threads x --model-batch (the defaults, 32 and 8, are)."""
     import ray
 
     if resources.gpus or compile or (resources.threads or 1) < 2:

@@ -64,8 +64,9 @@ EXIT_ERROR_RATE = 3
                    "Default 0.")
 @click.option("--threads", type=int,
               help="Threads of each CPU actor: it edits that many model batches at once, each "
-                   "on one torch thread. Default: each node's cores shared among its actors. "
-                   "Outputs do not depend on it.")
+                   "on one torch thread (with --compile, one batch on that many). Default: each "
+                   "node's cores shared among its actors. Outputs do not depend on it, except "
+                   "with --compile.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")
 @click.option("--max-error-rate", type=float,
               help="Fail (exit 3) when more than this fraction of the outputs this run made "
