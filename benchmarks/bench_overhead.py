@@ -5,11 +5,13 @@
 
 A GPU edits small images faster than a few CPUs can read, decode, encode and write them. This
 runs `sdedit run` on generated PNG guides with `sdedit.edit` replaced, in every Ray worker, by a
-stand-in that sleeps `--seconds-per-image` per sample of each call (0: an infinitely fast
-model) and returns the guide, so the actor's own work (tensors in, 8-bit images and L2 out) and
-every CPU stage run as in a real job while the model's time is known. It prints the run's
-images/s and, with a model time, the ratio to that model's speed. On a GPU node the CPU stages
-share its cores with the actor's feeding; here they share this machine's.
+stand-in that sleeps `--seconds-per-image` per sample of each call (0: an infinitely fast model)
+and returns the guide, so the actor's own work (tensors in, 8-bit images and L2 out) and every
+CPU stage run as in a real job while the model's time is known. The actor runs one model batch
+at a time, as a GPU actor does (`--threads 1`: a CPU actor's chunk workers would run the
+stand-in's sleeps side by side). It prints the run's images/s and, with a model time, the ratio
+to that model's speed. On a GPU node the CPU stages share its cores with the actor's feeding;
+here they share this machine's.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main() -> None:
             summary = run(RunConfig(manifest=str(manifest), output=f"{scratch}/output",
                                     model=args.model, t0=(0.5,), steps=20,
                                     batch_size=args.batch_size, model_batch=args.model_batch,
-                                    rows_per_shard=args.batch_size, overwrite=True))
+                                    rows_per_shard=args.batch_size, overwrite=True,
+                                    threads=1))  # one model batch at a time, as on a GPU
         finally:
             ray.shutdown()
     stats = summary["this_run"]
