@@ -209,12 +209,18 @@ def chunk_workers(threads: int | None, device: str,
     model keeps torch's threads: running compiled graphs from several threads is untested here."""
     import torch
 
-    if threads and threads > 1 and device == "cpu" and not compile:
+    if edits_batches_at_once(threads, device, compile):
         torch.set_num_threads(1)
         return ThreadPoolExecutor(threads, thread_name_prefix="sdedit-chunk")
     if threads:
         torch.set_num_threads(threads)
     return None
+
+
+def edits_batches_at_once(threads: int | None, device: str, compile: bool) -> bool:
+    """Whether an actor with these settings has chunk workers (`chunk_workers`): on a CPU,
+    with more than one thread, the model not compiled."""
+    return bool(threads and threads > 1 and device == "cpu" and not compile)
 
 
 class BusyClock:

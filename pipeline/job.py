@@ -571,10 +571,10 @@ def actor_remote_args(resources: ActorResources) -> dict:
     takes one CPU names none when Ray reserves one CPU for a GPU map step by default
     (ray-project/ray#66202): naming both makes Ray Data warn on every run that the combination
     is experimental."""
-    if resources.gpus and resources.cpus == 1 and gpu_maps_reserve_a_cpu():
-        return {"num_gpus": resources.gpus, "runtime_env": ACTOR_RUNTIME_ENV}
-    return {"num_gpus": resources.gpus, "num_cpus": resources.cpus,
-            "runtime_env": ACTOR_RUNTIME_ENV}
+    args = {"num_gpus": resources.gpus, "runtime_env": ACTOR_RUNTIME_ENV}
+    if not (resources.gpus and resources.cpus == 1 and gpu_maps_reserve_a_cpu()):
+        args["num_cpus"] = resources.cpus
+    return args
 
 
 def concurrent_calls(resources: ActorResources, compile: bool) -> dict:
@@ -586,7 +586,10 @@ def concurrent_calls(resources: ActorResources, compile: bool) -> dict:
     least threads x --model-batch (the defaults, 32 and 8, are)."""
     import ray
 
-    if resources.gpus or compile or (resources.threads or 1) < 2:
+    from pipeline.actor import edits_batches_at_once
+
+    device = "cuda" if resources.gpus else "cpu"
+    if not edits_batches_at_once(resources.threads, device, compile):
         return {}
     parameters = inspect.signature(ray.data.ActorPoolStrategy).parameters
     if "enable_true_multi_threading" not in parameters:
