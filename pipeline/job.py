@@ -44,6 +44,7 @@ from pipeline.manifest import (
     shared_key_errors,
     shared_key_guides,
     shared_keys,
+    stale_shared_key_errors,
     superseded_errors,
     typed_as_shards,
     undeciding,
@@ -54,6 +55,7 @@ from pipeline.resume import (
     Committed,
     claim_output,
     clean_temporaries,
+    forget_error_rows,
     forget_errors,
     read_committed,
     record_manifest,
@@ -117,7 +119,8 @@ def run(config: RunConfig, report: Report = quiet) -> dict:
     started = time.time()
     manifest, plan_columns, plan, model = plan_job(config)
     with holding(config.output, config.storage_options, report, config.wait_for_output) as lease:
-        manifest, retried, committed = open_output(config, manifest, plan, model, report)
+        manifest, retried, committed = open_output(config, manifest, plan_columns, plan, model,
+                                                   report)
         outside = outside_manifest(plan_columns, plan, committed)
         superseded = Committed(failed=committed.failed.filter(pa.array(superseded_errors(
             plan_columns, plan, committed.written, committed.failed))))
@@ -227,6 +230,10 @@ def preview(config: RunConfig) -> dict:
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
                                                 ).without_failures(config.retry_errors)
+            stale = stale_shared_key_errors(plan_columns, plan, committed.written,
+                                            committed.failed)  # as `open_output` forgets them
+            committed = Committed(committed.written, committed.failed.filter(pa.array(~stale)))
+            retried += int(stale.sum())
         now = time.time()
         holder = live_holder(config.output, config.storage_options, now)
     keys = committed.keys
@@ -252,11 +259,12 @@ def plan_job(config: RunConfig) -> tuple[ManifestFiles, pa.Table, Plan, ModelInf
     return manifest, plan_columns, plan, model
 
 
-def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan, model: ModelInfo,
-                report: Report = quiet) -> tuple[ManifestFiles, int, Committed]:
+def open_output(config: RunConfig, manifest: ManifestFiles, plan_columns: pa.Table, plan: Plan,
+                model: ModelInfo, report: Report = quiet) -> tuple[ManifestFiles, int, Committed]:
     """Claim OUTPUT for this configuration, remove what killed runs left, type the manifest's
     pass-through columns as OUTPUT's shards hold them, turn committed failures of the
-    --retry-errors stages back into work; (manifest, failures retried, committed keys)."""
+    --retry-errors stages, and those of ids that fewer rows share now (`stale_errors`), back
+    into work; (manifest, failures retried, committed keys)."""
     with storage_step(f"cannot prepare OUTPUT {config.output}"):
         claim_output(config.output, config.output_record(model.digest, model.config_digest),
                      config.overwrite, config.storage_options, defaults_in_play(plan),
@@ -265,8 +273,23 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan: Plan, model: M
         clean_temporaries(config.output, config.storage_options)
         manifest = typed_as_output(config, manifest, report)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
-        return (manifest, retried,
-                read_committed(config.output, config.format, config.storage_options))
+        committed = read_committed(config.output, config.format, config.storage_options)
+        stale = stale_errors(plan_columns, plan, committed)
+        if stale.num_rows:
+            forget_error_rows(config.output, stale, config.storage_options)
+            report(f"{stale.num_rows:,} error row(s) of ids that fewer manifest rows share now "
+                   "are work again (an id on one row is edited; one still repeated gets an "
+                   "error row per row)")
+            committed = read_committed(config.output, config.format, config.storage_options)
+        return manifest, retried + stale.num_rows, committed
+
+
+def stale_errors(plan_columns: pa.Table, plan: Plan, committed: Committed) -> pa.Table:
+    """The committed error rows of keys whose id fewer manifest rows share than when the rows
+    were written (`stale_shared_key_errors`): without them a fixed duplicate id stayed failed
+    and its error rows outnumbered its outputs."""
+    return committed.failed.filter(pa.array(stale_shared_key_errors(
+        plan_columns, plan, committed.written, committed.failed)))
 
 
 def typed_as_output(config: RunConfig, manifest: ManifestFiles,

@@ -631,11 +631,11 @@ def shared_key_errors(plan_columns: pa.Table, plan: Plan, committed: pa.Table,
     table = conform(plan_columns)
     rows = table.filter(pa.array(shared_keys(table["id"], plan)))
     keys = key_table(rows, plan)
-    wanted = Counter(_loose_keys(keys))
+    wanted = Counter(loose_keys(keys))
     ids = rows["id"]
     held = committed.filter(pc.or_(pc.is_null(committed["id"]),
                                    pc.is_in(committed["id"], value_set=pc.unique(ids))))
-    have = Counter(_loose_keys(held))
+    have = Counter(loose_keys(held))
     rows_per_id = Counter(ids.to_pylist())
     if guides is None:
         guides = _guides_by_id(rows)
@@ -671,19 +671,53 @@ def superseded_errors(plan_columns: pa.Table, plan: Plan, written: pa.Table,
     ids = pc.unique(data["id"])  # ids with data rows and error rows: few, usually none
     rows = np.flatnonzero(pc.is_in(failed["id"], value_set=ids).to_numpy(zero_copy_only=False))
     candidates = failed.take(rows)
-    with_data = set(_loose_keys(data))
+    with_data = set(loose_keys(data))
     table = conform(plan_columns)
-    wanted = Counter(_loose_keys(key_table(table.filter(pc.is_in(table["id"], value_set=ids)),
+    wanted = Counter(loose_keys(key_table(table.filter(pc.is_in(table["id"], value_set=ids)),
                                            plan)))
     seen: Counter = Counter()
-    for index, key in zip(rows, _loose_keys(candidates), strict=True):
+    for index, key in zip(rows, loose_keys(candidates), strict=True):
         if key in with_data and wanted[key]:
             seen[key] += 1
             superseded[index] = 1 + seen[key] > wanted[key]
     return superseded
 
 
-def _loose_keys(keys: pa.Table) -> list[tuple]:
+def stale_shared_key_errors(plan_columns: pa.Table, plan: Plan, written: pa.Table,
+                            failed: pa.Table) -> np.ndarray:
+    """True for each validate error row of a key that has no data row and more error rows than
+    the manifest now has rows making it: fewer rows share its id than when they were written
+    (one renamed, as the error row asks, or removed). Once forgotten, such a key is work again
+    if its id no longer repeats, and `shared_key_errors` remakes its error rows, one per row,
+    if it still does. Keys the manifest does not make are `in_manifest`'s, keys with a data
+    row `superseded_errors`'."""
+    import pyarrow.compute as pc
+
+    stale = np.zeros(failed.num_rows, dtype=bool)
+    if failed.num_rows < 2:
+        return stale
+    counts = failed.group_by(list(KEY_SCHEMA.names), use_threads=False).aggregate(
+        [([], "count_all")])
+    ids = pc.unique(counts.filter(pc.greater(counts["count_all"], 1))["id"])
+    if not len(ids):
+        return stale  # every key has one error row at most: the usual case
+    rows = np.flatnonzero(pc.is_in(failed["id"], value_set=ids, skip_nulls=False)
+                          .to_numpy(zero_copy_only=False))
+    candidates = failed.take(rows)
+    keys = loose_keys(candidates)
+    errors = Counter(keys)
+    with_data = set(loose_keys(written.filter(pc.is_in(written["id"], value_set=ids))))
+    table = conform(plan_columns)
+    making = table.filter(pc.is_in(table["id"], value_set=ids, skip_nulls=False))
+    wanted = Counter(loose_keys(key_table(making, plan)))
+    stages = candidates["stage"].to_pylist()
+    for index, key, stage in zip(rows, keys, stages, strict=True):
+        stale[index] = (stage == "validate" and key not in with_data
+                        and 0 < wanted[key] < errors[key])
+    return stale
+
+
+def loose_keys(keys: pa.Table) -> list[tuple]:
     """Keys that compare as `committed_mask` matches them: a null id as NULL_ID, NaN t0 equal."""
     ids = keys["id"].fill_null(NULL_ID).to_pylist()
     t0s = ["nan" if t0 != t0 else t0 for t0 in keys["t0"].to_pylist()]

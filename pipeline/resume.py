@@ -22,7 +22,14 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline.manifest import KEY_SCHEMA, READ_THREADS, RUN_CONFIG, TaskDefaults, keys_table
+from pipeline.manifest import (
+    KEY_SCHEMA,
+    READ_THREADS,
+    RUN_CONFIG,
+    TaskDefaults,
+    keys_table,
+    loose_keys,
+)
 from pipeline.writers import (
     DATA_DIR,
     ERRORS_DIR,
@@ -270,29 +277,52 @@ def write_index(output: str, committed: Committed, storage_options: Mapping) -> 
 
 
 def forget_errors(output: str, stages: tuple[str, ...], storage_options: Mapping) -> int:
-    """Make committed failures of `stages` work again; returns how many error rows went.
-
-    Each error shard holding such rows is deleted, then its other rows are committed again as a
-    new shard. Deleting first means a kill in between only turns those other rows back into
-    work too (done again on the next run), never into duplicates. The errors index goes first:
-    a redone key that fails again can land in a shard of the same name with another stage."""
-    import pyarrow.compute as pc
-
+    """Make committed failures of `stages` work again; returns how many error rows went."""
     if not stages:
         return 0
+    return _forget(output, lambda rows: in_stages(rows["stage"], stages), storage_options)
+
+
+def forget_error_rows(output: str, rows: pa.Table, storage_options: Mapping) -> int:
+    """Make these committed failures (rows of `Committed.failed`: keys, stage and shard) work
+    again; returns how many error rows went."""
+    if not rows.num_rows:
+        return 0
+    chosen = set(zip(loose_keys(rows), rows["stage"].to_pylist(), strict=True))
+    shards = set(rows["shard"].cast(pa.string()).to_pylist())
+
+    def select(table: pa.Table) -> pa.Array:
+        pairs = zip(loose_keys(table), table["stage"].to_pylist(), strict=True)
+        return pa.array([pair in chosen for pair in pairs], pa.bool_())
+
+    return _forget(output, select, storage_options, shards)
+
+
+def _forget(output: str, select, storage_options: Mapping,
+            shards: Collection[str] | None = None) -> int:
+    """Delete the error rows that `select(rows) -> mask` picks in each error shard (in those
+    named `shards`, or all). Each error shard holding such rows is deleted, then its other rows
+    are committed again as a new shard. Deleting first means a kill in between only turns those
+    other rows back into work too (done again on the next run), never into duplicates. The
+    errors index goes first: a redone key that fails again can land in a shard of the same
+    name with another stage."""
+    import pyarrow.compute as pc
+
     fs, root = output_fs(output, storage_options)
     if fs.exists(f"{root}/{INDEXES[ERRORS_DIR]}"):
         fs.rm(f"{root}/{INDEXES[ERRORS_DIR]}")
     forgotten = 0
     for path in visible_shards(fs, f"{root}/{ERRORS_DIR}", ".parquet"):
+        if shards is not None and path.rsplit("/", 1)[-1] not in shards:
+            continue
         with fs.open(path, "rb") as stream:
             rows = read_parquet(stream)
-        retry = in_stages(rows["stage"], stages)
-        count = pc.sum(retry).as_py() or 0
+        chosen = select(rows)
+        count = pc.sum(chosen).as_py() or 0
         if count:
             fs.rm(path)
             kept = ParquetShardWriter(f"{output.rstrip('/')}/{ERRORS_DIR}", storage_options)
-            kept.write(rows.filter(pc.invert(retry)))
+            kept.write(rows.filter(pc.invert(chosen)))
             kept.close()
             forgotten += count
     return forgotten

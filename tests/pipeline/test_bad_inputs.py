@@ -138,6 +138,42 @@ def test_rows_sharing_keys_get_one_error_row_each_across_runs(tmp_path):
     assert read_errors(output).num_rows == 4
 
 
+def test_rows_whose_id_no_longer_repeats_are_done_on_the_next_run(tmp_path):
+    """The fix the error row asks for (give each row its own id) took effect only with
+    --retry-errors validate: the rerun counted the id's key as done by its two error rows,
+    never edited it and reported 2 written + 2 errors for 3 outputs (`reconciled: false`)."""
+    from pipeline.job import preview
+
+    names = write_images(tmp_path / "inputs", 3)
+    manifest = tmp_path / "inputs" / "m.parquet"
+    write_manifest(manifest, {"id": ["a", "twin", "twin", "trio", "trio", "trio"],
+                              "guide": [*names, *names]})
+    output = tmp_path / "out"
+    config = RunConfig(manifest=str(manifest), output=str(output), model="builtin:tiny",
+                       steps=2, t0=(0.5,), batch_size=1, model_batch=1, rows_per_shard=1)
+    first = run(config)
+    assert (first["written"], first["errors"]) == (1, 5) and first["reconciled"]
+    # one twin renamed, one trio row removed: 'twin' is one row's id now, 'trio' two rows'
+    write_manifest(manifest, {"id": ["a", "twin", "twin2", "trio", "trio"],
+                              "guide": [*names, *names[:2]]})
+    shards = sorted(p.name for p in (output / "errors").iterdir())
+    planned = preview(config)
+    assert (planned["todo"], planned["errors_to_retry"]) == (4, 5)
+    assert sorted(p.name for p in (output / "errors").iterdir()) == shards  # nothing changed
+    second = run(config)
+    assert (second["expected_outputs"], second["written"], second["errors"]) == (5, 3, 2)
+    assert second["reconciled"] and second["this_run"]["retried_errors"] == 5
+    assert sorted(read_dataset(output)["id"].to_pylist()) == ["a", "twin", "twin2"]
+    errors = read_errors(output)
+    assert errors["id"].to_pylist() == ["trio", "trio"]
+    assert set(errors["error"].to_pylist()) == {
+        "id 'trio' appears on more than one manifest row (2 rows, guides img0.png, img1.png); "
+        "every such row is an error (give each row its own id)"}
+    third = run(config)
+    assert third["this_run"]["todo"] == 0 and third["this_run"]["retried_errors"] == 0
+    assert third["reconciled"] and read_errors(output).num_rows == 2
+
+
 def damage_page(path, column: str) -> None:
     """Garble the first page of `column` in a Parquet file whose footer stays readable."""
     data = bytearray(path.read_bytes())

@@ -35,6 +35,7 @@ from pipeline.manifest import (
     row_work,
     shared_key_errors,
     shared_keys,
+    stale_shared_key_errors,
     typed_as_shards,
 )
 from sdedit import stable_seed
@@ -345,6 +346,31 @@ print(rows.num_rows, model.resolution, "torch" in sys.modules)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["26", "32", "False"]
+
+
+def test_error_rows_of_an_id_fewer_rows_share_now_are_stale():
+    """Validate error rows of a key without a data row are stale when they outnumber the rows
+    that make the key now; other stages' rows, keys with a data row and keys the manifest no
+    longer makes are left alone."""
+    plan = Plan(base="/b", seed=0, t0=(0.5,), duplicates=frozenset({"pair"}))
+    table = pa.table({"id": ["twin", "late", "a", None, None, "pair", "pair", "solo"],
+                      "guide": ["g"] * 8})
+    failed = pa.table({
+        "id": ["twin", "late", "gone", "twin", "a", None, "pair", "late", None, "pair",
+               "gone", None, "solo"],
+        "t0": [0.5] * 13, "sample": [0] * 13,
+        "stage": ["validate", "read", "validate", "validate", "validate", "validate",
+                  "validate", "validate", "validate", "validate", "validate", "validate",
+                  "validate"]})
+    written = keys_table([("a", 0.5, 0)])
+    stale = stale_shared_key_errors(table, plan, written, failed)
+    picked = [(row["id"], row["stage"]) for row, s in zip(failed.to_pylist(), stale, strict=True)
+              if s]
+    # twin: 2 error rows for 1 row; late: its validate row, not its read failure; None: 3 rows
+    # for the 2 null-id rows left; not a (written), gone (no row), pair (2 for 2), solo (1)
+    assert picked == [("twin", "validate"), ("twin", "validate"), (None, "validate"),
+                      ("late", "validate"), (None, "validate"), (None, "validate")]
+    assert not stale_shared_key_errors(table, plan, written, failed.slice(0, 1)).any()
 
 
 def test_rows_that_share_keys_are_the_drivers_error_rows():
