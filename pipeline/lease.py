@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 
 from pipeline.progress import Report, quiet
@@ -164,7 +164,6 @@ def _one_at_a_time(output: str, storage_options: Mapping) -> Iterator[None]:
     path, so OUTPUT is not touched): two runs that found the same stale lease, or none, both
     took OUTPUT (17 of 40 tries when started together), because writing and reading back
     leaves a window. Object stores have no such lock (see the module's note)."""
-    import fcntl
     import hashlib
     import tempfile
 
@@ -175,14 +174,37 @@ def _one_at_a_time(output: str, storage_options: Mapping) -> Iterator[None]:
         yield
         return
     name = hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]
-    with ExitStack() as held:  # the lock is released as its file closes
-        try:
-            lock = held.enter_context(
-                open(os.path.join(tempfile.gettempdir(), f"sdedit-lease-{name}.lock"), "a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # another user's lock file: their runs of this OUTPUT are theirs
-            pass
+    with _locked(os.path.join(tempfile.gettempdir(), f"sdedit-lease-{name}.lock")):
         yield
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on the file at `path` for the block, the file removed as the lock is
+    released: every run left one in the temporary folder per OUTPUT it wrote. A process that
+    opened the file before it was removed gets the lock on a file no longer at `path`, and
+    tries again. Without a lock (another user's file there), the block runs unguarded: their
+    runs of this OUTPUT are theirs."""
+    import fcntl
+
+    with ExitStack() as held:  # the lock is released as its file closes
+        while True:
+            try:
+                lock = held.enter_context(open(path, "a"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:  # removed between our lock and stat: try again
+                pass
+            except OSError:
+                yield
+                return
+            held.close()
+        try:
+            yield
+        finally:
+            with suppress(OSError):  # a file left behind is harmless
+                os.unlink(path)
 
 
 def _expires_in(holder: Lease, now: float) -> float:

@@ -48,8 +48,12 @@ def gone_pid() -> int:
     return child.pid
 
 
-def test_a_run_holds_the_lease_and_releases_it(tmp_path):
-    output = tmp_path / "out"
+def test_a_run_holds_the_lease_and_releases_it(tmp_path, monkeypatch):
+    import tempfile
+
+    output, temp = tmp_path / "out", tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     lines = []
     with holding(str(output), {}, lines.append) as lease:
         stored = read_lease(str(output), {})
@@ -58,6 +62,8 @@ def test_a_run_holds_the_lease_and_releases_it(tmp_path):
         assert stored.renewed_at == stored.started_at == pytest.approx(time.time(), abs=5)
     assert not (output / LEASE).exists()
     assert lines == []
+    assert list(temp.iterdir()) == []  # the local lock's file went with the lock (one stayed
+    # in the temporary folder per OUTPUT ever written)
 
 
 def test_a_live_lease_refuses_a_second_run_with_who_holds_it(tmp_path):
@@ -178,12 +184,16 @@ def test_two_runs_that_reach_a_local_output_at_once_do_not_both_take_it(tmp_path
     for trial in range(0, trials, 2):  # half of them replace a stale lease
         put_lease(tmp_path / f"o{trial}", "node-7", 4242, renewed_ago=EXPIRE_SECONDS + 1)
     start = time.time() + 3.0  # both started and imported by then
+    temp = tmp_path / "tmp"  # where their locks' files are, and are removed
+    temp.mkdir()
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start),
-                                str(trials)], stdout=subprocess.PIPE, text=True)
+                                str(trials)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(temp)})
               for _ in range(2)]
     results = [racer.communicate(timeout=120)[0].split() for racer in racers]
     assert all(len(result) == trials for result in results), results
     assert [sorted(pair) for pair in zip(*results, strict=True)] == [["held", "refused"]] * trials
+    assert list(temp.iterdir()) == []
 
 
 @pytest.mark.slow
