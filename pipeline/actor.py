@@ -16,16 +16,19 @@ Threads: a CPU actor with N threads edits up to N model batches at once, each on
 thread (`chunk_workers`), rather than one batch at a time on N torch threads. Its model batches
 then never wait for each other inside an operator, so a thread that other processes preempt
 delays only its own batch; and every batch is summed in the same order whatever N is, so CPU
-outputs no longer change with --threads or --actors.
+outputs no longer change with --threads or --actors. Each batch holds its own activations, so
+an actor runs fewer at once where N of them would not fit in its share of memory (`workers_for`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from functools import partial
 
 import numpy as np
@@ -60,7 +63,7 @@ class SDEditActor:
                 f"model {model} changed since this run started: the driver read weights "
                 f"{expected_digest}, this actor loaded {self.prior.digest}. Rerun, so that one "
                 "model makes every output (OUTPUT refuses a different model unless --overwrite)")
-        self.workers = chunk_workers(threads, self.prior.device.type, compile)
+        self.workers = workers_for(self.prior, threads, model_batch, compile)
         self.clock = BusyClock()
         self.model_batch = model_batch
         self.steps = steps
@@ -199,22 +202,122 @@ class SDEditActor:
         return table
 
 
-def chunk_workers(threads: int | None, device: str,
-                  compile: bool = False) -> ThreadPoolExecutor | None:
+def chunk_workers(threads: int | None, device: str, compile: bool = False,
+                  at_once: int | None = None) -> ThreadPoolExecutor | None:
     """How an actor on `device` uses its `threads`: on a CPU, with more than one, a pool of
-    that many chunk workers, each running a model batch on one torch thread (torch's intra-op
-    threads set to 1); otherwise none (model batches one at a time, on `threads` torch threads
-    when given). On two cores with builtin:tiny, two one-thread workers edited 5.2-5.9 images/s
-    against 4.5-5.1 for one batch at a time on two threads, with identical bytes. A compiled
-    model keeps torch's threads: running compiled graphs from several threads is untested here."""
+    chunk workers (`at_once` of them, else one per thread), each running a model batch on one
+    torch thread (torch's intra-op threads set to 1); otherwise none (model batches one at a
+    time, on `threads` torch threads when given). On two cores with builtin:tiny, two one-thread
+    workers edited 5.2-5.9 images/s against 4.5-5.1 for one batch at a time on two threads,
+    with identical bytes. A compiled model keeps torch's threads: running compiled graphs from
+    several threads is untested here."""
     import torch
 
     if edits_batches_at_once(threads, device, compile):
         torch.set_num_threads(1)
-        return ThreadPoolExecutor(threads, thread_name_prefix="sdedit-chunk")
+        return ThreadPoolExecutor(at_once or threads, thread_name_prefix="sdedit-chunk")
     if threads:
         torch.set_num_threads(threads)
     return None
+
+
+def workers_for(prior, threads: int | None, model_batch: int, compile: bool = False,
+                report: Callable[[str], None] = print) -> ThreadPoolExecutor | None:
+    """`chunk_workers` for `prior`, with as many model batches at once as this actor's share of
+    the memory holds (`chunks_at_once`): each batch holds its own activations, which for a
+    church-256-shaped UNet were about 360 MiB per sample, so 16 threads with --model-batch 8
+    would have wanted some 46 GiB. `report` says so when memory allows fewer than `threads`."""
+    import torch
+
+    device = prior.device.type
+    if not edits_batches_at_once(threads, device, compile):
+        return chunk_workers(threads, device, compile)
+    torch.set_num_threads(1)
+    per_batch = batch_bytes(prior, model_batch)
+    at_once = chunks_at_once(threads, per_batch, memory_budget(threads))
+    if at_once < threads:
+        report(f"SDEdit actor: {at_once} model batch(es) at once, not {threads}: each takes "
+               f"about {_size(per_batch)} (--model-batch {model_batch}), and "
+               f"{_size(memory_budget(threads))} is this actor's to use")
+    return chunk_workers(threads, device, compile, at_once)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+MEMORY_SHARE = 0.5  # of the available memory, over the actors, for model batches
+
+
+def memory_budget(threads: int) -> int | None:
+    """Bytes a CPU actor's model batches may take: MEMORY_SHARE of the memory available now,
+    in proportion to its threads over this machine's cores (the actors of a node share it);
+    None where unknown."""
+    available = available_memory()
+    if available is None:
+        return None
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return int(MEMORY_SHARE * available * min(1.0, threads / cores))
+
+
+def chunks_at_once(threads: int, per_batch: int | None, budget: int | None) -> int:
+    """Model batches a CPU actor with `threads` runs at once: one per thread, fewer when that
+    many batches of `per_batch` bytes would take more than `budget`; at least one. Sizes not
+    measured (not Linux) do not limit it."""
+    if not per_batch or budget is None:
+        return threads
+    return max(1, min(threads, budget // per_batch))
+
+
+def batch_bytes(prior, model_batch: int) -> int | None:
+    """Memory a model batch of `model_batch` samples takes beyond the weights, from the peaks
+    of this process's resident memory (reset through /proc/self/clear_refs) over an edit of
+    one sample and one of two: the first's rise plus the difference per further sample (it
+    overstates: 312 MiB for 32 samples of builtin:tiny, which take 200-220; 4.1 GiB for 8 of a
+    church-256-shaped UNet, which take 2.9). None where the peak cannot be reset (not Linux).
+    Run it before the model's first batch."""
+    import torch
+
+    import sdedit
+
+    try:
+        base = _status_bytes("VmRSS")
+        peaks = []
+        for samples in (1, 2):
+            with open("/proc/self/clear_refs", "w") as stream:
+                stream.write("5")
+            size = prior.resolution
+            guide = torch.zeros(samples, 3, size, size, device=prior.device)
+            prior.edit(guide, t0=0.5, steps=2, generator=sdedit.generators(range(samples)))
+            peaks.append(_status_bytes("VmHWM"))
+    except (OSError, ValueError):
+        return None
+    first, per_sample = max(0, peaks[0] - base), max(0, peaks[1] - peaks[0])
+    return first + (model_batch - 1) * per_sample
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no {field} in /proc/self/status")
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the machine's available memory, or less under a
+    cgroup's (container's) limit; None where neither can be read."""
+    values = []
+    with suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as stream:
+        values += [int(line.split()[1]) * 1024 for line in stream
+                   if line.startswith("MemAvailable:")]
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        with suppress(OSError, ValueError), open(limit) as a, open(usage) as b:
+            values.append(int(a.read()) - int(b.read()))  # "max": no limit, ValueError
+    return min(values) if values else None
 
 
 def edits_batches_at_once(threads: int | None, device: str, compile: bool) -> bool:

@@ -3,7 +3,8 @@
 Model-only: decoded guides already in memory, `sdedit.edit` in chunks of `--model-batch` with
 per-sample generators, exactly as the actor calls it, in as many processes as `--actors`, each with
 an actor's threads (the machine's cores shared among them) used as the actor uses them: on a CPU,
-that many chunks at once on one torch thread each (`pipeline.actor.chunk_workers`). End to end:
+that many chunks at once on one torch thread each, as many as memory holds
+(`pipeline.actor.workers_for`). End to end:
 `sdedit run` on the same images written as PNG files plus a manifest, from reading the manifest to
 committed shards (actor start-up included). Model-only runs before and after the pipeline and the
 two are averaged, because other work on the machine changes its speed. The ratio says how much the
@@ -260,14 +261,16 @@ def _model_only_process() -> None:
     import torch
 
     import sdedit
-    from pipeline.actor import chunk_workers, prefer_deterministic_cuda, to_tensor
+    from pipeline.actor import prefer_deterministic_cuda, to_tensor, workers_for
     from pipeline.fetch import prepare
 
     settings = json.loads(sys.argv[1])
     if torch.cuda.is_available():
         prefer_deterministic_cuda()  # as the actor does, so both use the same kernels
     prior = sdedit.load(settings["model"], dtype=settings["dtype"], compile=settings["compile"])
-    workers = chunk_workers(settings["threads"], prior.device.type, settings["compile"])
+    chunk = len(settings["chunks"][0]) if settings["chunks"] else 1
+    workers = workers_for(prior, settings["threads"], chunk, settings["compile"],
+                          report=lambda line: print(line, file=sys.stderr))  # as the actor
     folder = Path(settings["folder"])
     guides = {i: prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]
               for chunk in settings["chunks"] for i in chunk}

@@ -63,8 +63,9 @@ EXIT_ERROR_RATE = 3
                    "GPUs and wait up to SECONDS for them to join, instead of stopping at once. "
                    "Default 0.")
 @click.option("--threads", type=int,
-              help="Threads of each CPU actor: it edits that many model batches at once, each "
-                   "on one torch thread (with --compile, one batch on that many). Default: each "
+              help="Threads of each CPU actor: it edits that many model batches at once (fewer "
+                   "if their memory would not fit), each on one torch thread (with --compile, "
+                   "one batch on that many). Default: each "
                    "node's cores shared among its actors. Outputs do not depend on it, except "
                    "with --compile.")
 @click.option("--max-pixels", type=int, help="Largest accepted input (width x height).")

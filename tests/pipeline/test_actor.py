@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -13,7 +14,7 @@ import torch
 from run_helpers import write_images
 
 import sdedit
-from pipeline.actor import BusyClock, SDEditActor, prefer_deterministic_cuda
+from pipeline.actor import BusyClock, SDEditActor, chunks_at_once, prefer_deterministic_cuda
 from pipeline.fetch import fetch_batch
 from pipeline.manifest import Plan, expand_table, keys_table
 
@@ -77,6 +78,80 @@ def test_an_actor_with_threads_edits_model_batches_at_once_with_the_same_bytes(w
         assert {k: v for call in calls for k, v in outputs(call).items()} == expected
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_a_cpu_actor_runs_as_many_model_batches_at_once_as_its_memory_holds(work, monkeypatch,
+                                                                           capsys):
+    """Every model batch holds its own activations: with one chunk worker per thread, a
+    church-256-shaped UNet at --model-batch 8 on 16 threads would want some 46 GiB. An actor
+    whose memory holds one batch runs one at a time (still on one torch thread, so the same
+    bytes) and says why."""
+    import pipeline.actor
+
+    torch_threads = torch.get_num_threads()
+    try:
+        expected = outputs(SDEditActor("builtin:tiny", "float32", {}, model_batch=1, steps=2,
+                                       threads=2)(work))
+        monkeypatch.setattr(pipeline.actor, "memory_budget", lambda threads: 15 * 2**20)
+        monkeypatch.setattr(pipeline.actor, "batch_bytes", lambda prior, batch: 10 * 2**20)
+        capsys.readouterr()
+        actor = SDEditActor("builtin:tiny", "float32", {}, model_batch=1, steps=2, threads=2)
+        lines = capsys.readouterr().out.splitlines()
+        assert actor.workers._max_workers == 1 and torch.get_num_threads() == 1
+        assert len(lines) == 1 and re.fullmatch(
+            r"SDEdit actor: 1 model batch\(es\) at once, not 2: each takes about 10 MiB "
+            r"\(--model-batch 1\), and 15 MiB is this actor's to use", lines[0]), lines
+        running, most, names = set(), [], set()
+
+        def enter(*_):
+            running.add(threading.current_thread().name)
+            most.append(len(running))
+            names.add(threading.current_thread().name)
+
+        def leave(*_):
+            running.discard(threading.current_thread().name)
+
+        actor.prior.model.unet.register_forward_pre_hook(enter)
+        actor.prior.model.unet.register_forward_hook(leave)
+        calls = []  # two calls at once, as Ray Data's threaded actor makes them
+        threads = [threading.Thread(target=lambda part=part: calls.append(actor(part)))
+                   for part in (work.slice(0, 2), work.slice(2))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {k: v for call in calls for k, v in outputs(call).items()} == expected
+        assert max(most) == 1 and len(most) == 10  # 5 one-row chunks, 2 model calls each
+        assert names == {"sdedit-chunk_0"}
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def test_chunks_at_once_fit_the_budget_and_the_threads():
+    gib = 2**30
+    assert chunks_at_once(16, 4 * gib, 30 * gib) == 7
+    assert chunks_at_once(16, 4 * gib, 100 * gib) == 16
+    assert chunks_at_once(16, 4 * gib, gib) == 1  # at least one
+    assert chunks_at_once(16, None, gib) == chunks_at_once(16, 4 * gib, None) == 16
+
+
+def test_a_model_batchs_memory_is_measured_before_the_first_batch():
+    """From a fresh process, as an actor measures it: builtin:tiny's 32 samples took 200-220
+    MiB above the loaded model; the estimate must cover that and stay the same order."""
+    code = """
+import torch, sdedit
+from pipeline.actor import batch_bytes
+torch.set_num_threads(1)
+print(batch_bytes(sdedit.load("builtin:tiny"), 32), batch_bytes(sdedit.load("builtin:tiny"), 1))
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    many, one = (int(value) for value in done.stdout.split())
+    assert 150 * 2**20 < many < 1500 * 2**20, many
+    assert one < many
 
 
 def test_calls_that_run_at_once_share_the_actors_editing_time():
