@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 
 Report = Callable[[str], None]
 RAY_PROGRESS_VARIABLE = "RAY_DATA_DISABLE_PROGRESS_BARS"  # Ray Data's own switch; 0 = shown
+RAY_PROGRESS_LOGGER = "ray.data._internal.progress"  # warns once that the report is off
 
 
 def ray_data_progress(context) -> None:
     """Turn Ray Data's own progress report off in `context` (a DataContext) unless its variable
     is 0: it repeats the commands' own progress lines (about 15 lines every 10 s without a
-    terminal) and costs the driver CPU that CPU actors share."""
+    terminal) and costs the driver CPU that CPU actors share. Ray Data's warning that it is
+    off, with advice to turn it on, is left out of the console too."""
     context.enable_progress_bars = os.environ.get(RAY_PROGRESS_VARIABLE) == "0"
+    if not context.enable_progress_bars:
+        logging.getLogger(RAY_PROGRESS_LOGGER).setLevel(logging.ERROR)
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pipeline.progress import Progress, duration
@@ -86,6 +88,39 @@ def test_ray_datas_own_progress_report_is_off_unless_its_variable_says_0(monkeyp
     monkeypatch.setenv(RAY_PROGRESS_VARIABLE, "0")
     ray_data_progress(context)
     assert context.enable_progress_bars is True
+
+
+def test_ray_datas_warning_that_its_report_is_off_stays_off_the_console(monkeypatch):
+    """Every run printed Ray Data's "Progress bars disabled. To enable, set ..." warning,
+    advice against what the command chose."""
+    from ray.data import DataContext
+    from ray.data._internal.progress import get_progress_manager
+    from ray.util.debug import reset_log_once
+
+    from pipeline.progress import RAY_PROGRESS_LOGGER, RAY_PROGRESS_VARIABLE, ray_data_progress
+
+    monkeypatch.delenv(RAY_PROGRESS_VARIABLE, raising=False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(RAY_PROGRESS_LOGGER)
+    logger.addHandler(handler)
+    try:
+        for ours in (False, True):
+            context = DataContext()
+            logger.setLevel(logging.NOTSET)  # as in a new driver
+            if ours:
+                ray_data_progress(context)
+            else:  # turned off by hand, Ray Data warns
+                context.enable_progress_bars = False
+            reset_log_once("ray_data_progress_manager_disabled")
+            get_progress_manager(context, "dataset", {}, False)
+            warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+            assert bool(warned) is not ours, warned
+            records.clear()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 def test_ray_datas_error_records_are_held_from_the_console_while_a_dataset_runs():
