@@ -275,8 +275,8 @@ def batch_bytes(prior, model_batch: int) -> int | None:
     of this process's resident memory (reset through /proc/self/clear_refs) over an edit of
     one sample and one of two: the first's rise plus the difference per further sample (it
     overstates: 312 MiB for 32 samples of builtin:tiny, which take 200-220; 4.1 GiB for 8 of a
-    church-256-shaped UNet, which take 2.9). None where the peak cannot be reset (not Linux).
-    Run it before the model's first batch."""
+    church-256-shaped UNet, which take 2.9). None where the peak cannot be reset (not Linux) or
+    the edit fails. Run it before the model's first batch."""
     import torch
 
     import sdedit
@@ -291,8 +291,8 @@ def batch_bytes(prior, model_batch: int) -> int | None:
             guide = torch.zeros(samples, 3, size, size, device=prior.device)
             prior.edit(guide, t0=0.5, steps=2, generator=sdedit.generators(range(samples)))
             peaks.append(_status_bytes("VmHWM"))
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, TypeError):  # no peak to reset, or an edit that cannot run
+        return None  # (then the actor's chunks fail as its rows' errors, not its start)
     first, per_sample = max(0, peaks[0] - base), max(0, peaks[1] - peaks[0])
     return first + (model_batch - 1) * per_sample
 
