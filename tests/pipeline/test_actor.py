@@ -41,6 +41,19 @@ def outputs(table: pa.Table) -> dict:
     return dict(zip(keys, table["_sd_pixels"].to_pylist(), strict=True))
 
 
+def two_calls_at_once(actor: SDEditActor, work: pa.Table) -> dict:
+    """The outputs of `work` edited in two calls at once, as Ray Data's threaded actor makes
+    them."""
+    calls = []
+    threads = [threading.Thread(target=lambda part=part: calls.append(actor(part)))
+               for part in (work.slice(0, 2), work.slice(2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {k: v for call in calls for k, v in outputs(call).items()}
+
+
 def test_outputs_do_not_depend_on_which_rows_share_a_call(actor, work):
     together = outputs(actor(work))
     alone = {}
@@ -68,14 +81,7 @@ def test_an_actor_with_threads_edits_model_batches_at_once_with_the_same_bytes(w
         actor.prior.model.unet.register_forward_pre_hook(meet)
         assert outputs(actor(work)) == expected  # 5 rows, 5 chunks of one
         assert len(first_calls) == 2 and all(n.startswith("sdedit-chunk") for n in first_calls)
-        calls = []  # two calls at once, as Ray Data's threaded actor makes them
-        threads = [threading.Thread(target=lambda part=part: calls.append(actor(part)))
-                   for part in (work.slice(0, 2), work.slice(2))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert {k: v for call in calls for k, v in outputs(call).items()} == expected
+        assert two_calls_at_once(actor, work) == expected
     finally:
         torch.set_num_threads(torch_threads)
 
@@ -113,14 +119,7 @@ def test_a_cpu_actor_runs_as_many_model_batches_at_once_as_its_memory_holds(work
 
         actor.prior.model.unet.register_forward_pre_hook(enter)
         actor.prior.model.unet.register_forward_hook(leave)
-        calls = []  # two calls at once, as Ray Data's threaded actor makes them
-        threads = [threading.Thread(target=lambda part=part: calls.append(actor(part)))
-                   for part in (work.slice(0, 2), work.slice(2))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert {k: v for call in calls for k, v in outputs(call).items()} == expected
+        assert two_calls_at_once(actor, work) == expected
         assert max(most) == 1 and len(most) == 10  # 5 one-row chunks, 2 model calls each
         assert names == {"sdedit-chunk_0"}
     finally:
