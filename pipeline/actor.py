@@ -233,12 +233,12 @@ def workers_for(prior, threads: int | None, model_batch: int, compile: bool = Fa
     if not edits_batches_at_once(threads, device, compile):
         return chunk_workers(threads, device, compile)
     torch.set_num_threads(1)
-    per_batch = batch_bytes(prior, model_batch)
-    at_once = chunks_at_once(threads, per_batch, memory_budget(threads))
+    per_batch, budget = batch_bytes(prior, model_batch), memory_budget(threads)
+    at_once = chunks_at_once(threads, per_batch, budget)
     if at_once < threads:
         report(f"SDEdit actor: {at_once} model batch(es) at once, not {threads}: each takes "
-               f"about {_size(per_batch)} (--model-batch {model_batch}), and "
-               f"{_size(memory_budget(threads))} is this actor's to use")
+               f"about {_size(per_batch)} (--model-batch {model_batch}), and {_size(budget)} "
+               "is this actor's to use")
     return chunk_workers(threads, device, compile, at_once)
 
 

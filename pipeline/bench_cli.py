@@ -268,8 +268,8 @@ def _model_only_process() -> None:
     if torch.cuda.is_available():
         prefer_deterministic_cuda()  # as the actor does, so both use the same kernels
     prior = sdedit.load(settings["model"], dtype=settings["dtype"], compile=settings["compile"])
-    chunk = len(settings["chunks"][0]) if settings["chunks"] else 1
-    workers = workers_for(prior, settings["threads"], chunk, settings["compile"],
+    model_batch = len(settings["chunks"][0]) if settings["chunks"] else 1
+    workers = workers_for(prior, settings["threads"], model_batch, settings["compile"],
                           report=lambda line: print(line, file=sys.stderr))  # as the actor
     folder = Path(settings["folder"])
     guides = {i: prepare(str(folder / f"{i:05d}.png"), None, prior.resolution, {}, 10**9)[0]

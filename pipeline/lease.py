@@ -196,15 +196,16 @@ def _locked(path: str) -> Iterator[None]:
                     break
             except FileNotFoundError:  # removed between our lock and stat: try again
                 pass
-            except OSError:
-                yield
-                return
+            except OSError:  # another user's lock file: their runs of this OUTPUT are theirs
+                lock = None
+                break
             held.close()
         try:
             yield
         finally:
-            with suppress(OSError):  # a file left behind is harmless
-                os.unlink(path)
+            if lock is not None:
+                with suppress(OSError):  # a file left behind is harmless
+                    os.unlink(path)
 
 
 def _expires_in(holder: Lease, now: float) -> float:
