@@ -115,7 +115,8 @@ def ray_options(command: Callable) -> Callable:
                      show_default=True, help="Largest accepted source image (width x height)."),
         click.option("--overwrite", is_flag=True,
                      help="Replace guides OUTPUT holds from another source or other options "
-                          "(refused without it; files of ids this run does not build stay)."),
+                          "(refused without it); the guide and mask files of ids this run does "
+                          "not build are removed."),
         storage_option,
     ]
     return functools.reduce(lambda wrapped, option: option(wrapped), reversed(options), command)

@@ -11,7 +11,8 @@ row whose id cannot name its files (null, unsafe, too long, or on several rows),
 never built. Every file appears whole (`pipeline.writers.commit`), and a rerun that builds
 no guide removes the earlier run's manifest. The manifest records what made the guides (task,
 source, options: `guide_settings`), and `claim_output` refuses a rerun into OUTPUT with other
-settings unless it overwrites: runs made from the old guides would no longer match them.
+settings unless it overwrites: runs made from the old guides would no longer match them. A run
+that overwrites also removes the guide and mask files of the ids it did not build.
 Images are decoded as `sdedit run` decodes guides (`tasks.images`): transparency over white,
 16-bit scaled to 8 bits, masks as "L", at most `GuideJob.max_pixels` pixels.
 """
@@ -444,6 +445,24 @@ def manifest_records(rows: list[dict], results: list[dict], task: GuideTask) -> 
     return records
 
 
+def remove_unlisted(fs, root: str, records: list[dict]) -> int:
+    """Delete the guide and mask PNGs under OUTPUT (`root` on `fs`) that the manifest just
+    written does not list (an overwritten run's ids that this run did not build); how many.
+    Run after the manifest is written, so that a failure leaves extra files, never a
+    manifest naming missing ones."""
+    listed = {record.get(column) for record in records for column in ("guide", "mask")}
+    removed = 0
+    for folder in ("guides", "masks"):
+        if not fs.exists(f"{root}/{folder}"):
+            continue
+        for path in fs.find(f"{root}/{folder}"):
+            relative = path[len(root):].lstrip("/")
+            if relative.endswith(".png") and relative not in listed:
+                fs.rm(path)
+                removed += 1
+    return removed
+
+
 def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> GuideReport:
     """Write OUTPUT/guide_errors.parquet (row, id, error per failed row) and then
     OUTPUT/manifest.parquet, each whole; remove either left by an earlier run into OUTPUT
@@ -464,5 +483,7 @@ def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> Guid
                           settings if name == "manifest.parquet" else None)
         elif fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}")  # stale from an earlier run
+    if job.overwrite:
+        remove_unlisted(fs, root, records)
     errors_by_row = [(error["id"], error["error"]) for error in errors]
     return GuideReport(f"{job.output}/manifest.parquet", len(records), errors_by_row)

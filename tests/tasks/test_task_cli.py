@@ -276,3 +276,26 @@ def test_guides_refuse_an_output_made_with_other_settings(monkeypatch, photo_fol
     (output / "manifest.parquet").write_bytes(b"not parquet")  # replaced, as a torn file was
     invoke("guides", "strokes", str(photo_folder), str(output))
     assert pq.read_table(output / "manifest.parquet").num_rows == 4
+
+
+def test_guides_overwrite_removes_the_files_of_ids_it_does_not_build(monkeypatch, photo_folder,
+                                                                     tmp_path):
+    """--overwrite from a smaller source left the guides and masks of the ids it no longer
+    built beside the new ones (the manifest listed only the new)."""
+    import pipeline.job
+    from tasks import guides
+
+    monkeypatch.setattr(pipeline.job, "init_ray", lambda address: None)
+    monkeypatch.setattr(guides, "_build_on_ray",
+                        lambda work, job: [guides.build_one(row, job) for row in work])
+    output = tmp_path / "out"
+    invoke("guides", "edits", str(photo_folder), str(output))
+    made = sorted(path.name for path in (output / "guides").iterdir())
+    assert len(made) == 4 and sorted(p.name for p in (output / "masks").iterdir()) == made
+    (output / "guides" / "notes.txt").write_text("not a guide")  # stays
+    invoke("guides", "strokes", str(photo_folder / "objects"), str(output), "--overwrite")
+    manifest = pq.read_table(output / "manifest.parquet")
+    assert sorted(manifest["guide"].to_pylist()) == ["guides/coffee.png", "guides/rocket.png"]
+    assert sorted(path.name for path in (output / "guides").iterdir()) == [
+        "coffee.png", "notes.txt", "rocket.png"]
+    assert list((output / "masks").iterdir()) == []  # stroke paintings have none
