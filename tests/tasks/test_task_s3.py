@@ -53,6 +53,13 @@ def test_strokes_from_a_bucket_to_a_bucket(ray_local, s3_server):
         guide = Image.open(io.BytesIO(fs.cat(f"{bucket}/strokes/{row['guide']}")))
         assert guide.size == (64, 48)
         assert len(np.unique(np.asarray(guide).reshape(-1, 3), axis=0)) <= 12
+    # again from the things alone, overwriting: the cat's guide goes from the bucket too
+    result = runner.invoke(main, ["guides", "strokes", f"s3://{bucket}/in/things",
+                                  f"s3://{bucket}/strokes", "--overwrite", *flags])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    fs.invalidate_cache()
+    assert sorted(path.rsplit("/", 1)[-1] for path in fs.find(f"{bucket}/strokes/guides")) == [
+        "coffee.png", "rocket.png"]
 
 
 @pytest.mark.slow
