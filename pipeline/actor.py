@@ -282,12 +282,10 @@ def batch_bytes(prior, model_batch: int) -> int | None:
     import sdedit
 
     try:
-        base = _status_bytes("VmRSS")
-        peaks = []
+        base, size, peaks = _status_bytes("VmRSS"), prior.resolution, []
         for samples in (1, 2):
             with open("/proc/self/clear_refs", "w") as stream:
                 stream.write("5")
-            size = prior.resolution
             guide = torch.zeros(samples, 3, size, size, device=prior.device)
             prior.edit(guide, t0=0.5, steps=2, generator=sdedit.generators(range(samples)))
             peaks.append(_status_bytes("VmHWM"))

@@ -230,10 +230,8 @@ def preview(config: RunConfig) -> dict:
             committed, retried = read_committed(config.output, config.format,
                                                 config.storage_options
                                                 ).without_failures(config.retry_errors)
-            stale = stale_shared_key_errors(plan_columns, plan, committed.written,
-                                            committed.failed)  # as `open_output` forgets them
-            committed = Committed(committed.written, committed.failed.filter(pa.array(~stale)))
-            retried += int(stale.sum())
+            committed, stale = stale_errors(plan_columns, plan, committed)  # as `run` forgets
+            retried += stale.num_rows
         now = time.time()
         holder = live_holder(config.output, config.storage_options, now)
     keys = committed.keys
@@ -274,7 +272,7 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan_columns: pa.Tab
         manifest = typed_as_output(config, manifest, report)
         retried = forget_errors(config.output, config.retry_errors, config.storage_options)
         committed = read_committed(config.output, config.format, config.storage_options)
-        stale = stale_errors(plan_columns, plan, committed)
+        stale = stale_errors(plan_columns, plan, committed)[1]
         if stale.num_rows:
             forget_error_rows(config.output, stale, config.storage_options)
             report(f"{stale.num_rows:,} error row(s) of ids that fewer manifest rows share now "
@@ -284,12 +282,17 @@ def open_output(config: RunConfig, manifest: ManifestFiles, plan_columns: pa.Tab
         return manifest, retried + stale.num_rows, committed
 
 
-def stale_errors(plan_columns: pa.Table, plan: Plan, committed: Committed) -> pa.Table:
-    """The committed error rows of keys whose id fewer manifest rows share than when the rows
-    were written (`stale_shared_key_errors`): without them a fixed duplicate id stayed failed
-    and its error rows outnumbered its outputs."""
-    return committed.failed.filter(pa.array(stale_shared_key_errors(
-        plan_columns, plan, committed.written, committed.failed)))
+def stale_errors(plan_columns: pa.Table, plan: Plan,
+                 committed: Committed) -> tuple[Committed, pa.Table]:
+    """The committed keys without the error rows of keys whose id fewer manifest rows share
+    than when the rows were written (`stale_shared_key_errors`), and those rows: kept, a fixed
+    duplicate id stayed failed and its error rows outnumbered its outputs."""
+    import pyarrow.compute as pc
+
+    stale = pa.array(stale_shared_key_errors(plan_columns, plan, committed.written,
+                                             committed.failed))
+    return (Committed(committed.written, committed.failed.filter(pc.invert(stale))),
+            committed.failed.filter(stale))
 
 
 def typed_as_output(config: RunConfig, manifest: ManifestFiles,

@@ -445,22 +445,17 @@ def manifest_records(rows: list[dict], results: list[dict], task: GuideTask) -> 
     return records
 
 
-def remove_unlisted(fs, root: str, records: list[dict]) -> int:
+def remove_unlisted(fs, root: str, records: list[dict]) -> None:
     """Delete the guide and mask PNGs under OUTPUT (`root` on `fs`) that the manifest just
-    written does not list (an overwritten run's ids that this run did not build); how many.
-    Run after the manifest is written, so that a failure leaves extra files, never a
-    manifest naming missing ones."""
+    written does not list (an overwritten run's ids that this run did not build), in one
+    request per batch on object stores. Run after the manifest is written, so that a failure
+    leaves extra files, never a manifest naming missing ones."""
     listed = {record.get(column) for record in records for column in ("guide", "mask")}
-    removed = 0
-    for folder in ("guides", "masks"):
-        if not fs.exists(f"{root}/{folder}"):
-            continue
-        for path in fs.find(f"{root}/{folder}"):
-            relative = path[len(root):].lstrip("/")
-            if relative.endswith(".png") and relative not in listed:
-                fs.rm(path)
-                removed += 1
-    return removed
+    unlisted = [path for folder in ("guides", "masks") if fs.exists(f"{root}/{folder}")
+                for path in fs.find(f"{root}/{folder}")
+                if path.endswith(".png") and path[len(root):].lstrip("/") not in listed]
+    if unlisted:
+        fs.rm(unlisted)
 
 
 def write_manifest(rows: list[dict], results: list[dict], job: GuideJob) -> GuideReport:
