@@ -34,7 +34,10 @@ from tasks.images import (
 )
 from tasks.sources import is_remote, local_path
 
-MANIFEST_COLUMNS = ("image", "guide")
+# a manifest's image column, first found first: `source` (the photos of an `sdedit guides` or
+# `sdedit manifest` listing, and of the bundled example) before `guide`, which there holds the
+# stroke paintings made from them; a prior learns from the photos
+MANIFEST_COLUMNS = ("image", "source", "guide")
 # files that make a folder a model: a fresh run there would overwrite them
 MODEL_FILE_PATTERNS = ("config.json", "model_index.json", "*.safetensors", "*.bin")
 # command-line option -> TrainConfig field, for refusing conflicting options on resume
@@ -43,8 +46,9 @@ OPTION_FIELDS = {"resolution": "resolution", "batch_size": "batch_size", "lr": "
 
 
 def image_uris(source: str, storage_options: dict | None = None) -> list[str]:
-    """The image URIs a source names: a Parquet manifest (`image` or `guide` column, relative
-    paths resolved against its folder), a glob, or a folder searched recursively."""
+    """The image URIs a source names: a Parquet manifest (its `image`, else `source`, else
+    `guide` column, relative paths resolved against its folder), a glob, or a folder searched
+    recursively."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(source, **options_for(source, storage_options or {}))
@@ -74,8 +78,9 @@ def _manifest_uris(fs, root: str, source: str) -> list[str]:
         table = read_parquet(stream)
     column = next((name for name in MANIFEST_COLUMNS if name in table.column_names), None)
     if column is None:
-        raise click.BadParameter(f"manifest {source} has no {' or '.join(MANIFEST_COLUMNS)} "
-                                 f"column (columns: {table.column_names})", param_hint="IMAGES")
+        names = f"{', '.join(MANIFEST_COLUMNS[:-1])} or {MANIFEST_COLUMNS[-1]}"
+        raise click.BadParameter(f"manifest {source} has no {names} column (columns: "
+                                 f"{table.column_names})", param_hint="IMAGES")
     from pipeline.manifest import resolve_uri  # as `sdedit run` resolves the manifest's paths
 
     _check_uri_column(table.schema.field(column).type, column, source)
@@ -339,9 +344,10 @@ def train(ctx: click.Context, images: str, output_model: str, resolution: str, s
           threads: int | None, max_pixels: int, storage_options: tuple[str, ...]) -> None:
     """Train a pixel-space DDPM prior on IMAGES and write it to OUTPUT_MODEL.
 
-    IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image` or `guide`
-    column. Images are decoded as `sdedit run` decodes guides (16-bit scaled to 8 bits,
-    transparency composited on white). OUTPUT_MODEL receives a diffusers-format folder (EMA
+    IMAGES is a folder, a glob, a bucket URI or a Parquet manifest with an `image`, `source` or
+    `guide` column, the first of them it has (so the photos of an `sdedit guides` manifest, not
+    its stroke paintings). Images are decoded as `sdedit run` decodes guides (16-bit scaled to
+    8 bits, transparency composited on white). OUTPUT_MODEL receives a diffusers-format folder (EMA
     weights, DDPM scheduler config) plus `checkpoint/`; running the same command again resumes
     from it. OUTPUT_MODEL is a local folder: copy it to a bucket to run from there.
     """

@@ -138,13 +138,25 @@ def test_manifest_and_glob_sources(pngs, tmp_path):
     assert len(image_uris(f"file://{pngs}")) == 6
 
 
+def test_a_guides_manifest_trains_on_its_photos_not_its_stroke_paintings(pngs):
+    """`sdedit guides` writes `source` (the photos) beside `guide` (paintings made from them),
+    as the bundled example does; `sdedit manifest` writes `source` alone."""
+    both = pngs / "guides.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "guide": ["guides/a.png", "guides/b.png"],
+                             "source": ["emoji2.png", "emoji3.png"]}), both)
+    assert image_uris(str(both)) == [f"{pngs}/emoji2.png", f"{pngs}/emoji3.png"]
+    photos = pngs / "photos.parquet"
+    pq.write_table(pa.table({"id": ["c"], "source": [f"{pngs}/emoji4.png"]}), photos)
+    assert image_uris(str(photos)) == [f"{pngs}/emoji4.png"]
+
+
 def test_bad_sources_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["train", str(tmp_path / "empty"), str(tmp_path / "out")])
     assert result.exit_code == 2 and "no images" in result.output
     pq.write_table(pa.table({"path": ["x.png"]}), tmp_path / "m.parquet")
     result = CliRunner().invoke(main, ["train", str(tmp_path / "m.parquet"), str(tmp_path / "o")])
-    assert result.exit_code == 2 and "no image or guide column" in result.output
+    assert result.exit_code == 2 and "no image, source or guide column" in result.output
 
 
 def test_transparency_is_composited_on_white():
