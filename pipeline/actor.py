@@ -67,6 +67,7 @@ class SDEditActor:
         self.clock = BusyClock()
         self.model_batch = model_batch
         self.steps = steps
+        self.calls: dict[float, int] = {}  # t0 -> model calls per pass (`steps_from`)
         self.dtype = dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -127,18 +128,23 @@ class SDEditActor:
     def _chunks(self, table: pa.Table, t0s: list, stages: list) -> list[tuple[int, list]]:
         """(repeats, row indices) chunks of at most model_batch rows that make the same number
         of model calls per pass, so every sample of a chunk is in every call."""
-        import sdedit
-
-        groups, calls = defaultdict(list), {}  # calls: t0 -> model calls, once per t0
+        groups = defaultdict(list)
         rows = zip(t0s, table["repeats"].to_pylist(), stages, strict=True)
         for index, (t0, repeats, stage) in enumerate(rows):
             if stage is None:
-                if t0 not in calls:
-                    calls[t0] = sdedit.model_calls(self.prior.schedule, t0, self.steps)
-                groups[(calls[t0], repeats)].append(index)
+                groups[(self.steps_from(t0), repeats)].append(index)
         return [(repeats, members[first:first + self.model_batch])
                 for (_, repeats), members in sorted(groups.items())
                 for first in range(0, len(members), self.model_batch)]
+
+    def steps_from(self, t0: float) -> int:
+        """Sampler steps (model calls) of one pass from `t0`: --steps, or fewer where the
+        schedule has fewer from there, or all of them without --steps."""
+        if t0 not in self.calls:
+            import sdedit
+
+            self.calls[t0] = sdedit.model_calls(self.prior.schedule, t0, self.steps)
+        return self.calls[t0]
 
     def _edit_chunk(self, guides: list[bytes], masks: list[bytes | None], seeds: list[int],
                     t0s: list[float], repeats: int) -> list[tuple[bytes, float] | None]:
@@ -183,6 +189,8 @@ class SDEditActor:
         table = table.drop_columns([INTERNAL + "guide_pixels", INTERNAL + "mask_pixels",
                                     INTERNAL + "stage", INTERNAL + "error"])
         size = self.prior.resolution
+        steps = [None if stage else self.steps_from(t0)
+                 for t0, stage in zip(table["t0"].to_pylist(), stages, strict=True)]
         columns = {
             INTERNAL + "pixels": pa.array(pixels, pa.binary()),
             "l2_to_guide": pa.array(l2, pa.float64()),
@@ -190,7 +198,7 @@ class SDEditActor:
             "height": pa.array([size] * n, pa.int32()),
             "model": pa.array([self.prior.name] * n, pa.string()),
             "model_digest": pa.array([self.prior.digest] * n, pa.string()),
-            "steps": pa.array([self.steps] * n, pa.int32()),
+            "steps": pa.array(steps, pa.int32()),
             INTERNAL + "stage": pa.array(stages, pa.string()),
             INTERNAL + "error": pa.array(errors, pa.string()),
             INTERNAL + "edit_seconds": pa.array([seconds] * n, pa.float64()),

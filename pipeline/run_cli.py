@@ -26,8 +26,8 @@ EXIT_ERROR_RATE = 3
 @click.option("--samples", type=int, help="Outputs per (id, t0). Default: the task's, else 1.")
 @click.option("--steps", type=int,
               help="Sampler steps from t0 to 0, at most every step the schedule has from t0 "
-                   "(100 from t0 0.1 of 1,000 timesteps; `steps` records what was asked). "
-                   "Default: every step.")
+                   "(100 from t0 0.1 of 1,000 timesteps); each output's `steps` column says "
+                   "how many its passes took. Default: every step.")
 @click.option("--repeats", type=int, help="SDEdit passes K. Default: the task's, else 1.")
 @click.option("--seed", type=int, help="Run seed (per-sample seeds derive from it). Default 0.")
 @click.option("--task", help="Task preset (synthesis, editing, compositing, augmentation) "

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from run_helpers import write_images
@@ -193,6 +194,29 @@ def test_rows_whose_t0_takes_more_steps_get_their_own_chunks(work):
     t0s = work["t0"].to_pylist()
     assert [sorted({t0s[i] for i in chunk}) for _, chunk in chunks] == [[0.3], [0.6]]
     assert sorted(i for _, chunk in chunks for i in chunk) == list(range(work.num_rows))
+
+
+def test_each_output_records_the_steps_its_pass_took(tmp_path):
+    """`steps` is --steps where the schedule has that many from t0, fewer where it has fewer
+    (t0 0.003 of 1,000 timesteps: 3), all of them without --steps; none for a failed row."""
+    names = write_images(tmp_path, 3)
+    manifest = pa.table({"id": ["a", "b", "c"], "guide": names,
+                         "t0": [[0.003, 0.3], [0.004], [0.3]]})
+    rows = fetch_batch(expand_table(manifest, Plan(base=str(tmp_path), seed=1, t0=(0.3,)),
+                                    committed=keys_table([])), 64, {}, 10**7)
+    stage = pa.array([None if i != "c" else "decode" for i in rows["id"].to_pylist()])
+    rows = rows.set_column(rows.schema.get_field_index("_sd_stage"), "_sd_stage", stage)
+
+    def steps(table: pa.Table) -> dict:
+        keys = zip(table["id"].to_pylist(), table["t0"].to_pylist(), strict=True)
+        return dict(zip(keys, table["steps"].to_pylist(), strict=True))
+
+    asked = SDEditActor("builtin:tiny", "float32", {}, model_batch=4, steps=5, threads=1)
+    assert steps(asked(rows)) == {("a", 0.003): 3, ("a", 0.3): 5, ("b", 0.004): 4,
+                                  ("c", 0.3): None}
+    every = SDEditActor("builtin:tiny", "float32", {}, model_batch=4, steps=None, threads=1)
+    small = rows.filter(pc.less(rows["t0"], 0.1))
+    assert steps(every(small)) == {("a", 0.003): 3, ("b", 0.004): 4}
 
 
 def test_a_compiled_actor_is_batch_invariant_and_close_to_eager(actor, work):
