@@ -8,9 +8,13 @@ until its summary is written, renewing it every `RENEW_SECONDS`, and another run
 start while it is live. A lease is stale once it has not been renewed for `EXPIRE_SECONDS`, or at
 once when it names a process on this host that no longer exists, so a killed driver rerun on
 its machine resumes without waiting. The lease is written whole (temp + rename, one PUT) and
-read back, on a local disk under a lock of this host from the first read to the read-back: object
-stores have no atomic create, so there two runs started within one round trip of each other
-could both proceed; a run started while another is running cannot.
+read back, on a local disk under a lock of this host from the first read to the read-back. On S3
+the PUT is conditional on what was read (`If-None-Match: *` where there was no lease, `If-Match`
+its ETag where there was one), so of runs that read the same lease only one writes (AWS S3
+documents both conditions; SeaweedFS honours both in the tests). Other object stores, and
+S3-compatible ones that refuse the conditions, have no atomic create: there two runs started
+within one round trip of each other could both proceed (on SeaweedFS without the conditions,
+9 of 40 tries of 4 runs started at once); a run started while another is running cannot.
 
 The lease also fences the run's workers: every shard commit first checks that OUTPUT's lease
 still names its run (`confirm_held`). A driver killed alone leaves Ray workers that can go on
@@ -89,21 +93,70 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class LeaseRead:
+    """A read of OUTPUT's lease: the lease (None: no file, or one no run could have written)
+    and, on S3, the version that was read, which a write may be conditional on."""
+
+    lease: Lease | None
+    version: S3LeaseVersion | None = None
+
+
+@dataclass(frozen=True)
+class S3LeaseVersion:
+    """OUTPUT's lease object on S3 and its ETag when read (None: there was none)."""
+
+    bucket: str
+    key: str
+    etag: str | None
+
+
 def read_lease(output: str, storage_options: Mapping, attempts: int = 1) -> Lease | None:
     """The lease OUTPUT holds, or None (no lease file, or one no run could have written);
     keys a later version adds are ignored. A store's failure that may pass is tried
     `attempts` times, with backoff."""
+    return _read(output, storage_options, attempts).lease
+
+
+def _read(output: str, storage_options: Mapping, attempts: int = 1) -> LeaseRead:
     from pipeline.resume import output_fs
 
     fs, root = output_fs(output, storage_options)
+    path = f"{root}/{LEASE}"
+    s3 = _is_s3(fs)
+    bucket, key = fs.split_path(path)[:2] if s3 else (None, None)
     try:
-        fields = json.loads(with_backoff(lambda: fs.cat_file(f"{root}/{LEASE}"), attempts,
-                                         delay=0.5))
-        return Lease(**{name: fields[name] for name in Lease.__dataclass_fields__})
+        if s3:  # body and ETag from one GET: the version a conditional write names
+            payload, etag = with_backoff(lambda: _get_object(fs, bucket, key), attempts, 0.5)
+        else:
+            payload = with_backoff(lambda: fs.cat_file(path), attempts, delay=0.5)
     except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, KeyError):  # not JSON, or not a lease's fields
-        return None
+        payload, etag = None, None
+    version = S3LeaseVersion(bucket, key, etag) if s3 else None
+    try:
+        fields = json.loads(payload)
+        lease = Lease(**{name: fields[name] for name in Lease.__dataclass_fields__})
+    except (ValueError, TypeError, KeyError):  # none, not JSON, or not a lease's fields
+        lease = None
+    return LeaseRead(lease, version)
+
+
+def _is_s3(fs) -> bool:
+    return "s3" in fs.protocol and hasattr(fs, "_call_s3")  # s3fs
+
+
+def _get_object(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """(body, ETag) of one S3 GET through s3fs (its errors translated, e.g. FileNotFoundError)."""
+    from fsspec.asyn import sync
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await response["Body"].read(), response["ETag"]
+        finally:
+            response["Body"].close()
+
+    return sync(fs.loop, get)
 
 
 def confirm_held(output: str, run: str, storage_options: Mapping) -> None:
@@ -139,10 +192,11 @@ def acquire(output: str, storage_options: Mapping, wait_seconds: float = 0.0,
     waiting = False
     while True:
         with _one_at_a_time(output, storage_options):
-            holder, now = read_lease(output, storage_options), time.time()
+            read = _read(output, storage_options)
+            holder, now = read.lease, time.time()
             if not (holder and holder.is_live(now)):
                 lease = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
-                _write(output, lease, storage_options)
+                _write(output, lease, storage_options, read.version)
                 claimed = read_lease(output, storage_options)
                 if not lease.same_run(claimed):  # another run wrote between our read and write
                     raise _in_use(output, claimed, time.time()) if claimed else OutputInUseError(
@@ -221,10 +275,45 @@ def _in_use(output: str, holder: Lease, now: float) -> OutputInUseError:
         f"expires in {wait:.0f} s, or delete {output.rstrip('/')}/{LEASE}")
 
 
-def _write(output: str, lease: Lease, storage_options: Mapping) -> None:
+def _write(output: str, lease: Lease, storage_options: Mapping,
+           replacing: S3LeaseVersion | None = None) -> None:
+    """Write `lease` whole; on S3 (`replacing` given) only over the version that was read. A
+    write refused because another run wrote first returns quietly: the caller reads the
+    lease back and finds theirs."""
     from pipeline.writers import commit
 
-    commit(output, LEASE, json.dumps(asdict(lease), indent=2).encode(), storage_options)
+    payload = json.dumps(asdict(lease), indent=2).encode()
+    if replacing is not None and _put_if_unchanged(output, replacing, payload, storage_options):
+        return
+    commit(output, LEASE, payload, storage_options)
+
+
+def _put_if_unchanged(output: str, replacing: S3LeaseVersion, payload: bytes,
+                      storage_options: Mapping) -> bool:
+    """One conditional PUT of the lease: True once the store has applied or refused it
+    (another run wrote first), False where it took neither way (the caller then writes
+    unconditionally, as for a store without conditional writes)."""
+    from pipeline.resume import output_fs
+
+    fs, _ = output_fs(output, storage_options)
+    condition = ({"IfMatch": replacing.etag} if replacing.etag is not None else
+                 {"IfNoneMatch": "*"})
+    try:
+        fs.call_s3("put_object", Bucket=replacing.bucket, Key=replacing.key, Body=payload,
+                   **condition)
+    except OSError as error:
+        return _precondition_failed(error)
+    finally:
+        fs.invalidate_cache(f"{replacing.bucket}/{replacing.key}")  # as s3fs's own writes do
+    return True
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether S3 refused a conditional write (HTTP 412, or 409 for a concurrent one)."""
+    response = getattr(error.__cause__, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def release(output: str, lease: Lease, storage_options: Mapping) -> None:
@@ -269,10 +358,12 @@ def _renew(output: str, lease: Lease, storage_options: Mapping, report: Report,
     while not stop.wait(every):
         try:
             with storage_step(f"could not renew the lease on {output}"):
-                if not lease.same_run(read_lease(output, storage_options)):
+                read = _read(output, storage_options)
+                if not lease.same_run(read.lease):
                     report(f"another run took over the lease on {output}; this run commits "
                            "nothing more")
                     return
-                _write(output, replace(lease, renewed_at=time.time()), storage_options)
+                _write(output, replace(lease, renewed_at=time.time()), storage_options,
+                       read.version)  # on S3, not over a lease written since this read
         except StorageError as error:  # a store hiccup: try again at the next renewal
             report(str(error))

@@ -208,6 +208,66 @@ def test_the_lease_works_on_an_object_store(s3_server):
     assert read_lease(output, options) is None
 
 
+@pytest.mark.parametrize("before", ["none", "stale"])
+def test_a_run_does_not_write_over_a_lease_written_after_it_read_on_s3(s3_server, monkeypatch,
+                                                                        before):
+    """Another run writes its lease between this run's read and its write (as when both
+    start at once: 9 of 40 tries of 4 runs ended with two or three holders on SeaweedFS).
+    The write is conditional on what was read, so it is refused; the read-back finds the
+    other run's lease and this run stops."""
+    import types
+    import uuid
+
+    import fsspec
+
+    import pipeline.lease
+
+    output, options = f"{s3_server.new_bucket()}/out", s3_server.storage_options
+    fs = fsspec.filesystem("s3", **options)
+    now = time.time()
+    if before == "stale":
+        stale = Lease("stale", "node-7", 4242, now - 500, now - EXPIRE_SECONDS - 60)
+        fs.pipe_file(f"{output}/{LEASE}", json.dumps(asdict(stale)).encode())
+    rival = Lease("rival", "node-8", 4343, now, now)
+
+    def rival_writes_first() -> uuid.UUID:  # acquire draws its run id after reading
+        fs.pipe_file(f"{output}/{LEASE}", json.dumps(asdict(rival)).encode())
+        return uuid.uuid4()
+
+    monkeypatch.setattr(pipeline.lease, "uuid", types.SimpleNamespace(uuid4=rival_writes_first))
+    with pytest.raises(OutputInUseError, match="in use by run rival"):
+        acquire(output, options)
+    assert read_lease(output, options) == rival
+
+
+def test_a_renewal_does_not_write_over_a_lease_written_after_it_read_on_s3(s3_server,
+                                                                          monkeypatch):
+    """A run that stalled past its lease's expiry is taken over between its renewal's read
+    (its own lease still) and its write: the write is refused, the rival's lease stays."""
+    import dataclasses
+
+    import fsspec
+
+    import pipeline.lease
+
+    output, options = f"{s3_server.new_bucket()}/out", s3_server.storage_options
+    fs = fsspec.filesystem("s3", **options)
+    rival = Lease("rival", "node-8", 4343, time.time(), time.time())
+
+    def rival_writes_first(lease: Lease, **changes) -> Lease:  # the renewal's new lease
+        if lease.run != "rival":
+            fs.pipe_file(f"{output}/{LEASE}", json.dumps(asdict(rival)).encode())
+        return dataclasses.replace(lease, **changes)
+
+    lines = []
+    with holding(output, options, lines.append, renew_seconds=0.05):
+        monkeypatch.setattr(pipeline.lease, "replace", rival_writes_first)
+        time.sleep(0.5)
+        assert read_lease(output, options) == rival
+    assert read_lease(output, options) == rival
+    assert len(lines) == 1 and lines[0].startswith(f"another run took over the lease on {output}")
+
+
 def test_an_output_that_names_an_object_is_refused_and_nothing_written_beside_it(
         s3_server, tmp_path):
     """S3 has no folders: `s3://b/report.txt` as OUTPUT, an object already, was taken for a
