@@ -290,9 +290,10 @@ def _write(output: str, lease: Lease, storage_options: Mapping,
 
 def _put_if_unchanged(output: str, replacing: S3LeaseVersion, payload: bytes,
                       storage_options: Mapping) -> bool:
-    """One conditional PUT of the lease: True once the store has applied or refused it
-    (another run wrote first), False where it took neither way (the caller then writes
-    unconditionally, as for a store without conditional writes)."""
+    """One conditional PUT of the lease: True once the store has applied it, or refused it
+    because another run wrote first; False where it did neither (the caller then writes
+    unconditionally, as for a store without conditional writes), including a refusal while
+    the lease is still the one that was read, which no other run's write explains."""
     from pipeline.resume import output_fs
 
     fs, _ = output_fs(output, storage_options)
@@ -302,7 +303,9 @@ def _put_if_unchanged(output: str, replacing: S3LeaseVersion, payload: bytes,
         fs.call_s3("put_object", Bucket=replacing.bucket, Key=replacing.key, Body=payload,
                    **condition)
     except OSError as error:
-        return _precondition_failed(error)
+        if not _precondition_failed(error):
+            return False
+        return _read(output, storage_options).version != replacing
     finally:
         fs.invalidate_cache(f"{replacing.bucket}/{replacing.key}")  # as s3fs's own writes do
     return True

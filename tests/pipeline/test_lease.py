@@ -240,6 +240,36 @@ def test_a_run_does_not_write_over_a_lease_written_after_it_read_on_s3(s3_server
     assert read_lease(output, options) == rival
 
 
+@pytest.mark.parametrize("answer", [(412, "PreconditionFailed"), (501, "NotImplemented")])
+def test_a_store_that_does_not_judge_conditional_writes_still_gives_the_lease(s3_server,
+                                                                              monkeypatch,
+                                                                              answer):
+    """S3-compatible stores that refuse the conditions (501), or refuse every conditional PUT
+    (412 while the lease is still the one read, which no other run's write explains): the
+    lease is written as on stores without conditional writes, and the run goes on. The
+    client below answers conditional PUTs so; every other request reaches SeaweedFS."""
+    import s3fs
+    from botocore.exceptions import ClientError
+
+    status, code = answer
+    plain = s3fs.S3FileSystem.call_s3
+
+    def refusing(self, method, *args, **kwargs):
+        if method == "put_object" and ({"IfMatch", "IfNoneMatch"} & kwargs.keys()):
+            error = ClientError({"Error": {"Code": code, "Message": code},
+                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+            raise OSError(code) from error
+        return plain(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", refusing)
+    output, options = f"{s3_server.new_bucket()}/out", s3_server.storage_options
+    with holding(output, options, print, renew_seconds=0.1) as lease:
+        time.sleep(0.3)
+        held = read_lease(output, options)
+        assert held.run == lease.run and held.renewed_at > lease.renewed_at
+    assert read_lease(output, options) is None
+
+
 def test_a_renewal_does_not_write_over_a_lease_written_after_it_read_on_s3(s3_server,
                                                                           monkeypatch):
     """A run that stalled past its lease's expiry is taken over between its renewal's read
