@@ -294,6 +294,8 @@ def _put_if_unchanged(output: str, replacing: S3LeaseVersion, payload: bytes,
     because another run wrote first; False where it did neither (the caller then writes
     unconditionally, as for a store without conditional writes), including a refusal while
     the lease is still the one that was read, which no other run's write explains."""
+    from botocore.exceptions import ParamValidationError
+
     from pipeline.resume import output_fs
 
     fs, _ = output_fs(output, storage_options)
@@ -302,6 +304,8 @@ def _put_if_unchanged(output: str, replacing: S3LeaseVersion, payload: bytes,
     try:
         fs.call_s3("put_object", Bucket=replacing.bucket, Key=replacing.key, Body=payload,
                    **condition)
+    except ParamValidationError:  # a botocore older than S3's conditional writes (2024)
+        return False
     except OSError as error:
         if not _precondition_failed(error):
             return False
