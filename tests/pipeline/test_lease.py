@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import ray
@@ -160,19 +161,8 @@ def test_a_lease_no_run_could_have_written_is_replaced(tmp_path):
     assert replaced is None and read_lease(str(output), {}) == lease
 
 
-RACER = """
-import sys, time
-from pipeline.lease import OutputInUseError, acquire
-root, start, trials = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-for trial in range(trials):
-    while time.time() < start + 0.3 * trial:
-        pass  # both processes reach acquire at the same instant
-    try:
-        acquire(f"{root}/o{trial}", {})
-        print("held", flush=True)
-    except OutputInUseError:
-        print("refused", flush=True)
-"""
+# `--race` mode: one process that takes OUTPUT o<N> under its folder at each trial's instant
+RACER = Path(__file__).resolve().parents[2] / "benchmarks" / "lease_race.py"
 
 
 def test_two_runs_that_reach_a_local_output_at_once_do_not_both_take_it(tmp_path):
@@ -186,8 +176,8 @@ def test_two_runs_that_reach_a_local_output_at_once_do_not_both_take_it(tmp_path
     start = time.time() + 3.0  # both started and imported by then
     temp = tmp_path / "tmp"  # where their locks' files are, and are removed
     temp.mkdir()
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start),
-                                str(trials)], stdout=subprocess.PIPE, text=True,
+    racers = [subprocess.Popen([sys.executable, str(RACER), "--trials", str(trials), "--race",
+                                str(start), str(tmp_path)], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "TMPDIR": str(temp)})
               for _ in range(2)]
     results = [racer.communicate(timeout=120)[0].split() for racer in racers]
